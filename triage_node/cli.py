@@ -1,0 +1,263 @@
+"""``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | synth``.
+
+Errors are translated to exit codes here: 0 ok, 1 failure, 2 usage / not eligible / bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import config as config_mod
+from .audit import Audit
+from .errors import TriageError
+
+log = logging.getLogger("triage_node")
+
+
+def _load(args) -> config_mod.Config:
+    cfg = config_mod.load(getattr(args, "config", None))
+    broker = getattr(args, "broker", None)
+    if broker:
+        cfg = replace(cfg, broker=replace(cfg.broker, url=broker))
+    if getattr(args, "port", None):
+        cfg = replace(cfg, receiver=replace(cfg.receiver, port=args.port))
+    if getattr(args, "model", None):
+        cfg = replace(cfg, model=replace(cfg.model, path=args.model))
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cfg
+
+
+def _spool(cfg):
+    from .spool import Spool
+
+    return Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
+
+
+def _submitter(cfg):
+    from .queue import make_app, submit
+
+    app = make_app(cfg, name="receiver")
+    return lambda path, sop, t0: submit(app, path, sop, t0)
+
+
+def reconcile(cfg, spool, submit_fn, older_than_s: float) -> int:
+    """Re-enqueue spooled instances that no task may still hold (after a crash or a broker loss).
+
+    Safe to over-submit: a task whose spool file is gone is a no-op and output UIDs are deterministic.
+    """
+    n = 0
+    for path in spool.pending(older_than_s=older_than_s):
+        submit_fn(str(path), path.stem, path.stat().st_mtime)
+        n += 1
+    if n:
+        log.info("reconcile: re-enqueued %d spooled instance(s)", n)
+        Audit(cfg.audit_log).record("reconciled", count=n)
+    return n
+
+
+def cmd_up(args) -> int:
+    """Receiver + workers (+ a private Redis when no broker is configured) on this machine."""
+    from .services import PrivateRedis, child_env, start_workers, stop_all
+    from .transport import scp
+
+    cfg = _load(args)
+    redis = None
+    private = not cfg.broker.url
+    if private:
+        redis = PrivateRedis(Path(cfg.spool.directory).parent / "redis", persist=True).start()
+        cfg = replace(cfg, broker=replace(cfg.broker, url=redis.url))
+    log_dir = Path(cfg.spool.directory).parent / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = child_env(TRIAGE_BROKER_URL=cfg.broker.url, TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
+                    TRIAGE_MODEL_PATH=cfg.model.path)
+    workers = start_workers(env, log_dir=log_dir)
+    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    submit_fn = _submitter(cfg)
+    reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout)
+    server = scp.start(cfg, spool, submit_fn, audit, block=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"triage-node up: {cfg.receiver.ae_title}@{cfg.receiver.bind}:{cfg.receiver.port}, broker {cfg.broker.url}"
+          f"{' (private)' if private else ''}, workers logs in {log_dir}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            dead = [w for w in workers if w.poll() is not None]
+            if dead:
+                log.error("a worker exited (code %s); restarting workers", dead[0].returncode)
+                stop_all(workers)
+                workers = start_workers(env, log_dir=log_dir)
+    finally:
+        print("triage-node: shutting down", flush=True)
+        server.shutdown()
+        stop_all(workers)
+        if redis:
+            redis.stop()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .transport import scp
+
+    cfg = _load(args)
+    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    scp.start(cfg, spool, _submitter(cfg), audit, block=True)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import os
+
+    from .services import worker_command
+
+    cfg = _load(args)
+    env = dict(os.environ, TRIAGE_BROKER_URL=cfg.broker.url)
+    if args.config:
+        env["TRIAGE_CONFIG"] = str(Path(args.config).resolve())
+    pool = args.pool or ("prefork" if args.queue == "infer" else "threads")
+    cmd = worker_command(args.queue, args.concurrency or (1 if args.queue == "infer" else 4), pool)
+    os.execvpe(cmd[0], cmd, env)
+    return 1
+
+
+def cmd_analyze(args) -> int:
+    """The no-broker path: one file through the same pipeline, results into a folder."""
+    from . import pipeline
+
+    cfg = _load(args)
+    out = Path(args.out)
+    pred = pipeline.analyze(args.file, cfg)
+    files = pipeline.build(args.file, pred, cfg, out)
+    summary = {
+        "model": pred.model.label,
+        "probability": round(pred.probability, 4),
+        "threshold": pred.threshold,
+        "finding": "pneumonia-like opacity" if pred.positive else "no opacity detected",
+        "boxes": [{"x": round(d.x), "y": round(d.y), "width": round(d.width), "height": round(d.height),
+                   "score": round(d.score, 3)} for d in pred.detections],
+        "files": [str(f) for f in files] + ([str(out / "preview.png")] if (out / "preview.png").exists() else []),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    """Resend dead-lettered results; ones that succeed leave the dead-letter folder."""
+    import shutil
+
+    from . import pipeline
+    from .errors import SendFailed
+
+    cfg = _load(args)
+    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    failed = 0
+    for info in spool.dead_letters():
+        d = Path(info["path"])
+        if args.uid and info["sop_instance_uid"] not in args.uid:
+            continue
+        files = [f for f in pipeline.result_files(d) if f.name != "source.dcm"]
+        if not files:
+            print(f"{info['sop_instance_uid']}: nothing to resend ({info['reason']})")
+            continue
+        done = set(info.get("sent_to", []))
+        try:
+            pipeline.deliver(files, cfg.destinations, done)
+        except SendFailed as exc:
+            failed += 1
+            print(f"{info['sop_instance_uid']}: still failing: {exc}")
+            audit.record("replay_failed", sop_instance_uid=info["sop_instance_uid"], reason=str(exc))
+            continue
+        shutil.rmtree(d)
+        audit.record("replayed", sop_instance_uid=info["sop_instance_uid"], destinations=sorted(done))
+        print(f"{info['sop_instance_uid']}: resent")
+    return 1 if failed else 0
+
+
+def cmd_reconcile(args) -> int:
+    cfg = _load(args)
+    n = reconcile(cfg, _spool(cfg), _submitter(cfg), older_than_s=args.older_than)
+    print(f"re-enqueued {n} instance(s)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .status import summarise
+
+    cfg = _load(args)
+    print(summarise(cfg, _spool(cfg), last_s=args.last))
+    return 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        import importlib
+
+        mod = importlib.import_module(module)
+        return int(mod.main(mod.get_args_parser().parse_args(args.rest)) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="triage-node", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", help="TOML configuration file (default: $TRIAGE_CONFIG or embedded defaults)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("up", cmd_up, "receiver + workers (+ private Redis) on this machine")
+    sp.add_argument("--broker", help="redis://host:port/db shared by receivers and workers on several hosts")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--model", help="model package directory ('untrained' for random weights)")
+    sp = add("serve", cmd_serve, "the C-STORE receiver only")
+    sp.add_argument("--broker")
+    sp.add_argument("--port", type=int)
+    sp = add("worker", cmd_worker, "a Celery worker for one queue")
+    sp.add_argument("--broker")
+    sp.add_argument("--queue", choices=["infer", "report"], default="infer")
+    sp.add_argument("--pool", choices=["prefork", "solo", "threads"])
+    sp.add_argument("--concurrency", type=int)
+    sp = add("analyze", cmd_analyze, "analyse one DICOM file without a broker")
+    sp.add_argument("file")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--model")
+    sp = add("replay", cmd_replay, "resend dead-lettered results")
+    sp.add_argument("uid", nargs="*", help="only these SOP Instance UIDs")
+    sp = add("reconcile", cmd_reconcile, "re-enqueue spooled instances left by a crash")
+    sp.add_argument("--broker")
+    sp.add_argument("--older-than", type=float, default=0.0)
+    sp = add("status", cmd_status, "summary of the audit log, spool and dead letters")
+    sp.add_argument("--last", type=float, default=3600.0, help="window in seconds")
+    for name, module, help_ in (("train", "triage_node.inference.train", "train a model package"),
+                                ("evaluate", "triage_node.inference.evaluate", "evaluate a model package"),
+                                ("synth", "triage_node.synth", "write synthetic RSNA-format DICOM data")):
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=_delegate(module))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TriageError as exc:
+        print(f"triage-node: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Node configuration: frozen dataclasses read from one TOML file plus a few ``TRIAGE_*`` environment overrides.
+
+Nothing else in the package reads ``os.environ``. Every field has an embedded default so ``triage-node up`` works
+with no file at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_OVERRIDES = {
+    "TRIAGE_BROKER_URL": ("broker", "url"),
+    "TRIAGE_SPOOL_DIR": ("spool", "directory"),
+    "TRIAGE_MODEL_PATH": ("model", "path"),
+    "TRIAGE_DEVICE": ("model", "device"),
+    "TRIAGE_PORT": ("receiver", "port"),
+    "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
+}
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "TRIAGE"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    #: Calling AE titles allowed to associate; empty tuple = any (only sensible on a closed network).
+    allowed_calling_aets: tuple[str, ...] = ()
+    #: Reject associations whose Called AE Title is not ours.
+    require_called_aet: bool = True
+    max_associations: int = 10
+    max_pdu: int = 262144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    directory: str = "var/spool"
+    #: Refuse new instances (0xA700) when the spool filesystem is fuller than this fraction.
+    max_disk_usage: float = 0.95
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    #: Empty: ``triage-node up`` starts a private redis-server and points everything at it.
+    url: str = ""
+    infer_queue: str = "infer"
+    report_queue: str = "report"
+    #: Seconds before an unacknowledged task of a worker that died is delivered again (Redis transport).
+    visibility_timeout: int = 900
+
+
+@dataclass(frozen=True)
+class EligibilityConfig:
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "")
+    views: tuple[str, ...] = ("PA", "AP")
+    allow_lateral: bool = False
+    allow_unknown_view: bool = True
+    max_pixels: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    #: Model package directory; empty = the shipped demo model; "untrained" = random weights (tests only).
+    path: str = ""
+    device: str = "auto"
+    batch_size: int = 8
+    batch_wait_ms: int = 50
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    sr: bool = True
+    sc: bool = True
+    gsps: bool = False
+    #: Also keep a copy of every result (and a PNG preview) here; empty = off.
+    archive_dir: str = "var/results"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results go. ``kind`` is ``dicom`` (C-STORE), ``stow`` (DICOMweb) or ``folder``."""
+
+    name: str = "pacs"
+    kind: str = "dicom"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    ae_title: str = "ORTHANC"
+    calling_ae_title: str = "TRIAGE"
+    url: str = ""
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    path: str = ""
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 5
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+    dead_letter_dir: str = "var/dead-letter"
+
+
+@dataclass(frozen=True)
+class Config:
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
+    destinations: tuple[Destination, ...] = (Destination(),)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    audit_log: str = "var/audit.jsonl"
+    log_level: str = "INFO"
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{cls.__name__}]: {', '.join(sorted(unknown))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "receiver": ReceiverConfig,
+    "spool": SpoolConfig,
+    "broker": BrokerConfig,
+    "eligibility": EligibilityConfig,
+    "model": ModelConfig,
+    "outputs": OutputConfig,
+    "retry": RetryConfig,
+}
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a parsed TOML document (unknown keys are errors, not silently ignored)."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value)
+        elif key == "destinations":
+            kwargs[key] = tuple(_build(Destination, d) for d in value)
+        elif key in ("audit_log", "log_level"):
+            kwargs[key] = value
+        else:
+            raise ValueError(f"unknown configuration section {key!r}")
+    return Config(**kwargs)
+
+
+def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int):
+        return int(value)
+    return value
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (``TRIAGE_CONFIG`` when ``path`` is None; defaults when neither) and apply env overrides."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("TRIAGE_CONFIG")
+    cfg = from_dict(tomllib.loads(Path(path).read_text())) if path else Config()
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env and env[var] != "":
+            sub = getattr(cfg, section)
+            cfg = replace(cfg, **{section: replace(sub, **{key: _coerce(env[var], getattr(sub, key))})})
+    return cfg
+
+
+def to_env(cfg_path: str | None, **overrides: str) -> dict[str, str]:
+    """Environment for a child process (worker/receiver) so it sees the same configuration."""
+    env = dict(os.environ)
+    if cfg_path:
+        env["TRIAGE_CONFIG"] = str(Path(cfg_path).resolve())
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    return env

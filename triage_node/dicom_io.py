@@ -1,0 +1,123 @@
+"""Reading instances, deciding eligibility, and turning pixel data into a normalised image.
+
+Pixel data of every accepted transfer syntax is decoded by pydicom's pixel backends: pylibjpeg (libjpeg for JPEG
+Baseline/Extended/Lossless and JPEG-LS, openjpeg for JPEG 2000, pylibjpeg-rle for RLE), with python-gdcm installed as
+a second decoder for the odd files pylibjpeg refuses. Both are wheels (no system libraries), maintained by the pydicom
+organisation, and cover the syntaxes the receiver accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from .config import EligibilityConfig
+from .errors import BadDataset, NotEligible
+
+log = logging.getLogger(__name__)
+
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: SOP classes the receiver accepts (RSNA's files are Secondary Capture with Modality CR).
+ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE)
+LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "RLD", "LLD")
+#: Manufacturer written into every object the node creates (kept in sync with encoding.results).
+OWN_MANUFACTURER = "CXR Triage Node"
+
+
+def read(path: str | Path, header_only: bool = False) -> Dataset:
+    """Read a DICOM file, translating every parse failure into BadDataset with a short reason."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError) as exc:
+        raise BadDataset(f"unreadable DICOM: {type(exc).__name__}") from exc
+
+
+def is_own_output(ds: Dataset) -> bool:
+    """Objects the node itself wrote (SR, overlay, GSPS): a PACS routing rule may send them back to us."""
+    return str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER
+
+
+def check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
+    """Raise NotEligible with the reason when ``ds`` is not a frontal single-frame grayscale chest radiograph.
+
+    Uses the header only; never touches pixel data (the receiver calls it on the association thread).
+    """
+    if is_own_output(ds):
+        raise NotEligible("own output (written by this node)")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        raise NotEligible(f"SOP class {sop_class or '(none)'} not processed")
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in cfg.modalities:
+        raise NotEligible(f"modality {modality or '(blank)'} not processed")
+    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body_part not in cfg.body_parts:
+        raise NotEligible(f"body part {body_part} not processed")
+    view = str(ds.get("ViewPosition", "")).strip().upper()
+    if view in LATERAL_VIEWS:
+        if not cfg.allow_lateral:
+            raise NotEligible(f"view {view} (lateral) not processed")
+    elif view == "":
+        if not cfg.allow_unknown_view:
+            raise NotEligible("view position unknown")
+    elif view not in cfg.views:
+        raise NotEligible(f"view {view} not processed")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise NotEligible(f"multi-frame ({frames} frames)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise NotEligible("not grayscale (SamplesPerPixel != 1)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise NotEligible(f"photometric {photometric or '(none)'} not grayscale")
+    if "PixelData" not in ds:
+        raise BadDataset("no pixel data")
+
+
+def pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
+    """Decoded image as float32 in [0, 1], MONOCHROME2 orientation (dense = bright), source resolution.
+
+    Applies the Modality LUT (rescale) and the VOI LUT / window when the file has one, else a robust
+    0.5-99.5 percentile window; inverts MONOCHROME1.
+    """
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise BadDataset("missing or zero Rows/Columns")
+    if rows * cols > max_pixels:
+        raise BadDataset(f"image too large ({rows}x{cols} > {max_pixels} pixels)")
+    bits_alloc, bits_stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
+        raise BadDataset(f"unsupported BitsAllocated/BitsStored {bits_alloc}/{bits_stored}")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+        raise BadDataset(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
+    if raw.ndim != 2 or raw.shape != (rows, cols):
+        raise BadDataset(f"decoded shape {raw.shape} does not match {rows}x{cols}")
+    arr = apply_modality_lut(raw, ds).astype(np.float32)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        try:
+            arr = apply_voi_lut(arr, ds, prefer_lut=True).astype(np.float32)
+        except Exception:  # a broken VOI LUT: fall back to the percentile window below
+            log.warning("VOI LUT of %s unusable, percentile window used", ds.get("SOPInstanceUID", "?"))
+    lo, hi = np.percentile(arr, (0.5, 99.5))
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    img = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = 1.0 - img
+    return img
+
+
+def display(img: np.ndarray) -> np.ndarray:
+    """uint8 rendering of a normalised image (for overlays and previews)."""
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)

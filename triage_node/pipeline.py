@@ -1,0 +1,138 @@
+"""The node's work, independent of how it is driven (Celery tasks, the no-broker CLI, tests).
+
+``analyze(path)`` -> Prediction; ``build(path, prediction)`` -> result files; ``deliver(files)`` -> sent UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pydicom
+
+from . import dicom_io
+from .config import Config, Destination
+from .errors import SendFailed
+from .inference.types import Prediction
+from .spool import atomic_write
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO_ROOT / "models" / "demo"
+
+
+@lru_cache(maxsize=4)
+def _load_model(path: str, device: str):
+    from .inference.model import load_model, untrained_model
+
+    if path == "untrained":
+        log.warning("running an UNTRAINED model: results are meaningless and labelled so")
+        return untrained_model(device="cpu" if device == "auto" else device)
+    return load_model(path or DEMO_MODEL, device=device)
+
+
+def get_model(cfg: Config):
+    """The configured model, loaded once per process (lazily: CUDA must not be initialised before a fork)."""
+    return _load_model(cfg.model.path, cfg.model.device)
+
+
+def read_eligible(path: str | Path, cfg: Config):
+    """Read a spooled instance and check it is a CXR we process (raises NotEligible / BadDataset)."""
+    ds = dicom_io.read(path)
+    dicom_io.check_eligible(ds, cfg.eligibility)
+    return ds
+
+
+def analyze(path: str | Path, cfg: Config, model=None) -> Prediction:
+    """Decode, run the model, return the small JSON-able prediction."""
+    t0 = time.perf_counter()
+    ds = read_eligible(path, cfg)
+    img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
+    t1 = time.perf_counter()
+    model = model or get_model(cfg)
+    pred = model.predict([img])[0]
+    timings = dict(pred.timings_ms)
+    timings["decode"] = round((t1 - t0) * 1000, 1)
+    timings["model"] = round((time.perf_counter() - t1) * 1000, 1)
+    return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings)
+
+
+_KIND_BY_SOP_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.88.33": "sr",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.7": "sc",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",  # Grayscale Softcopy Presentation State
+}
+
+
+def _outputs(cfg: Config) -> tuple[str, ...]:
+    return tuple(k for k, on in (("sr", True), ("sc", cfg.outputs.sc), ("gsps", cfg.outputs.gsps)) if on)
+
+
+def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path) -> list[Path]:
+    """Write SR (+ SC overlay, + GSPS) for the instance at ``path`` into ``out_dir``; returns the files.
+
+    Output UIDs derive from the source SOP Instance UID and the model version, so a rebuild replaces.
+    """
+    from .encoding.results import build_results
+
+    ds = dicom_io.read(path)
+    display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels))
+    datasets, changed = build_results(ds, display, prediction, outputs=_outputs(cfg))
+    if changed:
+        log.info("source %s: repaired/omitted invalid copied attributes: %s", ds.SOPInstanceUID, ", ".join(changed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for out in datasets:
+        kind = _KIND_BY_SOP_CLASS.get(str(out.SOPClassUID), "obj")
+        f = out_dir / f"{kind}-{out.SOPInstanceUID}.dcm"
+        out.save_as(f, enforce_file_format=True)
+        files.append(f)
+        if kind == "sc":
+            write_preview(out, out_dir / "preview.png")
+    atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
+    return files
+
+
+def write_preview(sc, png: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(sc.pixel_array).save(png)
+
+
+def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[str] | None = None) -> dict[str, list[str]]:
+    """Send to every destination not yet in ``done`` (which is updated as each succeeds).
+
+    A failure at one destination does not stop delivery to the others; the first failure is raised afterwards
+    (retryable if any failure was retryable) so the caller retries only what is missing.
+    """
+    from .transport.senders import make_sender
+
+    done = set() if done is None else done
+    sent: dict[str, list[str]] = {}
+    failures: list[SendFailed] = []
+    for dest in destinations:
+        if dest.name in done:
+            continue
+        try:
+            sent[dest.name] = make_sender(dest).send(files)
+            done.add(dest.name)
+        except SendFailed as exc:
+            failures.append(exc)
+        except (OSError, ValueError) as exc:  # DNS, refused sockets, malformed config
+            failures.append(SendFailed(f"{dest.name}: {type(exc).__name__}: {exc}"))
+    if failures:
+        msg = "; ".join(str(f) for f in failures)
+        raise SendFailed(msg, retryable=any(f.retryable for f in failures))
+    return sent
+
+
+def result_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("*.dcm"))
+
+
+def study_uid_of(path: str | Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)

@@ -1,0 +1,105 @@
+"""Local helper processes for ``triage-node up``: a private redis-server and the Celery workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class PrivateRedis:
+    """A redis-server on a free loopback port, append-only file under ``data_dir`` (queue survives restarts)."""
+
+    def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True) -> None:
+        self.dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.persist = persist
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server not found: install the Debian package redis-server (make setup)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "yes" if self.persist else "no", "--protected-mode", "yes",
+                "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port("127.0.0.1", self.port):
+            self.stop()
+            raise RuntimeError(f"private redis-server did not start (see {self.dir / 'redis.log'})")
+        log.info("private redis-server on 127.0.0.1:%d (data in %s)", self.port, self.dir)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def worker_command(queue: str, concurrency: int, pool: str, loglevel: str = "INFO") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "-n", f"{queue}@%h",
+            f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip",
+            "--without-mingle"]
+
+
+def start_workers(env: dict[str, str], loglevel: str = "INFO", log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """One inference worker (prefork, 1 child: CUDA is initialised in the child) and one threaded I/O worker."""
+    procs = []
+    for queue, conc, pool in (("infer", 1, "prefork"), ("report", 4, "threads")):
+        out = open(log_dir / f"worker-{queue}.log", "ab") if log_dir else None
+        procs.append(subprocess.Popen(worker_command(queue, conc, pool, loglevel), env=env,
+                                      stdout=out or None, stderr=subprocess.STDOUT if out else None))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def child_env(base: dict[str, str] | None = None, **kv: str) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update({k: v for k, v in kv.items() if v})
+    return env

@@ -1,0 +1,147 @@
+"""Durable spool: validated UIDs become file names, writes are atomic (tmp + fsync + rename).
+
+Layout under the spool directory::
+
+    instances/<SOPInstanceUID>.dcm   received, waiting for or under processing
+    outbox/<SOPInstanceUID>/         results built, waiting to be sent (survives send retries)
+    tmp/                             partial writes (same filesystem, so rename is atomic)
+
+Dead letters live in their own folder: ``<dead_letter_dir>/<SOPInstanceUID>/`` with the result files and a
+``reason.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import SpoolError
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def valid_uid(uid: str) -> bool:
+    """True for a syntactically valid DICOM UID (digits and dots, <= 64 chars, no leading zeros)."""
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def check_uid(uid: str) -> str:
+    if not valid_uid(uid):
+        raise SpoolError("invalid UID (not usable as a file name)")
+    return uid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so a reader sees either nothing or the whole file, and it survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class Spool:
+    """The node's on-disk state between receipt and delivery."""
+
+    def __init__(self, directory: str | os.PathLike, dead_letter_dir: str | os.PathLike,
+                 max_disk_usage: float = 0.95) -> None:
+        self.root = Path(directory)
+        self.instances = self.root / "instances"
+        self.outbox = self.root / "outbox"
+        self.dead = Path(dead_letter_dir)
+        self.max_disk_usage = max_disk_usage
+        for d in (self.instances, self.outbox, self.dead):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def instance_path(self, sop_instance_uid: str) -> Path:
+        return self.instances / f"{check_uid(sop_instance_uid)}.dcm"
+
+    def disk_usage(self) -> float:
+        st = shutil.disk_usage(self.root)
+        return 1.0 - st.free / st.total
+
+    def has_room(self) -> bool:
+        return self.disk_usage() < self.max_disk_usage
+
+    def store(self, sop_instance_uid: str, data: bytes | memoryview) -> tuple[Path, bool]:
+        """Atomically store the encoded instance. Returns (path, already_pending)."""
+        path = self.instance_path(sop_instance_uid)
+        if not self.has_room():
+            raise SpoolError(f"spool disk usage above {self.max_disk_usage:.0%}")
+        pending = path.exists()
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+        return path, pending
+
+    def pending(self, older_than_s: float = 0.0) -> list[Path]:
+        """Instances on disk not yet finished (for reconciliation after a restart)."""
+        now = time.time()
+        return sorted(p for p in self.instances.glob("*.dcm") if now - p.stat().st_mtime >= older_than_s)
+
+    def discard(self, sop_instance_uid: str) -> None:
+        """Processing of this instance is complete (sent, skipped or dead-lettered)."""
+        for p in (self.instance_path(sop_instance_uid),):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.outbox / sop_instance_uid, ignore_errors=True)
+
+    # -- outbox / dead letters -----------------------------------------------------------------------------------
+    def outbox_dir(self, sop_instance_uid: str) -> Path:
+        return self.outbox / check_uid(sop_instance_uid)
+
+    def dead_letter(self, sop_instance_uid: str, reason: str, files: list[Path] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+        """Move what could not be delivered (or processed) into the dead-letter folder with its reason."""
+        target = self.dead / check_uid(sop_instance_uid)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files or []:
+            if f.exists():
+                shutil.copy2(f, target / f.name)
+        src = self.instances / f"{sop_instance_uid}.dcm"
+        if src.exists():
+            shutil.copy2(src, target / "source.dcm")
+        info = {"sop_instance_uid": sop_instance_uid, "reason": reason, "ts": time.time(), **(extra or {})}
+        atomic_write(target / "reason.json", json.dumps(info, indent=2).encode(), mode=0o640)
+        self.discard(sop_instance_uid)
+        return target
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        out = []
+        for d in sorted(self.dead.iterdir()):
+            r = d / "reason.json"
+            if r.exists():
+                info = json.loads(r.read_text())
+                info["path"] = str(d)
+                out.append(info)
+        return out

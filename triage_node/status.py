@@ -1,0 +1,41 @@
+"""Terminal summary of the audit trail, the spool and the dead letters (``triage-node status``)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from . import audit as audit_mod
+from .config import Config
+from .spool import Spool
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:
+    since = time.time() - last_s
+    entries = [e for e in audit_mod.read(cfg.audit_log) if e.get("ts", 0) >= since]
+    counts = Counter(e["event"] for e in entries)
+    reasons = Counter((e["event"], e.get("reason", "")) for e in entries if e["event"] in ("skipped", "refused", "failed", "dead_lettered"))
+    lat = [float(e["latency_s"]) for e in entries if e["event"] == "sent" and "latency_s" in e]
+    flagged = [e for e in entries if e["event"] == "sent" and e.get("positive")]
+    lines = [f"last {last_s / 60:.0f} min: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no activity"]
+    if lat:
+        lines.append(f"receive -> result sent: p50 {percentile(lat, 50):.2f} s, p95 {percentile(lat, 95):.2f} s, "
+                     f"max {max(lat):.2f} s over {len(lat)} result(s)")
+    for (ev, why), n in reasons.most_common(10):
+        lines.append(f"  {ev}: {why} x{n}")
+    for e in flagged[-10:]:
+        lines.append(f"  FLAGGED {e['sop_instance_uid']} p={e.get('probability')} boxes={e.get('boxes')}")
+    lines.append(f"spool pending: {len(spool.pending())}, disk used {spool.disk_usage():.0%}")
+    dl = spool.dead_letters()
+    lines.append(f"dead letters: {len(dl)}")
+    for info in dl[-10:]:
+        lines.append(f"  {info['sop_instance_uid']}: {info['reason']}")
+    return "\n".join(lines)

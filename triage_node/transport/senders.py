@@ -1,0 +1,123 @@
+"""One ``Sender`` protocol, several backends (C-STORE SCU, DICOMweb STOW-RS, local folder).
+
+Each ``send`` takes DICOM files and either returns the SOP Instance UIDs delivered or raises ``SendFailed``
+(``retryable`` False when retrying cannot help: the peer refused the data itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..config import Destination
+from ..errors import SendFailed
+
+log = logging.getLogger(__name__)
+
+
+class Sender(Protocol):
+    name: str
+
+    def send(self, files: list[Path]) -> list[str]: ...
+
+
+def _read(files: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(f) for f in files]
+
+
+class CStoreSender:
+    """C-STORE SCU. Proposes only the SOP classes (and the transfer syntaxes) of the files being sent."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.name, self.dest = dest.name, dest
+
+    def send(self, files: list[Path]) -> list[str]:
+        from pynetdicom import AE
+        from pynetdicom.presentation import build_context
+
+        datasets = _read(files)
+        ae = AE(ae_title=self.dest.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout
+        wanted = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
+        for sop, ts in wanted:
+            ae.requested_contexts.append(build_context(sop, [ts]))
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
+            raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
+        sent: list[str] = []
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status and "Status" in status else None
+                if code is None:
+                    raise SendFailed(f"{self.name}: no C-STORE response (timeout or abort)", retryable=True)
+                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    sent.append(str(ds.SOPInstanceUID))
+                    continue
+                # 0xA7xx out of resources is transient; 0xA9xx / 0xCxxx mean the peer refuses the data itself
+                retryable = (code & 0xFF00) == 0xA700
+                raise SendFailed(f"{self.name}: C-STORE status 0x{code:04X}", retryable=retryable)
+        finally:
+            assoc.release()
+        return sent
+
+
+class StowSender:
+    """DICOMweb STOW-RS via dicomweb-client: retry on 5xx and connection errors, never on 4xx."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.name, self.dest = dest.name, dest
+
+    def _client(self):
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        if self.dest.username:
+            session.auth = (self.dest.username, self.dest.password)
+        if self.dest.token:
+            session.headers["Authorization"] = f"Bearer {self.dest.token}"
+        return DICOMwebClient(url=self.dest.url, session=session)
+
+    def send(self, files: list[Path]) -> list[str]:
+        import requests
+
+        datasets = _read(files)
+        try:
+            self._client().store_instances(datasets)
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            body = (exc.response.text[:200] if exc.response is not None else "").replace("\n", " ")
+            raise SendFailed(f"{self.name}: STOW-RS HTTP {code}: {body}", retryable=code >= 500 or code == 0) from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise SendFailed(f"{self.name}: STOW-RS connection failed: {type(exc).__name__}") from exc
+        return [str(d.SOPInstanceUID) for d in datasets]
+
+
+class FolderSender:
+    """Copies results into a folder (the no-broker path, and an archive for previews)."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.name, self.root = dest.name, Path(dest.path)
+
+    def send(self, files: list[Path]) -> list[str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        uids = []
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            shutil.copy2(f, self.root / f.name)
+            uids.append(str(ds.SOPInstanceUID))
+        return uids
+
+
+def make_sender(dest: Destination) -> Sender:
+    kinds = {"dicom": CStoreSender, "stow": StowSender, "folder": FolderSender}
+    if dest.kind not in kinds:
+        raise ValueError(f"destination {dest.name}: unknown kind {dest.kind!r} (dicom, stow, folder)")
+    return kinds[dest.kind](dest)
