@@ -130,7 +130,7 @@ def handle_store(event: evt.Event, cfg: Config, spool: Spool, submit: Submit, au
         return refuse(OUT_OF_RESOURCES, str(exc))
     stats.received += 1
     audit.record("received", task_id=task_id, study_instance_uid=str(ds.StudyInstanceUID),
-                 accession=str(ds.get("AccessionNumber", "")), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                 accession=str(ds.get("AccessionNumber", "")), transfer_syntax=str(event.context.transfer_syntax),
                  ms=round((time.time() - t0) * 1000, 1), **base)
     return SUCCESS
 

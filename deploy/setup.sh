@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine (run as root): system packages, a venv, the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v Orthanc >/dev/null || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v python3 >/dev/null || need+=(python3 python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q || true
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+# The Debian orthanc package starts a system service on 4242/8042 where init allows; we run our own instances.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi

@@ -1,0 +1,173 @@
+"""Fixtures that start REAL peers: a private redis-server, Orthanc, the node (`triage-node up`) as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from triage_node.services import PrivateRedis, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = sorted((ROOT / "sample_dicom").glob("*.dcm"))
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def require(*binaries: str) -> None:
+    missing = [b for b in binaries if not shutil.which(b)]
+    if missing:
+        pytest.fail(f"required binaries missing: {missing} (run `make setup`)")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    require("redis-server")
+    r = PrivateRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A clean database for each test (the server is shared)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield redis_server.url
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def sample_paths():
+    assert len(SAMPLES) >= 3, "sample_dicom/ must hold the RSNA samples"
+    return SAMPLES
+
+
+def write_toml(path: Path, sections: dict) -> Path:
+    """Minimal TOML writer for test configs (str/int/float/bool/list values, tables, arrays of tables)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"{k} = {val(v)}" for k, v in sections.items() if not isinstance(v, (dict, list)) or isinstance(v, list) and v and not isinstance(v[0], dict)]
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines.append(f"[[{k}]]")
+                lines += [f"{kk} = {val(vv)}" for kk, vv in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def node_config(tmp: Path, port: int, broker: str, destinations: list[dict], **overrides) -> dict:
+    cfg = {
+        "audit_log": str(tmp / "audit.jsonl"),
+        "log_level": "INFO",
+        "receiver": {"ae_title": "TRIAGE", "port": port, "allowed_calling_aets": ["ORTHANC", "STORESCU", "TESTSCU"],
+                     "max_associations": 4},
+        "spool": {"directory": str(tmp / "spool")},
+        "broker": {"url": broker, "visibility_timeout": 60},
+        "model": {"path": os.environ.get("TRIAGE_TEST_MODEL", "")},
+        "outputs": {"sr": True, "sc": True, "gsps": False, "archive_dir": str(tmp / "results")},
+        "retry": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 1.0,
+                  "dead_letter_dir": str(tmp / "dead-letter")},
+        "destinations": destinations,
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+class NodeProcess:
+    """`triage-node up --config` as a real subprocess (receiver + Celery workers)."""
+
+    def __init__(self, tmp: Path, cfg: dict) -> None:
+        self.tmp, self.cfg = tmp, cfg
+        self.port = cfg["receiver"]["port"]
+        self.config_path = write_toml(tmp / "node.toml", cfg)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "NodeProcess":
+        log = open(self.tmp / "node.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(self.config_path)],
+                                     cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if not wait_port("127.0.0.1", self.port, 60):
+            self.stop()
+            raise RuntimeError("node did not start:\n" + (self.tmp / "node.log").read_text()[-3000:])
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def audit(self) -> list[dict]:
+        from triage_node.audit import read
+
+        return read(self.cfg["audit_log"])
+
+    def wait_audit(self, predicate, timeout: float = 120.0) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entries = self.audit()
+            if predicate(entries):
+                return entries
+            time.sleep(0.3)
+        raise TimeoutError("audit condition not met; last lines: " + repr(self.audit()[-8:]) +
+                           "\nnode log:\n" + (self.tmp / "node.log").read_text()[-3000:])
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    nodes = []
+
+    def factory(broker: str, destinations: list[dict], **overrides) -> NodeProcess:
+        cfg = node_config(tmp_path, free_port(), broker, destinations, **overrides)
+        n = NodeProcess(tmp_path, cfg).start()
+        nodes.append(n)
+        return n
+
+    yield factory
+    for n in nodes:
+        n.stop()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    from triage_node.localpacs import LocalOrthanc
+
+    require("Orthanc")
+    started = []
+
+    def factory(modalities=None, name="orthanc"):
+        o = LocalOrthanc(tmp_path / name, modalities=modalities).start()
+        started.append(o)
+        return o
+
+    yield factory
+    for o in started:
+        o.stop()
+
+
+def read_sample(i: int = 0) -> pydicom.Dataset:
+    return pydicom.dcmread(SAMPLES[i])
