@@ -39,6 +39,7 @@ def analyze(self, payload: dict) -> dict:
         audit.record("analyze_noop", reason="spool file already processed", **base)
         return {"status": "noop"}
     t0 = time.time()
+    audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
         pred = pipeline.analyze(path, cfg)
     except NotEligible as exc:

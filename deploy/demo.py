@@ -1,0 +1,146 @@
+"""`make demo`: a local Orthanc as the demo PACS routes the sample CXRs to the node and gets results back.
+
+    .venv/bin/python deploy/demo.py [--once] [--samples DIR]
+
+Starts Orthanc (Debian package, loopback, DICOMweb on) and `triage-node up` on embedded defaults, uploads
+sample_dicom/ to Orthanc, has Orthanc route them to the node as an auto-route does (/modalities/triage/store),
+waits until SR + SC are in each study, prints a summary, and keeps running until Ctrl-C (--once: exit instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from triage_node.audit import read as read_audit  # noqa: E402
+from triage_node.localpacs import LocalOrthanc  # noqa: E402
+from triage_node.services import free_port, wait_port  # noqa: E402
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def port_or_free(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--once", action="store_true", help="exit after the summary instead of serving until Ctrl-C")
+    ap.add_argument("--samples", default=str(ROOT / "sample_dicom"))
+    ap.add_argument("--workdir", default=str(ROOT / "var" / "demo"))
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    node_port = port_or_free(11112)
+    pacs = LocalOrthanc(work / "orthanc", modalities={"triage": ("TRIAGE", "127.0.0.1", node_port)},
+                        http_port=port_or_free(8042), dicom_port=port_or_free(4242))
+    node_cfg = work / "node.toml"
+    node_cfg.write_text(f"""# written by deploy/demo.py
+audit_log = "{work}/audit.jsonl"
+[receiver]
+port = {node_port}
+allowed_calling_aets = ["ORTHANC"]
+[spool]
+directory = "{work}/spool"
+[outputs]
+archive_dir = "{work}/results"
+[retry]
+dead_letter_dir = "{work}/dead-letter"
+[[destinations]]
+name = "demo-orthanc"
+kind = "dicom"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+ae_title = "ORTHANC"
+""")
+    stop = {"flag": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    node = None
+    print(f"demo: starting Orthanc (http {pacs.http_port}, dicom {pacs.dicom_port}) and the node (port {node_port})")
+    pacs.start()
+    try:
+        node = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(node_cfg)],
+                                cwd=work, start_new_session=True,
+                                stdout=open(work / "node.log", "ab"), stderr=subprocess.STDOUT)
+        if not wait_port("127.0.0.1", node_port, 120):
+            print(f"demo: the node did not start; see {work / 'node.log'}")
+            return 1
+        files = sorted(Path(args.samples).glob("*.dcm"))
+        ids, studies = [], {}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            ids.append(pacs.upload(f)["ID"])
+            studies[str(ds.StudyInstanceUID)] = str(ds.SOPInstanceUID)
+        print(f"demo: uploaded {len(files)} CXR(s) to Orthanc; routing them to the node (/modalities/triage/store)")
+        t0 = time.time()
+        pacs.route("triage", ids, synchronous=True)
+        done: dict[str, float] = {}
+        while len(done) < len(studies) and time.time() - t0 < args.timeout and not stop["flag"]:
+            for study in studies:
+                if study in done:
+                    continue
+                inst = pacs.study_instances(study)
+                if any(i.get("SOPClassUID") == SR_CLASS for i in inst) and \
+                        sum(1 for i in inst if i.get("Manufacturer") == "CXR Triage Node") >= 2:
+                    done[study] = time.time() - t0
+            time.sleep(0.5)
+        audit = {e["sop_instance_uid"]: e for e in read_audit(work / "audit.jsonl") if e["event"] == "sent"}
+        print(f"\n{'study (last 20 of UID)':24} {'finding':28} {'p':>6} {'boxes':>5} {'result in PACS':>14}")
+        for study, sop in studies.items():
+            pred_file = work / "results" / sop / "prediction.json"
+            if study not in done or not pred_file.exists():
+                print(f"{study[-20:]:24} {'(no result yet)':28}")
+                continue
+            pred = json.loads(pred_file.read_text())
+            finding = "pneumonia-like opacity" if pred["probability"] >= pred["threshold"] else "no opacity detected"
+            print(f"{study[-20:]:24} {finding:28} {pred['probability']:6.3f} {len(pred['detections']):5d} "
+                  f"{done[study]:12.1f} s")
+        lat = [e["latency_s"] for e in audit.values()]
+        if lat:
+            print(f"\nnode latency C-STORE received -> results sent: median {sorted(lat)[len(lat) // 2]:.1f} s, "
+                  f"max {max(lat):.1f} s (CPU)")
+        model = next(iter(audit.values()), {}).get("model") if audit else None
+        print(f"\nWhere to look:\n  Orthanc Explorer: {pacs.url}/app/explorer.html (each study now has an SR and an "
+              f"overlay series)\n  DICOMweb: {pacs.dicomweb_url}\n  PNG previews: {work / 'results'}/<SOPInstanceUID>"
+              f"/preview.png\n  audit log: {work / 'audit.jsonl'}   status: .venv/bin/triage-node status --config "
+              f"{node_cfg}")
+        print("\nAll results come from a DEMO model: NOT FOR CLINICAL USE.")
+        if len(done) < len(studies):
+            print(f"demo: {len(studies) - len(done)} result(s) missing after {args.timeout:.0f} s; see {work / 'node.log'}")
+            return 1
+        if not args.once:
+            print("\nServing; press Ctrl-C to stop.")
+            while not stop["flag"]:
+                time.sleep(0.5)
+        return 0
+    finally:
+        if node and node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(40)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        pacs.stop()
+        print("demo: stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""End to end on real wires: Orthanc routes CXRs to `triage-node up` (real Redis, real Celery worker processes);
+SR + SC come back into the same study in Orthanc."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from conftest import ARTIFACTS, SAMPLES, require
+from triage_node.services import free_port
+
+pytestmark = pytest.mark.integration
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def has_results(instances, n_sources: int = 1) -> bool:
+    classes = [i.get("SOPClassUID") for i in instances]
+    return classes.count(SR_CLASS) >= n_sources and sum(1 for i in instances if i.get("Manufacturer") == "CXR Triage Node"
+                                                          and i.get("SOPClassUID") == SC_CLASS) >= n_sources
+
+
+def dciodvfy_errors(data: bytes, tmp_path, name: str) -> list[str]:
+    f = tmp_path / name
+    f.write_bytes(data)
+    out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+    return [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+
+
+def test_orthanc_routes_cxr_and_gets_sr_and_overlay_back(tmp_path, redis_url, orthanc_factory, make_node):
+    require("Orthanc", "dciodvfy", "dsrdump")
+    port = free_port()
+    pacs = orthanc_factory(modalities={"triage": ("TRIAGE", "127.0.0.1", port)})
+    node_cfg_dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port,
+                      "ae_title": "ORTHANC", "calling_ae_title": "TRIAGE"}]
+    node = make_node(redis_url, node_cfg_dest, receiver={"port": port})
+    ids, studies = [], []
+    for p in SAMPLES[:3]:
+        ids.append(pacs.upload(p)["ID"])
+        studies.append(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID))
+    t0 = time.time()
+    pacs.route("triage", ids)  # as a PACS auto-routing rule does
+    for study in studies:
+        instances = pacs.wait_for(study, has_results, timeout=240)
+        ours = [i for i in instances if i.get("Manufacturer") == "CXR Triage Node"]
+        assert len(ours) == 2, "exactly one SR and one SC per source, in the source study"
+        series = {i["SeriesInstanceUID"] for i in instances}
+        assert len(series) == 3, "source, SR and SC each in their own series"
+        for inst in ours:
+            data = pacs.instance_file(inst["_id"])
+            errors = dciodvfy_errors(data, tmp_path, f"{inst['SOPInstanceUID']}.dcm")
+            assert errors == [], errors
+            ds = pydicom.dcmread(io.BytesIO(data))
+            assert ds.StudyInstanceUID == study and ds.PatientID
+            if ds.SOPClassUID == SR_CLASS:
+                f = tmp_path / "sr.dcm"
+                f.write_bytes(data)
+                dump = subprocess.run(["dsrdump", str(f)], capture_output=True, text=True)
+                assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+            else:
+                assert ds.BurnedInAnnotation == "YES"
+    elapsed = time.time() - t0
+    entries = node.audit()
+    sent = [e for e in entries if e["event"] == "sent"]
+    assert len(sent) == 3 and all(e["latency_s"] < 240 for e in sent)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "e2e_latency.txt").write_text(f"3 CXRs routed, all results in Orthanc after {elapsed:.1f} s\n")
+
+
+def test_bad_instance_recorded_and_node_keeps_serving(tmp_path, redis_url, orthanc_factory, make_node):
+    pacs = orthanc_factory()
+    dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
+    node = make_node(redis_url, dest)
+    bad = pydicom.dcmread(SAMPLES[0])
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    bad.StudyInstanceUID = generate_uid()
+    bad.PixelData = bad.PixelData[: len(bad.PixelData) // 3]  # truncated JPEG stream
+    good = pydicom.dcmread(SAMPLES[1])
+    good.SOPInstanceUID = good.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(str(bad.SOPClassUID), [str(bad.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    assert assoc.send_c_store(bad).Status == 0x0000  # acknowledged: the receiver never decodes pixels
+    assert assoc.send_c_store(good).Status == 0x0000
+    assoc.release()
+    entries = node.wait_audit(lambda es: any(e["event"] == "failed" for e in es)
+                              and any(e["event"] == "sent" for e in es), timeout=240)
+    failed = [e for e in entries if e["event"] == "failed"]
+    assert failed[0]["sop_instance_uid"] == bad.SOPInstanceUID
+    assert "pixel data cannot be decoded" in failed[0]["reason"]
+    dead = tmp_path / "dead-letter" / bad.SOPInstanceUID / "reason.json"
+    assert dead.exists() and "bad dataset" in dead.read_text()
+    assert (tmp_path / "dead-letter" / bad.SOPInstanceUID / "source.dcm").exists(), "acknowledged data is kept"
+    pacs.wait_for(str(good.StudyInstanceUID), has_results, timeout=120)
+
+
+def test_unreachable_pacs_dead_letters_then_replay_delivers(tmp_path, redis_url, orthanc_factory, make_node):
+    closed = free_port()
+    dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": closed, "ae_title": "ORTHANC",
+             "timeout": 3.0}]
+    node = make_node(redis_url, dest)
+    ds = pydicom.dcmread(SAMPLES[2])
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    entries = node.wait_audit(lambda es: any(e["event"] == "dead_lettered" for e in es), timeout=240)
+    retries = [e for e in entries if e["event"] == "retry"]
+    assert len(retries) == 2, "max_attempts=3: two retries with backoff, then the dead letter"
+    assert retries[1]["delay_s"] > retries[0]["delay_s"], "exponential backoff"
+    dl = tmp_path / "dead-letter" / str(ds.SOPInstanceUID)
+    assert (dl / "reason.json").exists() and "unreachable" in (dl / "reason.json").read_text()
+    assert not list((tmp_path / "spool" / "instances").glob("*.dcm")), "nothing stranded in the spool"
+    # the PACS comes back: replay from the dead-letter folder
+    pacs = orthanc_factory()
+    text = node.config_path.read_text().replace(f"port = {closed}", f"port = {pacs.dicom_port}")
+    node.config_path.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "triage_node.cli", "replay", "--config", str(node.config_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not dl.exists()
+    pacs.wait_for(str(ds.StudyInstanceUID), has_results, timeout=60)
+
+
+def test_worker_killed_mid_task_result_arrives_once(tmp_path, redis_url, orthanc_factory, make_node):
+    pacs = orthanc_factory()
+    dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
+    node = make_node(redis_url, dest)
+    ds = pydicom.dcmread(SAMPLES[0])
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    started = node.wait_audit(lambda es: any(e["event"] == "analyze_started" for e in es), timeout=120)
+    victim = next(e for e in started if e["event"] == "analyze_started")["pid"]
+    os.kill(victim, signal.SIGKILL)  # the inference process dies mid-task
+    instances = pacs.wait_for(str(ds.StudyInstanceUID), has_results, timeout=240)
+    time.sleep(3)  # a duplicate delivery would land now
+    instances = pacs.study_instances(str(ds.StudyInstanceUID))
+    ours = [i for i in instances if i.get("Manufacturer") == "CXR Triage Node"]
+    assert len(ours) == 2
+    entries = node.audit()
+    assert sum(1 for e in entries if e["event"] == "analyze_started") >= 2, "the task was delivered again"
+    assert sum(1 for e in entries if e["event"] == "sent") == 1

@@ -1,0 +1,125 @@
+"""Everything the reporting stage writes for one prediction, and how to recognise it when it comes back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from triage_node.encoding.pr import build_gsps
+from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.sc import build_overlay
+from triage_node.encoding.sr import build_sr
+from triage_node.encoding.uids import OUTPUT_MANUFACTURER, SERIES_DESCRIPTION_PREFIX
+from triage_node.inference.types import Prediction
+
+__all__ = ["OUTPUT_MANUFACTURER", "OUTPUTS", "build_results", "is_own_output"]
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("sr", "sc", "gsps")
+_OUR_CLASSES = frozenset(
+    {
+        ComprehensiveSRStorage,
+        EnhancedSRStorage,
+        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+        GrayscaleSoftcopyPresentationStateStorage,
+        SecondaryCaptureImageStorage,
+    }
+)
+
+
+def _ihe_algorithm(item: Dataset) -> bool:
+    return any(
+        code.get("CodeValue") == "Newcode1" and code.get("CodingSchemeDesignator") == "99IHE"
+        for code in item.get("PurposeOfReferenceCodeSequence", [])
+    )
+
+
+def is_own_output(ds: Dataset) -> bool:
+    """True for any instance this node wrote (so the receiver never re-analyses its own overlay).
+
+    Recognised by Manufacturer, or, for the SR/PR/SC classes we emit, by our contributing-equipment item or series
+    description (a PACS that rewrites Manufacturer still leaves those).
+    """
+    if str(ds.get("Manufacturer", "") or "").strip() == OUTPUT_MANUFACTURER:
+        return True
+    if str(ds.get("SOPClassUID", "")) not in _OUR_CLASSES:
+        return False
+    if str(ds.get("SeriesDescription", "") or "").startswith(SERIES_DESCRIPTION_PREFIX):
+        return True
+    return any(
+        str(item.get("Manufacturer", "") or "") == OUTPUT_MANUFACTURER or _ihe_algorithm(item)
+        for item in ds.get("ContributingEquipmentSequence", [])
+    )
+
+
+def build_results(
+    source: Dataset,
+    display: np.ndarray,
+    prediction: Prediction,
+    outputs: Iterable[str] = ("sr", "sc"),
+    predecessor_sr: Dataset | None = None,
+) -> tuple[list[Dataset], list[str]]:
+    """Build the requested outputs for one analysed image.
+
+    Parameters
+    ----------
+    source
+        The analysed image as read from the spool.
+    display
+        2-D uint8 MONOCHROME2 rendering of the source (needed for ``sc``).
+    prediction
+        The model's result; boxes in source pixel coordinates.
+    outputs
+        Any of ``sr``, ``sc``, ``gsps``, in the order wanted.
+    predecessor_sr
+        An earlier SR of this image by another model version, referenced by the new SR.
+
+    Returns
+    -------
+    tuple[list[pydicom.dataset.Dataset], list[str]]
+        The datasets (each with ``file_meta``, ready for ``dcmwrite`` or C-STORE) and the keywords of the source
+        attributes that had to be repaired or dropped (names only).
+
+    Raises
+    ------
+    ValueError
+        On an unknown output name, or when the prediction or display do not match the source's size.
+    """
+    wanted = list(dict.fromkeys(outputs))
+    unknown = [o for o in wanted if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown outputs {unknown}; expected any of {OUTPUTS}")
+    rows, columns = int(source.Rows), int(source.Columns)
+    if prediction.rows and prediction.columns and (prediction.rows, prediction.columns) != (rows, columns):
+        raise ValueError(
+            f"prediction is for a {prediction.rows}x{prediction.columns} image, source is {rows}x{columns}"
+        )
+    if display is not None or "sc" in wanted:
+        shape = np.shape(display) if display is not None else None
+        if shape != (rows, columns):
+            raise ValueError(f"display shape {shape} does not match source {rows}x{columns}")
+    cleaned, changed = clean_source(source)
+    if changed:
+        logger.warning(
+            "source %s has non-conformant attributes, repaired or dropped in outputs: %s",
+            source.get("SOPInstanceUID", "?"), ",".join(changed),
+        )
+    results: list[Dataset] = []
+    for name in wanted:
+        if name == "sr":
+            results.append(build_sr(cleaned, prediction, predecessor=predecessor_sr))
+        elif name == "sc":
+            results.append(build_overlay(cleaned, display, prediction))
+        else:
+            results.append(build_gsps(cleaned, prediction))
+    return results, changed

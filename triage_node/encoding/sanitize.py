@@ -1,0 +1,158 @@
+"""Make a source header safe to copy into our outputs.
+
+Real archives hold non-conformant headers (the RSNA files carry ``PatientAge "48"`` and 19-character DS values). The
+patient, study and equipment attributes of the source are copied verbatim into every result we write, so an invalid
+value there would make our own SR/SC/GSPS fail validation or be rejected by a strict PACS. :func:`clean_source`
+validates every top-level element by its VR and either repairs it when the repair is unambiguous (same information,
+conformant encoding) or removes it. It never invents patient data.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import math
+import re
+from typing import Any
+
+from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import VALIDATORS, format_number_as_ds
+
+logger = logging.getLogger(__name__)
+
+#: Identity of the source; never altered even when malformed, or results would not land beside the image.
+_IDENTITY = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"})
+
+#: Type 2 attributes of the modules we copy (Patient, General Study): blanked, never deleted, when invalid.
+_TYPE2 = frozenset(
+    {
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+        "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    }
+)
+
+#: Enumerated values that highdicom enforces (``PatientSexValues``).
+_ENUMS = {"PatientSex": frozenset({"M", "F", "O"})}
+
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_AGE = re.compile(r"^\s*0*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_DROP = object()
+
+
+def _valid(vr: str, value: str) -> bool:
+    validator = VALIDATORS.get(vr)
+    if validator is None:
+        return True
+    ok, _ = validator(vr, value)
+    if not ok:
+        return False
+    if vr == "DA" and value.strip():
+        try:
+            datetime.datetime.strptime(value.strip(), "%Y%m%d")
+        except ValueError:
+            return False
+    return True
+
+
+def _repair(vr: str, value: str) -> str | object:
+    """Return a conformant spelling of ``value`` carrying the same information, or ``_DROP``."""
+    if vr == "AS":
+        m = _AGE.match(value)
+        if m:  # digits only means years (the RSNA convention and the only common one)
+            return f"{int(m.group(1)):03d}{(m.group(2) or 'Y').upper()}"
+    elif vr == "DS":
+        try:
+            number = float(value)
+        except ValueError:
+            return _DROP
+        if math.isfinite(number):
+            text = format_number_as_ds(number)
+            if "." in text and "e" not in text.lower():
+                text = text.rstrip("0").rstrip(".")
+            return text
+    elif vr == "IS":
+        try:
+            number = float(value)
+        except ValueError:
+            return _DROP
+        if math.isfinite(number) and number.is_integer() and abs(number) < 2**31:
+            return str(int(number))
+    elif vr == "DA":
+        candidate = re.sub(r"[.\-/]", "", value.strip())
+        return candidate if candidate != value else _DROP
+    elif vr == "TM":
+        candidate = value.strip().replace(":", "")
+        return candidate if candidate != value else _DROP
+    elif vr == "CS":
+        candidate = value.strip().upper()
+        return candidate if candidate != value else _DROP
+    return _DROP
+
+
+def _clean_values(keyword: str, vr: str, values: list[Any]) -> list[str] | object | None:
+    """Return new values, ``_DROP``, or ``None`` when the element is fine as it is."""
+    changed = False
+    out: list[str] = []
+    for raw in values:
+        if raw is None:
+            out.append(raw)
+            continue
+        value = str(raw)
+        if value == "" or _valid(vr, value):
+            out.append(value)
+            continue
+        if keyword in _IDENTITY:
+            return None
+        fixed = _repair(vr, value)
+        if fixed is _DROP or not _valid(vr, str(fixed)):
+            return _DROP
+        out.append(str(fixed))
+        changed = True
+    allowed = _ENUMS.get(keyword)
+    if allowed is not None and any(v and v not in allowed for v in out):
+        return _DROP
+    if keyword == "SpecificCharacterSet" and any(v and v not in python_encoding for v in out):
+        return _DROP
+    return out if changed else None
+
+
+def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
+    """Return a copy of ``ds`` whose top-level text attributes are valid for their VR.
+
+    Parameters
+    ----------
+    ds
+        Source image as read (file meta and pixel data are left untouched).
+
+    Returns
+    -------
+    tuple[pydicom.dataset.Dataset, list[str]]
+        The cleaned copy and the keywords of the attributes that were repaired or removed (names only, so callers
+        can log them without leaking values).
+    """
+    out = copy.deepcopy(ds)
+    changed: list[str] = []
+    for elem in list(out):
+        elem = out[elem.tag]  # materialise RawDataElements
+        if elem.tag.group == 0x0002 or elem.tag.is_private or elem.VR not in _TEXT_VRS or elem.is_empty:
+            continue
+        keyword = elem.keyword or str(elem.tag)
+        values = list(elem.value) if elem.VM > 1 else [elem.value]
+        result = _clean_values(keyword, elem.VR, values)
+        if result is None:
+            continue
+        if result is _DROP:
+            if keyword in _TYPE2:
+                out[elem.tag] = DataElement(elem.tag, elem.VR, None)
+            else:
+                del out[elem.tag]
+        else:
+            assert isinstance(result, list)
+            out[elem.tag] = DataElement(elem.tag, elem.VR, result if len(result) > 1 else result[0])
+        changed.append(keyword)
+    if changed:
+        logger.info("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
+    return out, changed

@@ -1,0 +1,154 @@
+"""Secondary Capture overlay: the displayed image with boxes, scores and a burned-in warning.
+
+For viewers that render neither SR nor presentation states. Decisions:
+
+* Modality ``OT`` (highdicom's ``SCImage`` fixes it; we keep it on purpose): a PACS routing rule "Modality CR -> AI
+  node" must not send our overlay back to be analysed again. :func:`results.is_own_output` is the second guard.
+* RGB, uncompressed Explicit VR Little Endian: colour separates the annotations from anatomy, no codec is needed
+  at the peer, and no encapsulated Pixel Data length pitfalls on C-STORE.
+* Same pixel geometry as the source (annotations are drawn in source pixel coordinates), so Patient Orientation
+  and the lossy-compression history of the source are carried over; Source Image Sequence points at the source.
+* ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import highdicom as hd
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.uids import (
+    algorithm_equipment,
+    derive_uid,
+    equipment_attributes,
+    series_description,
+)
+from triage_node.inference.types import Prediction
+
+BANNER = "NOT FOR DIAGNOSTIC USE"
+_BOX = (255, 215, 0)  # amber
+_WARN = (255, 64, 64)
+_TEXT = (255, 255, 255)
+_ORIENTATION = frozenset({"A", "P", "R", "L", "H", "F"})
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
+    """Return an RGB uint8 copy of ``display`` with warning banner, result line, boxes and scores drawn.
+
+    The banner is drawn first so a box near the top edge stays visible over it.
+    """
+    rows, columns = display.shape
+    image = Image.fromarray(np.ascontiguousarray(display)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    scale = max(min(rows, columns), 256) / 1024
+    line = max(2, round(3 * scale))
+    small = _font(max(10, round(24 * scale)))
+    large = _font(max(12, round(30 * scale)))
+
+    model = prediction.model
+    verdict = "POSITIVE" if prediction.positive else "negative"
+    lines = [
+        (BANNER, _WARN, large),
+        (f"AI: {model.name} {model.version}{' DEMO MODEL' if model.demo else ''}", _TEXT, small),
+        (f"Pneumonia {verdict} p={prediction.probability:.2f}; {len(prediction.detections)} opacity box(es)",
+         _TEXT, small),
+    ]
+    heights = [draw.textbbox((0, 0), text, font=font)[3] + line for text, _, font in lines]
+    draw.rectangle([0, 0, columns, sum(heights) + 2 * line], fill=(0, 0, 0))
+    y = line
+    for (text, colour, font), height in zip(lines, heights):
+        draw.text((2 * line, y), text, fill=colour, font=font)
+        y += height
+    for det in prediction.detections:
+        x0, y0, x1, y1 = det.xyxy
+        x0, x1 = float(np.clip(x0, 0, columns - 1)), float(np.clip(x1, 0, columns - 1))
+        y0, y1 = float(np.clip(y0, 0, rows - 1)), float(np.clip(y1, 0, rows - 1))
+        draw.rectangle([x0, y0, x1, y1], outline=_BOX, width=line)
+        label = f"Opacity {det.score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=small)
+        ty = y0 - (bottom - top) - 2 * line if y0 - (bottom - top) - 2 * line >= 0 else y1 + line
+        draw.rectangle([x0, ty, x0 + right - left + 2 * line, ty + bottom + line], fill=(0, 0, 0))
+        draw.text((x0 + line, ty), label, fill=_BOX, font=small)
+
+    return np.asarray(image, dtype=np.uint8)
+
+
+def build_overlay(
+    source: Dataset,
+    display: np.ndarray,
+    prediction: Prediction,
+    *,
+    series_number: int = 9902,
+) -> Dataset:
+    """Build the annotated Secondary Capture of ``source``.
+
+    Parameters
+    ----------
+    source
+        The analysed image.
+    display
+        2-D uint8 MONOCHROME2 rendering of the source, same rows and columns.
+    prediction
+        What to draw.
+    series_number
+        Number of the overlay series.
+
+    Raises
+    ------
+    ValueError
+        If ``display`` is not a 2-D uint8 array of the source's size.
+    """
+    display = np.asarray(display)
+    expected = (int(source.Rows), int(source.Columns))
+    if display.ndim != 2 or display.shape != expected:
+        raise ValueError(f"display shape {display.shape} does not match source {expected}")
+    if display.dtype != np.uint8:
+        raise ValueError(f"display must be uint8, got {display.dtype}")
+    source, _ = clean_source(source)
+    model = prediction.model
+    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    valid_orientation = len(orientation) == 2 and all(v and set(v) <= _ORIENTATION for v in orientation)
+
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=render_overlay(display, prediction),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derive_uid(source.SOPInstanceUID, model.version, "sc-series"),
+        series_number=series_number,
+        sop_instance_uid=derive_uid(source.SOPInstanceUID, model.version, "sc"),
+        instance_number=1,
+        patient_orientation=tuple(orientation) if valid_orientation else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[algorithm_equipment(model)],
+        series_description=series_description("overlay", model.demo),
+        **equipment_attributes(model),
+    )
+    if not valid_orientation:  # Type 2C: unknown orientation is sent empty, never guessed
+        sc.PatientOrientation = None
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{BANNER}. AI result overlay by {model.label}"[:10240]
+    sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering"[:1024]
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    if str(source.get("LossyImageCompression", "")) == "01":  # once lossy, always lossy (PS3.3 C.7.6.1.1.5)
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                sc[keyword] = source[keyword]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    return sc

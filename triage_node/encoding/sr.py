@@ -1,0 +1,195 @@
+"""TID 1500 Measurement Report (Comprehensive SR) of one prediction.
+
+Layout (what OHIF-class viewers and PACS SR renderers expect)::
+
+    Imaging Measurement Report (TID 1500)
+      Observation context: device observer = the model (device UID per trained model)
+      Procedure reported: Plain chest X-ray (SCT 399208008)
+      Imaging Measurements
+        TID 1501 group "Pneumonia assessment": Pneumonia (SCT 233604007) = Present/Absent,
+                                               Probability = p {probability}, finding site Lung, TID 4019
+        TID 1410 group per box: tracking id + UID, finding Opacity (DCM 112001), finding site Lung (SCT 39607008),
+                                TID 4019, closed 5-point POLYLINE on the source image, Certainty of Finding = score
+
+A prediction without boxes still yields a document ("no opacity detected" is a result).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    ComprehensiveSR,
+    FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    DeviceObserverIdentifyingAttributes,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.uids import (
+    algorithm_equipment,
+    derive_uid,
+    device_uid_of,
+    equipment_attributes,
+    lo,
+    series_description,
+    tracking_uid,
+)
+from triage_node.inference.types import Detection, Prediction
+
+PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+OPACITY = hd.sr.CodedConcept("112001", "DCM", "Opacity")
+LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+CERTAINTY = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+UNIT_PROBABILITY = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+
+
+def algorithm_name(prediction: Prediction) -> str:
+    """Algorithm name as shown to a radiologist; carries the demo warning when the model is a demo."""
+    model = prediction.model
+    return f"{model.name} (DEMO MODEL, NOT FOR CLINICAL USE)" if model.demo else model.name
+
+
+def box_polyline(det: Detection, rows: int, columns: int) -> np.ndarray:
+    """Closed 5-point polyline (column, row) of a box, clipped to the image, first point repeated."""
+    x0, y0, x1, y1 = det.xyxy
+    x0, x1 = (float(np.clip(v, 0, columns)) for v in (x0, x1))
+    y0, y1 = (float(np.clip(v, 0, rows)) for v in (y0, y1))
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
+
+
+def _algorithm_id(prediction: Prediction) -> AlgorithmIdentification:
+    model = prediction.model
+    return AlgorithmIdentification(
+        name=algorithm_name(prediction),
+        version=model.version,
+        manufacturer=model.manufacturer or None,
+        parameters=[f"threshold={prediction.threshold:g}"],
+    )
+
+
+def _groups(source: Dataset, prediction: Prediction) -> list:
+    sop_uid = source.SOPInstanceUID
+    version = prediction.model.version
+    image_group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(sop_uid, version, "image"),
+            identifier=f"Pneumonia {'present' if prediction.positive else 'absent'} "
+            f"(probability {prediction.probability:.2f})",
+        ),
+        algorithm_id=_algorithm_id(prediction),
+        finding_sites=[FindingSite(LUNG)],
+        measurements=[Measurement(name=PROBABILITY, value=float(prediction.probability), unit=UNIT_PROBABILITY)],
+        qualitative_evaluations=[
+            QualitativeEvaluation(PNEUMONIA, PRESENT if prediction.positive else ABSENT),
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    groups: list = [image_group]
+    for i, det in enumerate(prediction.detections, start=1):
+        region = ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=box_polyline(det, int(source.Rows), int(source.Columns)),
+            source_image=SourceImageForRegion.from_source_image(source),
+        )
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=tracking_uid(sop_uid, version, i),
+                    identifier=f"Opacity {i} (score {det.score:.2f})",
+                ),
+                referenced_region=region,
+                finding_type=OPACITY,
+                algorithm_id=_algorithm_id(prediction),
+                finding_sites=[FindingSite(LUNG)],
+                measurements=[Measurement(name=CERTAINTY, value=float(det.score), unit=UNIT_PROBABILITY)],
+            )
+        )
+    return groups
+
+
+def build_sr(
+    source: Dataset,
+    prediction: Prediction,
+    *,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    institution_name: str | None = None,
+    predecessor: Dataset | None = None,
+) -> ComprehensiveSR:
+    """Build the TID 1500 Comprehensive SR of ``prediction`` for ``source``.
+
+    Parameters
+    ----------
+    source
+        The analysed image (cleaned with :func:`clean_source` here again; cleaning is idempotent).
+    prediction
+        Image-level probability and boxes in source pixel coordinates.
+    series_number, instance_number
+        Numbers of the result series and instance.
+    institution_name
+        Institution of the node, if configured.
+    predecessor
+        An earlier SR of the same image (e.g. from another model version), referenced in the Predecessor Documents
+        Sequence. Ignored when it is this very instance (same SOP Instance UID).
+
+    Returns
+    -------
+    highdicom.sr.ComprehensiveSR
+        In the source study, in its own (derived) series, with derived SOP Instance UID.
+    """
+    source, _ = clean_source(source)
+    model = prediction.model
+    sop_uid = derive_uid(source.SOPInstanceUID, model.version, "sr")
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid_of(model),
+            name=lo(algorithm_name(prediction)),
+            manufacturer_name=lo(model.manufacturer) or None,
+            model_name=lo(f"{model.name} {model.version}"),
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=_groups(source, prediction),
+    )
+    previous = None
+    if predecessor is not None and predecessor.get("SOPInstanceUID") != sop_uid:
+        previous = [predecessor]
+    sr = ComprehensiveSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=derive_uid(source.SOPInstanceUID, model.version, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        institution_name=lo(institution_name) if institution_name else None,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=previous,
+        contributing_equipment=[algorithm_equipment(model)],
+        series_description=series_description("SR", model.demo),
+        **equipment_attributes(model),
+    )
+    return sr
