@@ -32,6 +32,7 @@ def _load(args) -> config_mod.Config:
     if getattr(args, "model", None):
         cfg = replace(cfg, model=replace(cfg.model, path=args.model))
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy chatter
     return cfg
 
 

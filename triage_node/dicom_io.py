@@ -29,8 +29,6 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 #: SOP classes the receiver accepts (RSNA's files are Secondary Capture with Modality CR).
 ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE)
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "RLD", "LLD")
-#: Manufacturer written into every object the node creates (kept in sync with encoding.results).
-OWN_MANUFACTURER = "CXR Triage Node"
 
 
 def read(path: str | Path, header_only: bool = False) -> Dataset:
@@ -43,7 +41,9 @@ def read(path: str | Path, header_only: bool = False) -> Dataset:
 
 def is_own_output(ds: Dataset) -> bool:
     """Objects the node itself wrote (SR, overlay, GSPS): a PACS routing rule may send them back to us."""
-    return str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER
+    from .encoding.results import is_own_output as ours
+
+    return ours(ds)
 
 
 def check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
@@ -97,6 +97,7 @@ def pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     bits_alloc, bits_stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
         raise BadDataset(f"unsupported BitsAllocated/BitsStored {bits_alloc}/{bits_stored}")
+    _check_encapsulated(ds)
     try:
         raw = ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
@@ -116,6 +117,30 @@ def pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         img = 1.0 - img
     return img
+
+
+_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                  "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+
+
+def _check_encapsulated(ds: Dataset) -> None:
+    """Refuse broken encapsulated pixel data that decoders would silently half-decode (a truncated JPEG stream
+    decodes to a partly grey image without an error)."""
+    meta = getattr(ds, "file_meta", None)
+    ts_uid = getattr(meta, "TransferSyntaxUID", None)
+    if ts_uid is None or not ts_uid.is_encapsulated:
+        return
+    ts = str(ts_uid)
+    from pydicom.encaps import generate_frames
+
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception as exc:
+        raise BadDataset(f"pixel data cannot be decoded: broken encapsulation ({type(exc).__name__})") from exc
+    if not frames or not frames[0]:
+        raise BadDataset("pixel data cannot be decoded: empty frame")
+    if ts in _JPEG_SYNTAXES and not frames[0].rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise BadDataset("pixel data cannot be decoded: JPEG stream truncated (no EOI marker)")
 
 
 def display(img: np.ndarray) -> np.ndarray:

@@ -81,9 +81,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path) 
 
     ds = dicom_io.read(path)
     display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels))
-    datasets, changed = build_results(ds, display, prediction, outputs=_outputs(cfg))
-    if changed:
-        log.info("source %s: repaired/omitted invalid copied attributes: %s", ds.SOPInstanceUID, ", ".join(changed))
+    datasets, _changed = build_results(ds, display, prediction, outputs=_outputs(cfg))  # logs the names it changed
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for out in datasets:

@@ -22,6 +22,7 @@ from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
 from triage_node.spool import Spool, atomic_write
 
 log = logging.getLogger("workers")
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 cfg = config.load()
 app = make_app(cfg, name="workers")
 spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)

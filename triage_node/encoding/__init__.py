@@ -12,3 +12,9 @@ __all__ = [
     "is_own_output",
     "model_device_uid",
 ]
+
+import warnings as _warnings
+
+# highdicom warns about single-component person names and quotes the name itself: patient data must never reach
+# the logs, so that warning is silenced (the name is copied unchanged, as the source has it).
+_warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name.*")

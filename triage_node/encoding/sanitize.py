@@ -154,5 +154,5 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
             out[elem.tag] = DataElement(elem.tag, elem.VR, result if len(result) > 1 else result[0])
         changed.append(keyword)
     if changed:
-        logger.info("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
+        logger.debug("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
     return out, changed

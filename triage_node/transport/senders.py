@@ -48,7 +48,7 @@ class CStoreSender:
             ae.requested_contexts.append(build_context(sop, [ts]))
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
+            why = "rejected by the peer" if assoc.is_rejected else "not established (peer unreachable or aborted)"
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
         sent: list[str] = []
         try:
