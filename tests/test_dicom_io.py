@@ -1,0 +1,139 @@
+"""Pixel decoding for every accepted transfer syntax (files converted by DCMTK, a third-party encoder),
+LUT / photometric handling, eligibility rules."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+
+from conftest import SAMPLES, require
+from triage_node import dicom_io
+from triage_node.config import EligibilityConfig
+from triage_node.errors import BadDataset, NotEligible
+
+
+
+@pytest.fixture(scope="module")
+def uncompressed(tmp_path_factory):
+    """A sample decoded once to Explicit VR Little Endian (the lossless reference)."""
+    ds = pydicom.dcmread(SAMPLES[0])
+    ds.decompress()
+    path = tmp_path_factory.mktemp("ts") / "raw.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dcmtk(tool: str, args: list[str], src, dst) -> None:
+    require(tool)
+    out = subprocess.run([tool, *args, str(src), str(dst)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("tool, args, ts", [
+    ("dcmconv", ["+td"], "1.2.840.10008.1.2.1.99"),      # deflated explicit VR little endian
+    ("dcmconv", ["+ti"], "1.2.840.10008.1.2"),           # implicit VR little endian
+    ("dcmcjpeg", ["+e1"], "1.2.840.10008.1.2.4.70"),     # JPEG Lossless SV1
+    ("dcmcjpeg", ["+el"], "1.2.840.10008.1.2.4.57"),     # JPEG Lossless
+    ("dcmcrle", [], "1.2.840.10008.1.2.5"),              # RLE Lossless
+    ("dcmcjpls", [], "1.2.840.10008.1.2.4.80"),          # JPEG-LS Lossless
+])
+def test_lossless_syntaxes_decode_identically(uncompressed, tmp_path, tool, args, ts):
+    dst = tmp_path / "conv.dcm"
+    _dcmtk(tool, args, uncompressed, dst)
+    ds = pydicom.dcmread(dst)
+    assert str(ds.file_meta.TransferSyntaxUID) == ts
+    ref = dicom_io.pixels(pydicom.dcmread(uncompressed))
+    np.testing.assert_array_equal(dicom_io.pixels(ds), ref)
+
+
+def test_jpeg2000_and_baseline_decode(uncompressed, tmp_path):
+    ds = pydicom.dcmread(uncompressed)
+    ds.compress(JPEG2000Lossless)
+    ref = dicom_io.pixels(pydicom.dcmread(uncompressed))
+    np.testing.assert_array_equal(dicom_io.pixels(ds), ref)
+    baseline = dicom_io.pixels(pydicom.dcmread(SAMPLES[0]))  # the original JPEG Baseline file
+    assert np.abs(baseline - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_monochrome1_is_inverted():
+    a = pydicom.dcmread(SAMPLES[0])
+    b = pydicom.dcmread(SAMPLES[0])
+    b.PhotometricInterpretation = "MONOCHROME1"
+    np.testing.assert_allclose(dicom_io.pixels(b), 1.0 - dicom_io.pixels(a), atol=1e-6)
+
+
+def _dx16(rows=600, cols=500, window=True) -> pydicom.Dataset:
+    ds = pydicom.dcmread(SAMPLES[0])
+    ds.decompress()
+    img = (ds.pixel_array[:rows, :cols].astype(np.uint16) * 16)  # 12-bit range
+    ds.SOPClassUID = dicom_io.DX_PRESENTATION
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = img.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -100
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 1900, 3800
+    ds.PixelData = img.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_16bit_dx_with_rescale_and_window_any_size():
+    ds = _dx16()
+    img = dicom_io.pixels(ds)
+    assert img.shape == (600, 500) and img.dtype == np.float32
+    assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.05
+    dicom_io.check_eligible(ds, EligibilityConfig())
+
+
+def test_decompression_bomb_refused_before_decoding():
+    ds = _dx16()
+    ds.Rows, ds.Columns = 60000, 60000
+    with pytest.raises(BadDataset, match="too large"):
+        dicom_io.pixels(ds, max_pixels=50_000_000)
+
+
+def test_bits_mismatch_and_missing_pixels_are_bad_datasets():
+    ds = _dx16()
+    ds.BitsStored = 20
+    with pytest.raises(BadDataset, match="BitsStored"):
+        dicom_io.pixels(ds)
+    ds = _dx16()
+    ds.PixelData = ds.PixelData[:1000]
+    with pytest.raises(BadDataset):
+        dicom_io.pixels(ds)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"NumberOfFrames": 3}, "multi-frame"),
+    ({"SamplesPerPixel": 3}, "not grayscale"),
+    ({"PhotometricInterpretation": "RGB"}, "photometric RGB"),
+    ({"ViewPosition": "LATERAL"}, "lateral"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "SOP class"),
+])
+def test_eligibility_reasons(change, reason):
+    ds = pydicom.dcmread(SAMPLES[0], stop_before_pixels=True)
+    for k, v in change.items():
+        setattr(ds, k, v)
+    ds.PixelData = b"\0\0"
+    with pytest.raises(NotEligible, match=reason):
+        dicom_io.check_eligible(ds, EligibilityConfig())
+
+
+def test_configurable_views():
+    ds = pydicom.dcmread(SAMPLES[0], stop_before_pixels=True)
+    ds.PixelData = b"\0\0"
+    ds.ViewPosition = "LL"
+    dicom_io.check_eligible(ds, EligibilityConfig(allow_lateral=True))
+    ds.ViewPosition = ""
+    dicom_io.check_eligible(ds, EligibilityConfig())
+    with pytest.raises(NotEligible, match="unknown"):
+        dicom_io.check_eligible(ds, EligibilityConfig(allow_unknown_view=False))
+    ds.BodyPartExamined = ""
+    ds.ViewPosition = "PA"
+    dicom_io.check_eligible(ds, EligibilityConfig())  # blank body part is accepted
