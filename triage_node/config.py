@@ -19,6 +19,8 @@ ENV_OVERRIDES = {
     "TRIAGE_DEVICE": ("model", "device"),
     "TRIAGE_PORT": ("receiver", "port"),
     "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
+    "TRIAGE_WEB_PORT": ("web", "port"),
+    "TRIAGE_WEB_PASSWORD": ("web", "password"),
 }
 
 
@@ -110,6 +112,18 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """Ops dashboard, Prometheus /metrics and health endpoints served by ``triage-node up``."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 8484
+    #: Required (HTTP basic) whenever ``bind`` is not a loopback address; never logged.
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -119,6 +133,7 @@ class Config:
     outputs: OutputConfig = field(default_factory=OutputConfig)
     destinations: tuple[Destination, ...] = (Destination(),)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     audit_log: str = "var/audit.jsonl"
     log_level: str = "INFO"
 
@@ -140,6 +155,7 @@ _SECTIONS = {
     "model": ModelConfig,
     "outputs": OutputConfig,
     "retry": RetryConfig,
+    "web": WebConfig,
 }
 
 
