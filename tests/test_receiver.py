@@ -188,3 +188,29 @@ def test_receiver_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("tool, args", [(None, []), ("dcmconv", ["+td"]), ("dcmcjpeg", ["+e1"]), ("dcmcrle", []),
+                                        ("j2k", []), ("dcmcjpls", [])])
+def test_compressed_transfer_syntaxes_accepted_and_spooled_as_sent(receiver, tmp_path, tool, args):
+    """The receiver negotiates each syntax and spools the bytes unchanged (decoding happens in the worker)."""
+    cfg, spool, _ = receiver()
+    src = fresh(3)
+    src.decompress()
+    raw = tmp_path / "raw.dcm"
+    src.save_as(raw, enforce_file_format=True)
+    if tool is None:
+        conv = SAMPLES[3]  # JPEG Baseline, as RSNA ships it
+    elif tool == "j2k":
+        src.compress(pydicom.uid.JPEG2000Lossless)
+        conv = tmp_path / "j2k.dcm"
+        src.save_as(conv, enforce_file_format=True)
+    else:
+        require(tool)
+        conv = tmp_path / "conv.dcm"
+        subprocess.run([tool, *args, str(raw), str(conv)], check=True, capture_output=True)
+    ds = pydicom.dcmread(conv)
+    assert store(cfg.receiver.port, ds) == 0x0000
+    spooled = pydicom.dcmread(spool.instance_path(str(ds.SOPInstanceUID)))
+    assert spooled.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert spooled.PixelData == ds.PixelData
