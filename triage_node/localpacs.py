@@ -30,12 +30,14 @@ class LocalOrthanc:
     """An Orthanc process on loopback with its own storage; ``modalities`` maps name -> (AET, host, port)."""
 
     def __init__(self, workdir: str | Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 http_port: int | None = None, dicom_port: int | None = None) -> None:
+                 http_port: int | None = None, dicom_port: int | None = None,
+                 users: dict[str, str] | None = None) -> None:
         self.dir = Path(workdir).resolve()
         self.aet = aet
         self.modalities = modalities or {}
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
+        self.users = users or {}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -55,7 +57,8 @@ class LocalOrthanc:
         cfg = {
             "Name": "triage-demo-pacs", "StorageDirectory": str(self.dir / "db"), "IndexDirectory": str(self.dir / "db"),
             "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "HttpServerEnabled": True,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": plugins, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
@@ -79,26 +82,31 @@ class LocalOrthanc:
         self.proc = None
 
     # -- REST helpers ------------------------------------------------------------------------------------------
+    @property
+    def auth(self):
+        return next(iter(self.users.items())) if self.users else None
+
     def get(self, path: str, **kw):
-        r = requests.get(self.url + path, timeout=30, **kw)
+        r = requests.get(self.url + path, timeout=30, auth=self.auth, **kw)
         r.raise_for_status()
         return r.json() if "json" in r.headers.get("content-type", "") else r.content
 
     def upload(self, path: str | Path) -> dict:
-        r = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30)
+        r = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
     def route(self, modality: str, instance_ids: list[str], synchronous: bool = True) -> dict:
         """Send instances to a configured modality, as a PACS auto-routing rule does (``/modalities/x/store``)."""
         body = {"Resources": instance_ids, "Synchronous": synchronous}
-        r = requests.post(f"{self.url}/modalities/{modality}/store", json=body, timeout=120)
+        r = requests.post(f"{self.url}/modalities/{modality}/store", json=body, timeout=120, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
     def study_instances(self, study_instance_uid: str) -> list[dict]:
         """Tags of every instance in the study with this Study Instance UID (empty if the study is unknown)."""
-        found = requests.post(f"{self.url}/tools/lookup", data=study_instance_uid, timeout=30).json()
+        found = requests.post(f"{self.url}/tools/lookup", data=study_instance_uid, timeout=30,
+                              auth=self.auth).json()
         out = []
         for hit in found:
             if hit["Type"] != "Study":

@@ -83,7 +83,9 @@ class StowSender:
             session.auth = (self.dest.username, self.dest.password)
         if self.dest.token:
             session.headers["Authorization"] = f"Bearer {self.dest.token}"
-        return DICOMwebClient(url=self.dest.url, session=session)
+        client = DICOMwebClient(url=self.dest.url, session=session)
+        client.set_http_retry_params(retry=False)  # retries belong to the report task (backoff, dead letter)
+        return client
 
     def send(self, files: list[Path]) -> list[str]:
         import requests
@@ -94,7 +96,8 @@ class StowSender:
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else 0
             body = (exc.response.text[:200] if exc.response is not None else "").replace("\n", " ")
-            raise SendFailed(f"{self.name}: STOW-RS HTTP {code}: {body}", retryable=code >= 500 or code == 0) from exc
+            transient = code >= 500 or code in (0, 408, 429)
+            raise SendFailed(f"{self.name}: STOW-RS HTTP {code}: {body}", retryable=transient) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise SendFailed(f"{self.name}: STOW-RS connection failed: {type(exc).__name__}") from exc
         return [str(d.SOPInstanceUID) for d in datasets]
