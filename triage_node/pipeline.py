@@ -81,7 +81,8 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path) 
 
     ds = dicom_io.read(path)
     display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels))
-    datasets, _changed = build_results(ds, display, prediction, outputs=_outputs(cfg))  # logs the names it changed
+    earlier = previous_sr(cfg, str(ds.SOPInstanceUID))
+    datasets, _changed = build_results(ds, display, prediction, outputs=_outputs(cfg), predecessor_sr=earlier)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for out in datasets:
@@ -93,6 +94,19 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path) 
             write_preview(out, out_dir / "preview.png")
     atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
     return files
+
+
+def previous_sr(cfg: Config, source_sop_instance_uid: str):
+    """The newest SR this node archived for the same source (an earlier model version), or None.
+
+    A re-run with a new model version gets new UIDs (they derive from the version) and references this one in its
+    Predecessor Documents Sequence: earlier results are superseded, never overwritten.
+    """
+    if not cfg.outputs.archive_dir:
+        return None
+    folder = Path(cfg.outputs.archive_dir) / source_sop_instance_uid
+    candidates = sorted(folder.glob("sr-*.dcm"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return pydicom.dcmread(candidates[-1]) if candidates else None
 
 
 def write_preview(sc, png: Path) -> None:
