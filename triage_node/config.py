@@ -38,6 +38,11 @@ class ReceiverConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: DICOM TLS (PS3.15 B.9 / BCP 195): the receiver speaks TLS when a certificate and key are given.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: CA bundle to verify client certificates against; set = mutual TLS (clients without a valid cert are refused).
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,11 @@ class Destination:
     token: str = ""
     path: str = ""
     timeout: float = 30.0
+    #: DICOM TLS to the destination: verify the peer against tls_ca; present tls_cert/tls_key when given.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)

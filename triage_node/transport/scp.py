@@ -35,6 +35,7 @@ from ..config import Config
 from ..dicom_io import ACCEPTED_SOP_CLASSES, check_eligible
 from ..errors import BadDataset, NotEligible, SpoolError
 from ..spool import Spool, valid_uid
+from .tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,11 @@ def start(cfg: Config, spool: Spool, submit: Submit, audit: Audit, block: bool =
         (evt.EVT_REJECTED, handle_assoc, [audit]),
     ]
     ae = make_ae(cfg)
-    log.info("receiver %s listening on %s:%d", cfg.receiver.ae_title, cfg.receiver.bind, cfg.receiver.port)
-    server = ae.start_server((cfg.receiver.bind, cfg.receiver.port), block=block, evt_handlers=handlers)
+    ssl_context = server_context(cfg.receiver)
+    log.info("receiver %s listening on %s:%d%s", cfg.receiver.ae_title, cfg.receiver.bind, cfg.receiver.port,
+             " (DICOM TLS)" if ssl_context else "")
+    server = ae.start_server((cfg.receiver.bind, cfg.receiver.port), block=block, evt_handlers=handlers,
+                             ssl_context=ssl_context)
     if server is not None:
         server.stats = stats
     return server

@@ -46,7 +46,11 @@ class CStoreSender:
         wanted = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
         for sop, ts in wanted:
             ae.requested_contexts.append(build_context(sop, [ts]))
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        from .tls import client_context
+
+        ctx = client_context(self.dest)
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
+                             tls_args=(ctx, self.dest.host) if ctx else None)
         if not assoc.is_established:
             why = "rejected by the peer" if assoc.is_rejected else "not established (peer unreachable or aborted)"
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
