@@ -92,7 +92,8 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where results go. ``kind`` is ``dicom`` (C-STORE), ``stow`` (DICOMweb) or ``folder``."""
+    """Where results go. ``kind``: ``dicom`` (C-STORE), ``stow`` (DICOMweb), ``folder``; and the triage flag
+    channels ``hl7`` (ORU^R01 over MLLP at host:port), ``fhir`` (R4 transaction Bundle to url), ``webhook`` (JSON)."""
 
     name: str = "pacs"
     kind: str = "dicom"
@@ -111,6 +112,13 @@ class Destination:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    #: Flag channels: report only studies over the operating threshold (False: negatives are reported too).
+    positives_only: bool = True
+    #: DICOMweb base URL where the SR can be retrieved (the link carried by flags); empty = no link.
+    sr_link_base: str = ""
+    #: HL7: receiving application/facility (MSH-5/6).
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,25 @@ def write_preview(sc, png: Path) -> None:
     Image.fromarray(sc.pixel_array).save(png)
 
 
-def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[str] | None = None) -> dict[str, list[str]]:
+def result_context(folder: Path):
+    """Identifiers + prediction for the flag channels, from a result folder (outbox or dead letter, named by the
+    source SOP Instance UID, holding the SR and prediction.json)."""
+    from .transport.flags import ResultContext
+
+    pred_file = folder / "prediction.json"
+    srs = sorted(folder.glob("sr-*.dcm"))
+    if not pred_file.exists() or not srs:
+        return None
+    sr = pydicom.dcmread(srs[0], stop_before_pixels=True)
+    return ResultContext(
+        prediction=Prediction.from_json(json.loads(pred_file.read_text())),
+        study_instance_uid=str(sr.StudyInstanceUID), source_sop_instance_uid=folder.name,
+        accession=str(sr.get("AccessionNumber", "") or ""), patient_id=str(sr.get("PatientID", "") or ""),
+        sr_series_instance_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID))
+
+
+def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[str] | None = None,
+            context=None) -> dict[str, list[str]]:
     """Send to every destination not yet in ``done`` (which is updated as each succeeds).
 
     A failure at one destination does not stop delivery to the others; the first failure is raised afterwards
@@ -130,7 +148,7 @@ def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[
         if dest.name in done:
             continue
         try:
-            sent[dest.name] = make_sender(dest).send(files)
+            sent[dest.name] = make_sender(dest).send(files, context)
             done.add(dest.name)
         except SendFailed as exc:
             failures.append(exc)

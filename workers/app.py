@@ -88,7 +88,7 @@ def report(self, payload: dict) -> dict:
     files = pipeline.result_files(box)
     done = set(json.loads(state_file.read_text())) if state_file.exists() else set()
     try:
-        sent = pipeline.deliver(files, cfg.destinations, done)
+        sent = pipeline.deliver(files, cfg.destinations, done, context=pipeline.result_context(box))
     except SendFailed as exc:
         atomic_write(state_file, json.dumps(sorted(done)).encode())
         if exc.retryable and self.request.retries + 1 < cfg.retry.max_attempts:
@@ -96,7 +96,7 @@ def report(self, payload: dict) -> dict:
             audit.record("retry", reason=str(exc), delay_s=delay, **base)
             raise self.retry(countdown=delay, exc=exc)
         archive(box, prediction, payload)
-        target = spool.dead_letter(sop, str(exc), files=files, extra={"stage": "send", "sent_to": sorted(done),
+        target = spool.dead_letter(sop, str(exc), files=files + [box / "prediction.json"], extra={"stage": "send", "sent_to": sorted(done),
                                                                     "attempts": self.request.retries + 1})
         audit.record("dead_lettered", reason=str(exc), path=str(target), **base)
         return {"status": "dead_lettered"}

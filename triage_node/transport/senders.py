@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from ..config import Destination
 from ..errors import SendFailed
+from .flags import FhirSender, HL7Sender, ResultContext, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class Sender(Protocol):
     name: str
 
-    def send(self, files: list[Path]) -> list[str]: ...
+    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]: ...
 
 
 def _read(files: list[Path]) -> list[Dataset]:
@@ -36,7 +37,7 @@ class CStoreSender:
     def __init__(self, dest: Destination) -> None:
         self.name, self.dest = dest.name, dest
 
-    def send(self, files: list[Path]) -> list[str]:
+    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
         from pynetdicom import AE
         from pynetdicom.presentation import build_context
 
@@ -91,7 +92,7 @@ class StowSender:
         client.set_http_retry_params(retry=False)  # retries belong to the report task (backoff, dead letter)
         return client
 
-    def send(self, files: list[Path]) -> list[str]:
+    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
         import requests
 
         datasets = _read(files)
@@ -113,7 +114,7 @@ class FolderSender:
     def __init__(self, dest: Destination) -> None:
         self.name, self.root = dest.name, Path(dest.path)
 
-    def send(self, files: list[Path]) -> list[str]:
+    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
         self.root.mkdir(parents=True, exist_ok=True)
         uids = []
         for f in files:
@@ -124,7 +125,8 @@ class FolderSender:
 
 
 def make_sender(dest: Destination) -> Sender:
-    kinds = {"dicom": CStoreSender, "stow": StowSender, "folder": FolderSender}
+    kinds = {"dicom": CStoreSender, "stow": StowSender, "folder": FolderSender, "hl7": HL7Sender,
+             "fhir": FhirSender, "webhook": WebhookSender}
     if dest.kind not in kinds:
-        raise ValueError(f"destination {dest.name}: unknown kind {dest.kind!r} (dicom, stow, folder)")
+        raise ValueError(f"destination {dest.name}: unknown kind {dest.kind!r} ({', '.join(kinds)})")
     return kinds[dest.kind](dest)
