@@ -142,6 +142,37 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class DicomwebIngestConfig:
+    """STOW-RS endpoint on the node (``POST /studies``) feeding the same spool and queue as the C-STORE receiver."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 8480
+    #: HTTP basic and/or bearer token; one is required when ``bind`` is not loopback.
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    max_request_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """Pull mode for PACS that cannot push: poll QIDO-RS, fetch new CR/DX instances with WADO-RS."""
+
+    url: str = ""  # DICOMweb base URL; empty = off
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    interval_s: float = 30.0
+    modalities: tuple[str, ...] = ("CR", "DX")
+    #: First StudyDate to look at on a fresh checkpoint (YYYYMMDD); empty = today minus lookback_days.
+    since: str = ""
+    lookback_days: int = 1
+    #: At most this many instances fetched per poll (keeps one poll short; the rest come next time).
+    max_per_poll: int = 500
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -152,6 +183,8 @@ class Config:
     destinations: tuple[Destination, ...] = (Destination(),)
     retry: RetryConfig = field(default_factory=RetryConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
     audit_log: str = "var/audit.jsonl"
     log_level: str = "INFO"
 
@@ -174,6 +207,8 @@ _SECTIONS = {
     "outputs": OutputConfig,
     "retry": RetryConfig,
     "web": WebConfig,
+    "dicomweb": DicomwebIngestConfig,
+    "pull": PullConfig,
 }
 
 

@@ -31,13 +31,14 @@ class LocalOrthanc:
 
     def __init__(self, workdir: str | Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
                  http_port: int | None = None, dicom_port: int | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, dicomweb_servers: dict[str, list] | None = None) -> None:
         self.dir = Path(workdir).resolve()
         self.aet = aet
         self.modalities = modalities or {}
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         self.users = users or {}
+        self.dicomweb_servers = dicomweb_servers or {}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -61,7 +62,7 @@ class LocalOrthanc:
             "RegisteredUsers": self.users, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "HttpServerEnabled": True,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
-            "Plugins": plugins, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": plugins, "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": self.dicomweb_servers},
             "StableAge": 2, "ConcurrentJobs": 2, "LogExportedResources": False,
         }
         (self.dir / "orthanc.json").write_text(json.dumps(cfg, indent=1))
