@@ -165,3 +165,25 @@ def test_worker_killed_mid_task_result_arrives_once(tmp_path, redis_url, orthanc
     entries = node.audit()
     assert sum(1 for e in entries if e["event"] == "analyze_started") >= 2, "the task was delivered again"
     assert sum(1 for e in entries if e["event"] == "sent") == 1
+
+
+def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_factory, make_node):
+    """batch_size > 1: task threads feed one micro-batcher; every instance still gets exactly one result."""
+    pacs = orthanc_factory()
+    dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
+    node = make_node(redis_url, dest, model={"batch_size": 4, "batch_wait_ms": 500})
+    sent_uids = []
+    ae = AE(ae_title="TESTSCU")
+    ds0 = pydicom.dcmread(SAMPLES[0])
+    ae.add_requested_context(str(ds0.SOPClassUID), [str(ds0.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+    for i in range(8):
+        ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        assert assoc.send_c_store(ds).Status == 0x0000
+        sent_uids.append(ds.SOPInstanceUID)
+    assoc.release()
+    entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 8, timeout=300)
+    analysed = [e for e in entries if e["event"] == "analysed"]
+    assert sorted(e["sop_instance_uid"] for e in analysed) == sorted(sent_uids)
+    assert max(e["batch"] for e in analysed) > 1, "queued tasks were batched"

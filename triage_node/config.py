@@ -77,8 +77,10 @@ class ModelConfig:
     #: Model package directory; empty = the shipped demo model; "untrained" = random weights (tests only).
     path: str = ""
     device: str = "auto"
-    batch_size: int = 8
-    batch_wait_ms: int = 50
+    #: > 1: the inference worker runs that many task threads feeding one micro-batcher (GPU: 32-64).
+    #: 1: one prefork child per worker, one image at a time (a killed child's task is redelivered at once).
+    batch_size: int = 1
+    batch_wait_ms: int = 20
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,19 @@ def read_eligible(path: str | Path, cfg: Config):
     return ds
 
 
-def analyze(path: str | Path, cfg: Config, model=None) -> Prediction:
-    """Decode, run the model, return the small JSON-able prediction."""
+def analyze(path: str | Path, cfg: Config, model=None, predict=None) -> Prediction:
+    """Decode, run the model, return the small JSON-able prediction.
+
+    ``predict`` (image -> Prediction) lets a worker route the model call through a micro-batcher.
+    """
     t0 = time.perf_counter()
     ds = read_eligible(path, cfg)
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     t1 = time.perf_counter()
-    model = model or get_model(cfg)
-    pred = model.predict([img])[0]
+    if predict is None:
+        model = model or get_model(cfg)
+        predict = lambda im: model.predict([im])[0]  # noqa: E731
+    pred = predict(img)
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)
     timings["model"] = round((time.perf_counter() - t1) * 1000, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,29 @@ spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk
 audit = Audit(cfg.audit_log)
 
 
+_batcher = None
+_batcher_lock = threading.Lock()
+
+
+def _predict():
+    """Image -> Prediction; through a shared micro-batcher when the worker runs several task threads."""
+    global _batcher
+    if cfg.model.batch_size <= 1:
+        return None
+    with _batcher_lock:
+        if _batcher is None:
+            from triage_node.batching import MicroBatcher
+
+            def run(images):
+                preds = pipeline.get_model(cfg).predict(images)
+                for p in preds:
+                    p.timings_ms["batch"] = len(images)
+                return preds
+
+            _batcher = MicroBatcher(run, cfg.model.batch_size, cfg.model.batch_wait_ms / 1000)
+    return _batcher.submit
+
+
 @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def analyze(self, payload: dict) -> dict:
     """Infer queue: decode + model. Hands a small JSON prediction to the report queue."""
@@ -42,7 +66,7 @@ def analyze(self, payload: dict) -> dict:
     t0 = time.time()
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
-        pred = pipeline.analyze(path, cfg)
+        pred = pipeline.analyze(path, cfg, predict=_predict())
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
@@ -57,6 +81,7 @@ def analyze(self, payload: dict) -> dict:
         raise
     audit.record("analysed", probability=round(pred.probability, 4), positive=pred.positive,
                  boxes=len(pred.detections), model=pred.model.label, ms=round((time.time() - t0) * 1000, 1),
+                 batch=int(pred.timings_ms.get("batch", 1)),
                  hostname=self.request.hostname, **base)
     app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
     return {"status": "analysed", "positive": pred.positive}
