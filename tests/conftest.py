@@ -88,6 +88,7 @@ def node_config(tmp: Path, port: int, broker: str, destinations: list[dict], **o
         "retry": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 1.0,
                   "dead_letter_dir": str(tmp / "dead-letter")},
         "destinations": destinations,
+        "web": {"port": free_port()},
     }
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)

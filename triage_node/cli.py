@@ -64,12 +64,36 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float) -> int:
     return n
 
 
+class _Stoppable:
+    def __init__(self, stop) -> None:
+        self.stop = stop
+
+
+def start_dicomweb(cfg, ingest, spool) -> list:
+    """STOW-RS endpoint and/or QIDO/WADO pull, when configured; both feed the receiver's ingest gate."""
+    from .transport.dicomweb_in import Puller, start_stow
+
+    extras = []
+    if cfg.dicomweb.enabled:
+        srv = start_stow(cfg.dicomweb, ingest)
+        extras.append(_Stoppable(srv.shutdown))
+        print(f"triage-node up: STOW-RS on http://{cfg.dicomweb.bind}:{srv.server_port}/studies", flush=True)
+    if cfg.pull.url:
+        extras.append(Puller(cfg.pull, ingest, spool.root / "pull-state.sqlite").start())
+        print(f"triage-node up: pulling CR/DX from {cfg.pull.url} every {cfg.pull.interval_s:.0f} s", flush=True)
+    return extras
+
+
 def cmd_up(args) -> int:
     """Receiver + workers (+ a private Redis when no broker is configured) on this machine."""
     from .services import PrivateRedis, child_env, start_workers, stop_all
     from .transport import scp
 
     cfg = _load(args)
+    if cfg.web.enabled:
+        from . import web
+
+        web.check_config(cfg)  # refuse an unsafe [web] before starting anything
     redis = None
     private = not cfg.broker.url
     if private:
@@ -79,25 +103,35 @@ def cmd_up(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = child_env(TRIAGE_BROKER_URL=cfg.broker.url, TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
                     TRIAGE_MODEL_PATH=cfg.model.path)
-    workers = start_workers(env, log_dir=log_dir)
+    workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit(cfg.audit_log)
     submit_fn = _submitter(cfg)
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout)
     server = scp.start(cfg, spool, submit_fn, audit, block=False)
+    extras = start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"triage-node up: {cfg.receiver.ae_title}@{cfg.receiver.bind}:{cfg.receiver.port}, broker {cfg.broker.url}"
           f"{' (private)' if private else ''}, workers logs in {log_dir}", flush=True)
+    web_srv = None
     try:
+        if cfg.web.enabled:
+            web_srv = web.start(cfg, spool, audit)
+            print(f"triage-node up: dashboard, /metrics, /readyz on {web_srv.url if web_srv else 'NOT started'}",
+                  flush=True)
         while not stop.wait(1.0):
             dead = [w for w in workers if w.poll() is not None]
             if dead:
                 log.error("a worker exited (code %s); restarting workers", dead[0].returncode)
                 stop_all(workers)
-                workers = start_workers(env, log_dir=log_dir)
+                workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     finally:
         print("triage-node: shutting down", flush=True)
+        if web_srv:
+            web_srv.stop()
+        for extra in extras:
+            extra.stop()
         server.shutdown()
         stop_all(workers)
         if redis:
@@ -152,33 +186,17 @@ def cmd_analyze(args) -> int:
 
 def cmd_replay(args) -> int:
     """Resend dead-lettered results; ones that succeed leave the dead-letter folder."""
-    import shutil
-
-    from . import pipeline
-    from .errors import SendFailed
+    from .replay import replay_one
 
     cfg = _load(args)
     spool, audit = _spool(cfg), Audit(cfg.audit_log)
     failed = 0
     for info in spool.dead_letters():
-        d = Path(info["path"])
         if args.uid and info["sop_instance_uid"] not in args.uid:
             continue
-        files = [f for f in pipeline.result_files(d) if f.name != "source.dcm"]
-        if not files:
-            print(f"{info['sop_instance_uid']}: nothing to resend ({info['reason']})")
-            continue
-        done = set(info.get("sent_to", []))
-        try:
-            pipeline.deliver(files, cfg.destinations, done)
-        except SendFailed as exc:
-            failed += 1
-            print(f"{info['sop_instance_uid']}: still failing: {exc}")
-            audit.record("replay_failed", sop_instance_uid=info["sop_instance_uid"], reason=str(exc))
-            continue
-        shutil.rmtree(d)
-        audit.record("replayed", sop_instance_uid=info["sop_instance_uid"], destinations=sorted(done))
-        print(f"{info['sop_instance_uid']}: resent")
+        res = replay_one(cfg, audit, info)
+        failed += res.outcome == "failed"
+        print(f"{res.sop_instance_uid}: {res.message}")
     return 1 if failed else 0
 
 
