@@ -172,3 +172,18 @@ def orthanc_factory(tmp_path):
 
 def read_sample(i: int = 0) -> pydicom.Dataset:
     return pydicom.dcmread(SAMPLES[i])
+
+
+def c_store(port: int, datasets: list[pydicom.Dataset], calling: str = "TESTSCU", called: str = "TRIAGE") -> list[int]:
+    """Send datasets over one real association; returns the status of each C-STORE."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    for sop, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association refused"
+    try:
+        return [int(assoc.send_c_store(d).Status) for d in datasets]
+    finally:
+        assoc.release()

@@ -13,9 +13,7 @@ import time
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-
-from conftest import ARTIFACTS, SAMPLES, require
+from conftest import ARTIFACTS, SAMPLES, c_store, require
 from triage_node.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -97,13 +95,7 @@ def test_bad_instance_recorded_and_node_keeps_serving(tmp_path, redis_url, ortha
     bad.PixelData = bad.PixelData[: len(bad.PixelData) // 3]  # truncated JPEG stream
     good = pydicom.dcmread(SAMPLES[1])
     good.SOPInstanceUID = good.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(str(bad.SOPClassUID), [str(bad.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
-    assert assoc.is_established
-    assert assoc.send_c_store(bad).Status == 0x0000  # acknowledged: the receiver never decodes pixels
-    assert assoc.send_c_store(good).Status == 0x0000
-    assoc.release()
+    assert c_store(node.port, [bad, good]) == [0, 0]  # acknowledged: the receiver never decodes pixels
     entries = node.wait_audit(lambda es: any(e["event"] == "failed" for e in es)
                               and any(e["event"] == "sent" for e in es), timeout=90)
     failed = [e for e in entries if e["event"] == "failed"]
@@ -121,11 +113,7 @@ def test_unreachable_pacs_dead_letters_then_replay_delivers(tmp_path, redis_url,
              "timeout": 3.0}]
     node = make_node(redis_url, dest)
     ds = pydicom.dcmread(SAMPLES[2])
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
-    assert assoc.send_c_store(ds).Status == 0x0000
-    assoc.release()
+    assert c_store(node.port, [ds]) == [0]
     entries = node.wait_audit(lambda es: any(e["event"] == "dead_lettered" for e in es), timeout=240)
     retries = [e for e in entries if e["event"] == "retry"]
     assert len(retries) == 2, "max_attempts=3: two retries with backoff, then the dead letter"
@@ -149,11 +137,7 @@ def test_worker_killed_mid_task_result_arrives_once(tmp_path, redis_url, orthanc
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
     node = make_node(redis_url, dest)
     ds = pydicom.dcmread(SAMPLES[0])
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
-    assert assoc.send_c_store(ds).Status == 0x0000
-    assoc.release()
+    assert c_store(node.port, [ds]) == [0]
     started = node.wait_audit(lambda es: any(e["event"] == "analyze_started" for e in es), timeout=120)
     victim = next(e for e in started if e["event"] == "analyze_started")["pid"]
     os.kill(victim, signal.SIGKILL)  # the inference process dies mid-task
@@ -172,17 +156,13 @@ def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_fact
     pacs = orthanc_factory()
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
     node = make_node(redis_url, dest, model={"batch_size": 4, "batch_wait_ms": 500})
-    sent_uids = []
-    ae = AE(ae_title="TESTSCU")
-    ds0 = pydicom.dcmread(SAMPLES[0])
-    ae.add_requested_context(str(ds0.SOPClassUID), [str(ds0.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
+    batch = []
     for i in range(8):
         ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        assert assoc.send_c_store(ds).Status == 0x0000
-        sent_uids.append(ds.SOPInstanceUID)
-    assoc.release()
+        batch.append(ds)
+    assert c_store(node.port, batch) == [0] * 8
+    sent_uids = [d.SOPInstanceUID for d in batch]
     entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 8, timeout=300)
     analysed = [e for e in entries if e["event"] == "analysed"]
     assert sorted(e["sop_instance_uid"] for e in analysed) == sorted(sent_uids)

@@ -12,7 +12,7 @@ import hl7
 import pydicom
 import pytest
 
-from conftest import SAMPLES
+from conftest import SAMPLES, c_store
 from triage_node import config, pipeline
 from triage_node.errors import SendFailed
 from triage_node.inference.types import Detection, ModelInfo, Prediction
@@ -184,14 +184,8 @@ def test_node_flags_after_results_reach_the_pacs(tmp_path, redis_url, orthanc_fa
     ]
     node = make_node(redis_url, dests)
     try:
-        from pynetdicom import AE
-
         ds = pydicom.dcmread(SAMPLES[1])
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TRIAGE")
-        assert assoc.send_c_store(ds).Status == 0x0000
-        assoc.release()
+        assert c_store(node.port, [ds]) == [0]
         entries = node.wait_audit(lambda es: any(e["event"] == "sent" for e in es), timeout=180)
         sent = next(e for e in entries if e["event"] == "sent")
         assert sent["destinations"] == ["hook", "pacs", "ris"]

@@ -166,19 +166,6 @@ def fhir_bundle(ctx: ResultContext, dest: Destination) -> dict:
     ]}
 
 
-class FhirSender:
-    name: str
-
-    def __init__(self, dest: Destination) -> None:
-        self.name, self.dest = dest.name, dest
-
-    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
-        if context is None or (self.dest.positives_only and not context.prediction.positive):
-            return []
-        _post_json(self.name, self.dest.url, fhir_bundle(context, self.dest), self.dest, "application/fhir+json")
-        return [context.source_sop_instance_uid]
-
-
 def webhook_body(ctx: ResultContext, dest: Destination) -> dict:
     p = ctx.prediction
     return {
@@ -191,14 +178,22 @@ def webhook_body(ctx: ResultContext, dest: Destination) -> dict:
     }
 
 
-class WebhookSender:
-    name: str
+class HttpFlagSender:
+    """FHIR or webhook flag: one JSON POST built by ``body`` from the result context."""
 
-    def __init__(self, dest: Destination) -> None:
-        self.name, self.dest = dest.name, dest
+    def __init__(self, dest: Destination, body, content_type: str) -> None:
+        self.name, self.dest, self.body, self.content_type = dest.name, dest, body, content_type
 
     def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         if context is None or (self.dest.positives_only and not context.prediction.positive):
             return []
-        _post_json(self.name, self.dest.url, webhook_body(context, self.dest), self.dest, "application/json")
+        _post_json(self.name, self.dest.url, self.body(context, self.dest), self.dest, self.content_type)
         return [context.source_sop_instance_uid]
+
+
+def FhirSender(dest: Destination) -> HttpFlagSender:  # noqa: N802 (a sender factory, named like its siblings)
+    return HttpFlagSender(dest, fhir_bundle, "application/fhir+json")
+
+
+def WebhookSender(dest: Destination) -> HttpFlagSender:  # noqa: N802
+    return HttpFlagSender(dest, webhook_body, "application/json")
