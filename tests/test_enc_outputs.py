@@ -101,7 +101,9 @@ def test_sr_content(spec, positive):
         np.testing.assert_allclose(roi.value, expected, atol=1e-3)
         assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         (score,) = group.get_measurements()
-        assert score.value == pytest.approx(det.score)
+        # named after the finding, in percent: OHIF shows "Opacity confidence: 87.00 %" beside the box
+        assert _code(score.name) == ("OPACITYCONF", "99CXRTRIAGE") and score.unit.value == "%"
+        assert score.value == pytest.approx(round(100 * det.score, 1))
         names = {item.ConceptNameCodeSequence[0].CodeValue: item for item in group[0].ContentSequence}
         assert {"111001", "111003"} <= set(names)  # TID 4019 algorithm name + version in every group
         assert "DEMO" in names["111001"].TextValue and names["111003"].TextValue == MODEL.version
@@ -112,8 +114,11 @@ def test_sr_content(spec, positive):
     assert _code(evaluation.name) == ("233604007", "SCT")
     assert _code(evaluation.value) == (("52101004", "SCT") if positive else ("272519000", "SCT"))
     (probability,) = image_group.get_measurements()
-    assert probability.value == pytest.approx(pred.probability)
-    assert probability.unit.value == "{probability}"
+    assert probability.value == pytest.approx(round(100 * pred.probability, 1))
+    assert probability.unit.value == "%"
+    # the local coding scheme is declared (SOP Common), and the image-level result has whole-image geometry
+    # (OHIF 3.x cannot display a measurement group without any)
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99CXRTRIAGE"
 
     # evidence: the source image, in the same study
     (study,) = sr.CurrentRequestedProcedureEvidenceSequence

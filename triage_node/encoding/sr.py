@@ -21,6 +21,7 @@ import highdicom as hd
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
+    CoordinatesForMeasurement,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
@@ -57,8 +58,11 @@ LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
 PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-CERTAINTY = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
-UNIT_PROBABILITY = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+# Viewers (OHIF v3) label a box with "<NUM concept meaning>: <value> <UCUM code>" and do not show the group's
+# Finding, so the per-box confidence is a NUM whose meaning names the finding, in percent (reads "Opacity
+# confidence: 87.00 %" instead of "Certainty of Finding: 0.87 {probability}" / "363698007: Lung").
+OPACITY_CONFIDENCE = hd.sr.CodedConcept("OPACITYCONF", "99CXRTRIAGE", "Opacity confidence")
 PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 
 
@@ -74,6 +78,11 @@ def box_polyline(det: Detection, rows: int, columns: int) -> np.ndarray:
     x0, x1 = (float(np.clip(v, 0, columns)) for v in (x0, x1))
     y0, y1 = (float(np.clip(v, 0, rows)) for v in (y0, y1))
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
+
+
+def whole_image_polyline(rows: int, columns: int) -> np.ndarray:
+    """Closed polyline around the whole image: what the image-level probability was inferred from."""
+    return np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float)
 
 
 def _algorithm_id(prediction: Prediction) -> AlgorithmIdentification:
@@ -97,7 +106,16 @@ def _groups(source: Dataset, prediction: Prediction) -> list:
         ),
         algorithm_id=_algorithm_id(prediction),
         finding_sites=[FindingSite(LUNG)],
-        measurements=[Measurement(name=PROBABILITY, value=float(prediction.probability), unit=UNIT_PROBABILITY)],
+        # INFERRED FROM a whole-image SCOORD: OHIF 3.x crashes on a measurement group without any geometry
+        # (and this way it shows the image-level result too, as a frame around the image).
+        measurements=[Measurement(
+            name=PROBABILITY, value=round(100 * float(prediction.probability), 1), unit=UNIT_PERCENT,
+            referenced_coordinates=[CoordinatesForMeasurement(
+                graphic_type=GraphicTypeValues.POLYLINE,
+                graphic_data=whole_image_polyline(int(source.Rows), int(source.Columns)),
+                source_image=SourceImageForRegion.from_source_image(source),
+            )],
+        )],
         qualitative_evaluations=[
             QualitativeEvaluation(PNEUMONIA, PRESENT if prediction.positive else ABSENT),
         ],
@@ -120,7 +138,8 @@ def _groups(source: Dataset, prediction: Prediction) -> list:
                 finding_type=OPACITY,
                 algorithm_id=_algorithm_id(prediction),
                 finding_sites=[FindingSite(LUNG)],
-                measurements=[Measurement(name=CERTAINTY, value=float(det.score), unit=UNIT_PROBABILITY)],
+                measurements=[Measurement(name=OPACITY_CONFIDENCE, value=round(100 * float(det.score), 1),
+                                          unit=UNIT_PERCENT)],
             )
         )
     return groups
@@ -192,4 +211,9 @@ def build_sr(
         series_description=series_description("SR", model.demo),
         **equipment_attributes(model),
     )
+    local_codes = Dataset()  # declares the private coding scheme of OPACITY_CONFIDENCE (SOP Common module)
+    local_codes.CodingSchemeDesignator = OPACITY_CONFIDENCE.scheme_designator
+    local_codes.CodingSchemeName = "CXR triage node local codes"
+    local_codes.CodingSchemeResponsibleOrganization = lo(model.manufacturer) or "CXR Triage Node project"
+    sr.CodingSchemeIdentificationSequence = [local_codes]
     return sr
