@@ -11,6 +11,8 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v openssl >/dev/null || need+=(openssl)
+[ -e /usr/share/fonts/truetype/liberation ] || need+=(fonts-liberation)
+command -v npm >/dev/null || need+=(nodejs npm)
 command -v python3 >/dev/null || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need[*]}"
