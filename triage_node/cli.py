@@ -267,7 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DELEGATED = {"train": "triage_node.inference.train", "evaluate": "triage_node.inference.evaluate",
+              "synth": "triage_node.synth"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:  # their own parsers (argparse.REMAINDER would swallow --options)
+        import importlib
+
+        mod = importlib.import_module(_DELEGATED[argv[0]])
+        return int(mod.main(mod.get_args_parser().parse_args(argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
