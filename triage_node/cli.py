@@ -33,6 +33,8 @@ def _load(args) -> config_mod.Config:
         cfg = replace(cfg, model=replace(cfg.model, path=args.model))
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy chatter
+    if cfg.log_level.upper() != "DEBUG":  # one INFO line per PDU exchange; the audit trail records every instance
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     return cfg
 
 
