@@ -18,6 +18,16 @@ from triage_node.services import PrivateRedis, free_port, wait_port
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "sample_dicom").glob("*.dcm"))
 ARTIFACTS = ROOT / "test-artifacts"
+#: The project's shared data folder (``../shared/data`` beside the checkout, or TRIAGE_SHARED_DATA).
+SHARED_DATA = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data")
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in the shared data folder; a clear failure (not a skip) when the folder is not beside the checkout."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.fail(f"shared data missing: {p} (clone the project beside ../shared or set TRIAGE_SHARED_DATA)")
+    return p
 
 
 def require(*binaries: str) -> None:

@@ -17,8 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
 REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = [REPO / "sample_dicom", REPO.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom",
-               Path("/work/shared/data/cxr_samples/rsna_dicom")]
+_CANDIDATES = [REPO / "sample_dicom", REPO.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom"]
 
 
 def rsna_paths() -> list[Path]:

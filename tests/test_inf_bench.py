@@ -11,7 +11,7 @@ import torch
 from triage_node.inference.preprocess import decode_jpeg_frames_gpu, frames_from_dicom, percentile_window
 
 ROOT = Path(__file__).resolve().parent.parent
-RSNA = ROOT.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom"
+RSNA = ROOT / "sample_dicom"  # five real RSNA files shipped with the repo (labels.csv beside them)
 
 
 def test_gpu_bench_smoke_mode_runs():

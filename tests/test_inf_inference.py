@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import shared_data
 from triage_node.inference import evaluate
 from triage_node.inference.model import untrained_model
 from triage_node.inference.prior import LungPrior
 from triage_node.inference.types import Prediction
 
 ROOT = Path(__file__).resolve().parent.parent
-RSNA = ROOT.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom"
+RSNA = ROOT / "sample_dicom"  # five real RSNA files shipped with the repo (labels.csv beside them)
 
 
 class FixedDetector(nn.Module):
@@ -104,7 +105,7 @@ def test_evaluate_on_real_rsna_samples_writes_report(tmp_path):
         ["--model", "untrained", "--labels", str(RSNA / "labels.csv"), "--images", str(RSNA), "--out", str(tmp_path)])
     assert evaluate.main(args) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert rep["n_images"] == 10 and rep["n_positive"] == 3 and rep["n_boxes"] == 6
+    assert rep["n_images"] == 5 and rep["n_positive"] == 3 and rep["n_boxes"] == 6
     for k in ("rsna_metric", "map50", "image_auc", "sensitivity", "specificity", "threshold", "ablation"):
         assert k in rep
     assert 0.0 <= rep["rsna_metric"] <= 1.0
@@ -113,7 +114,7 @@ def test_evaluate_on_real_rsna_samples_writes_report(tmp_path):
 
 
 def test_evaluate_image_level(tmp_path):
-    kp = RSNA.parent / "kermany_pediatric" / "labels.csv"
+    kp = shared_data("cxr_samples", "kermany_pediatric", "labels.csv")
     args = evaluate.get_args_parser().parse_args(["--model", "untrained", "--image-labels", str(kp),
                                                   "--out", str(tmp_path)])
     assert evaluate.main(args) == 0

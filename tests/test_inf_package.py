@@ -12,7 +12,7 @@ from triage_node.inference.model import load_model, save_package, untrained_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
-RSNA = ROOT.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom"
+RSNA = ROOT / "sample_dicom"  # five real RSNA files shipped with the repo (labels.csv beside them)
 
 
 @pytest.fixture(scope="module")
