@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -122,7 +123,21 @@ def cmd_up(args) -> int:
             web_srv = web.start(cfg, spool, audit)
             print(f"triage-node up: dashboard, /metrics, /readyz on {web_srv.url if web_srv else 'NOT started'}",
                   flush=True)
+        next_sweep = time.time() + cfg.broker.visibility_timeout
         while not stop.wait(1.0):
+            if time.time() >= next_sweep:
+                # An instance no task holds any more (queue lost with a non-persistent broker, a task that failed
+                # while the broker was down, an unexpected exception) would otherwise wait for the next restart.
+                # Re-enqueue what has sat in the spool longer than the visibility timeout and touch it, so each file
+                # is re-submitted at most once per period; a duplicate task finds the file gone and is a no-op.
+                try:
+                    for p in spool.pending(older_than_s=cfg.broker.visibility_timeout):
+                        submit_fn(str(p), p.stem, p.stat().st_mtime)
+                        os.utime(p)
+                        audit.record("reconciled", count=1, sop_instance_uid=p.stem, reason="periodic sweep")
+                except Exception as exc:  # broker still down: try again next period
+                    log.warning("periodic reconcile failed: %s", exc)
+                next_sweep = time.time() + cfg.broker.visibility_timeout
             dead = [w for w in workers if w.poll() is not None]
             if dead:
                 log.error("a worker exited (code %s); restarting workers", dead[0].returncode)

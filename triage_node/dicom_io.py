@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from .config import EligibilityConfig
@@ -35,7 +34,7 @@ def read(path: str | Path, header_only: bool = False) -> Dataset:
     """Read a DICOM file, translating every parse failure into BadDataset with a short reason."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError) as exc:
+    except Exception as exc:  # InvalidDicomError, EOFError, BytesLengthException, struct.error, NotImplementedError...
         raise BadDataset(f"unreadable DICOM: {type(exc).__name__}") from exc
 
 
@@ -50,7 +49,17 @@ def check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
     """Raise NotEligible with the reason when ``ds`` is not a frontal single-frame grayscale chest radiograph.
 
     Uses the header only; never touches pixel data (the receiver calls it on the association thread).
+    A header element pydicom cannot convert (bad VR, bad length, "abc" in an IS) raises BadDataset.
     """
+    try:
+        _check_eligible(ds, cfg)
+    except (NotEligible, BadDataset):
+        raise
+    except Exception as exc:  # values are parsed lazily: ValueError, NotImplementedError, OverflowError, ...
+        raise BadDataset(f"invalid header: {type(exc).__name__}") from exc
+
+
+def _check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
     if is_own_output(ds):
         raise NotEligible("own output (written by this node)")
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -84,6 +93,16 @@ def check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
 
 
 def pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
+    """See ``_pixels``; any failure outside the decoders (a header value pydicom cannot convert) is BadDataset."""
+    try:
+        return _pixels(ds, max_pixels)
+    except BadDataset:
+        raise
+    except Exception as exc:
+        raise BadDataset(f"invalid image header: {type(exc).__name__}") from exc
+
+
+def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     """Decoded image as float32 in [0, 1], MONOCHROME2 orientation (dense = bright), source resolution.
 
     Applies the Modality LUT (rescale) and the VOI LUT / window when the file has one, else a robust
@@ -97,7 +116,7 @@ def pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     bits_alloc, bits_stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
         raise BadDataset(f"unsupported BitsAllocated/BitsStored {bits_alloc}/{bits_stored}")
-    _check_encapsulated(ds)
+    _check_encapsulated(ds, rows, cols)
     try:
         raw = ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
@@ -123,7 +142,7 @@ _JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.1
                   "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 
 
-def _check_encapsulated(ds: Dataset) -> None:
+def _check_encapsulated(ds: Dataset, rows: int = 0, cols: int = 0) -> None:
     """Refuse broken encapsulated pixel data that decoders would silently half-decode (a truncated JPEG stream
     decodes to a partly grey image without an error)."""
     meta = getattr(ds, "file_meta", None)
@@ -141,6 +160,45 @@ def _check_encapsulated(ds: Dataset) -> None:
         raise BadDataset("pixel data cannot be decoded: empty frame")
     if ts in _JPEG_SYNTAXES and not frames[0].rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise BadDataset("pixel data cannot be decoded: JPEG stream truncated (no EOI marker)")
+    dims = _codestream_dimensions(frames[0], ts)
+    if dims is not None and dims != (rows, cols):
+        # a decoder allocates what the codestream says, whatever Rows/Columns (and max_pixels) say
+        raise BadDataset(f"pixel data cannot be decoded: frame is {dims[0]}x{dims[1]}, header says {rows}x{cols}")
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
+_J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                 "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+
+
+def _codestream_dimensions(frame: bytes, ts: str) -> tuple[int, int] | None:
+    """(rows, columns) the compressed frame itself declares (JPEG SOFn / JPEG-LS SOF55 / J2K SIZ); None when the
+    syntax carries no dimensions of its own (RLE, deflate). Raises BadDataset when they cannot be found."""
+    import struct
+
+    if ts in _JPEG_SYNTAXES or ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):
+        i = 2 if frame[:2] == b"\xff\xd8" else None
+        while i is not None and i + 9 <= len(frame):
+            if frame[i] != 0xFF:
+                break
+            marker = frame[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _JPEG_SOF:
+                height, width = struct.unpack(">HH", frame[i + 5:i + 9])
+                return height, width
+            if marker == 0xDA:  # start of scan before any frame header
+                break
+            i += 2 + struct.unpack(">H", frame[i + 2:i + 4])[0]
+        raise BadDataset("pixel data cannot be decoded: no JPEG frame header")
+    if ts in _J2K_SYNTAXES:
+        j = frame.find(b"\xff\x4f\xff\x51")  # SOC + SIZ (also inside a JP2 wrapper)
+        if j < 0 or j + 24 > len(frame):
+            raise BadDataset("pixel data cannot be decoded: no JPEG 2000 SIZ marker")
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[j + 8:j + 24])
+        return ysiz - y0, xsiz - x0
+    return None
 
 
 def display(img: np.ndarray) -> np.ndarray:

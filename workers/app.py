@@ -110,6 +110,20 @@ def report(self, payload: dict) -> dict:
             audit.record("failed", reason=str(exc), stage="report", **base)
             spool.dead_letter(sop, f"bad dataset: {exc}", extra={"stage": "report"})
             return {"status": "failed"}
+        except OSError as exc:
+            # spool full / unwritable: transient. Never let Celery ack a failed task with the instance still spooled
+            # (it would sit in spool/instances until a restart): retry with backoff, then dead-letter with the reason.
+            import shutil
+
+            shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
+            reason = f"outbox write failed: {exc.strerror or type(exc).__name__}"
+            if self.request.retries + 1 < cfg.retry.max_attempts:
+                delay = _backoff(self.request.retries)
+                audit.record("retry", reason=reason, delay_s=delay, **base)
+                raise self.retry(countdown=delay, exc=exc)
+            target = spool.dead_letter(sop, reason, extra={"stage": "report", "attempts": self.request.retries + 1})
+            audit.record("dead_lettered", reason=reason, path=str(target), **base)
+            return {"status": "dead_lettered"}
     files = pipeline.result_files(box)
     done = set(json.loads(state_file.read_text())) if state_file.exists() else set()
     try:
