@@ -48,8 +48,9 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     directory: str = "var/spool"
-    #: Refuse new instances (0xA700) when the spool filesystem is fuller than this fraction.
-    max_disk_usage: float = 0.95
+    #: Refuse new instances (0xA700) when the spool filesystem is fuller than this fraction (MONAI Deploy's
+    #: informatics gateway uses the same 75 % default); the receiver accepts again by itself once usage falls.
+    max_disk_usage: float = 0.75
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,10 @@ class Spool:
         return self.instances / f"{check_uid(sop_instance_uid)}.dcm"
 
     def disk_usage(self) -> float:
+        """Fraction in use as ``df`` reports it: used / (used + available to us); blocks reserved for root or held
+        back by the filesystem count neither way."""
         st = shutil.disk_usage(self.root)
-        return 1.0 - st.free / st.total
+        return st.used / max(st.used + st.free, 1)
 
     def has_room(self) -> bool:
         return self.disk_usage() < self.max_disk_usage
