@@ -128,6 +128,12 @@ def report(self, payload: dict) -> dict:
     done = set(json.loads(state_file.read_text())) if state_file.exists() else set()
     try:
         sent = pipeline.deliver(files, cfg.destinations, done, context=pipeline.result_context(box))
+    except FileNotFoundError:
+        # A duplicate delivery of this task (after a reconcile) finished first and cleaned the outbox up.
+        if not Path(payload["path"]).exists():
+            audit.record("report_noop", reason="already delivered by a duplicate task", **base)
+            return {"status": "noop"}
+        raise
     except SendFailed as exc:
         atomic_write(state_file, json.dumps(sorted(done)).encode())
         if exc.retryable and self.request.retries + 1 < cfg.retry.max_attempts:
