@@ -10,7 +10,7 @@ demo: setup
 	$(PY) deploy/demo.py
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --basetemp=var/pytest tests
 
 bench: setup
 	$(PY) bench/cpu_infer.py
