@@ -10,7 +10,8 @@ demo: setup
 	$(PY) deploy/demo.py
 
 test: setup
-	$(PY) -m pytest -q -ra --basetemp=var/pytest tests
+	mkdir -p var
+	$(PY) -m pytest -q -ra --basetemp=$(CURDIR)/var/pytest tests
 
 bench: setup
 	$(PY) bench/cpu_infer.py
