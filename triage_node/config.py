@@ -248,12 +248,3 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             sub = getattr(cfg, section)
             cfg = replace(cfg, **{section: replace(sub, **{key: _coerce(env[var], getattr(sub, key))})})
     return cfg
-
-
-def to_env(cfg_path: str | None, **overrides: str) -> dict[str, str]:
-    """Environment for a child process (worker/receiver) so it sees the same configuration."""
-    env = dict(os.environ)
-    if cfg_path:
-        env["TRIAGE_CONFIG"] = str(Path(cfg_path).resolve())
-    env.update({k: v for k, v in overrides.items() if v is not None})
-    return env

@@ -167,7 +167,3 @@ def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[
 
 def result_files(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("*.dcm"))
-
-
-def study_uid_of(path: str | Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)

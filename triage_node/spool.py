@@ -111,11 +111,7 @@ class Spool:
 
     def discard(self, sop_instance_uid: str) -> None:
         """Processing of this instance is complete (sent, skipped or dead-lettered)."""
-        for p in (self.instance_path(sop_instance_uid),):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        self.instance_path(sop_instance_uid).unlink(missing_ok=True)
         shutil.rmtree(self.outbox / sop_instance_uid, ignore_errors=True)
 
     # -- outbox / dead letters -----------------------------------------------------------------------------------

@@ -8,14 +8,7 @@ from collections import Counter
 from . import audit as audit_mod
 from .config import Config
 from .spool import Spool
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
+from .web_state import percentile
 
 
 def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:

@@ -189,15 +189,9 @@ class Puller:
         self._stop = threading.Event()
 
     def _client(self):
-        import requests
-        from dicomweb_client.api import DICOMwebClient
+        from .senders import dicomweb_client
 
-        session = requests.Session()
-        if self.cfg.username:
-            session.auth = (self.cfg.username, self.cfg.password)
-        if self.cfg.token:
-            session.headers["Authorization"] = f"Bearer {self.cfg.token}"
-        return DICOMwebClient(url=self.cfg.url, session=session)
+        return dicomweb_client(self.cfg.url, self.cfg.username, self.cfg.password, self.cfg.token)
 
     def _since(self) -> str:
         start = self.cfg.since or (date.today() - timedelta(days=self.cfg.lookback_days)).strftime("%Y%m%d")

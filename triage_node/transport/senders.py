@@ -73,6 +73,22 @@ class CStoreSender:
         return sent
 
 
+def dicomweb_client(url: str, username: str = "", password: str = "", token: str = ""):
+    """A dicomweb-client with basic or bearer auth and no hidden retries: callers own retry policy (the report
+    task's backoff and dead letter, the puller's next poll)."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if username:
+        session.auth = (username, password)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    client = DICOMwebClient(url=url, session=session)
+    client.set_http_retry_params(retry=False)
+    return client
+
+
 class StowSender:
     """DICOMweb STOW-RS via dicomweb-client: retry on 5xx and connection errors, never on 4xx."""
 
@@ -80,17 +96,7 @@ class StowSender:
         self.name, self.dest = dest.name, dest
 
     def _client(self):
-        import requests
-        from dicomweb_client.api import DICOMwebClient
-
-        session = requests.Session()
-        if self.dest.username:
-            session.auth = (self.dest.username, self.dest.password)
-        if self.dest.token:
-            session.headers["Authorization"] = f"Bearer {self.dest.token}"
-        client = DICOMwebClient(url=self.dest.url, session=session)
-        client.set_http_retry_params(retry=False)  # retries belong to the report task (backoff, dead letter)
-        return client
+        return dicomweb_client(self.dest.url, self.dest.username, self.dest.password, self.dest.token)
 
     def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
         import requests
