@@ -45,13 +45,13 @@ def test_celery_inspect_and_flower_see_the_node(tmp_path, redis_url, make_node):
         # a study through the node; Flower lists its tasks by their readable names
         assert c_store(node.port, [pydicom.dcmread(SAMPLES[0])]) == [0]
         node.wait_audit(lambda es: any(e["event"] == "sent" for e in es), timeout=180)
-        deadline, names = time.time() + 60, set()
-        while time.time() < deadline and not {"triage.analyze", "triage.report"} <= names:
+        # the audit's "sent" line is written just before the task returns: wait for Flower to see both finish
+        deadline, states = time.time() + 60, {}
+        while time.time() < deadline and set(states.get(n) for n in ("triage.analyze", "triage.report")) != {"SUCCESS"}:
             tasks = requests.get(f"http://127.0.0.1:{flower_port}/api/tasks", timeout=10).json()
-            names = {t.get("name") for t in tasks.values()}
+            states = {t.get("name"): t.get("state") for t in tasks.values()}
             time.sleep(1)
-        assert {"triage.analyze", "triage.report"} <= names, names
-        states = {t["name"]: t["state"] for t in tasks.values()}
+        assert {"triage.analyze", "triage.report"} <= set(states), states
         assert states["triage.analyze"] == "SUCCESS" and states["triage.report"] == "SUCCESS"
     finally:
         flower.terminate()
