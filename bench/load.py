@@ -119,8 +119,10 @@ def stop_node(proc: subprocess.Popen) -> None:
 
 
 # -- senders -------------------------------------------------------------------------------------------------------
-def pynetdicom_sender(shard: str, port: int, result_file: str) -> None:
-    """One association, every file of the shard; statuses per SOP Instance UID to ``result_file``."""
+def pynetdicom_sender(shard: str, port: int, result_file: str, tries: int = 3) -> None:
+    """One association, every file of the shard, as a PACS sends: an instance that got no response (timeout, abort)
+    is sent again on a new association, up to ``tries`` times. Statuses per SOP Instance UID and the resends go to
+    ``result_file``."""
     import pydicom
     from pynetdicom import AE
 
@@ -130,16 +132,24 @@ def pynetdicom_sender(shard: str, port: int, result_file: str) -> None:
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
     statuses: dict[str, int | None] = {}
+    resent: list[dict] = []
     assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
     for f in files:
         ds = pydicom.dcmread(f)
-        if not assoc.is_established:
-            assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-        rsp = assoc.send_c_store(ds) if assoc.is_established else None
-        statuses[str(ds.SOPInstanceUID)] = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        sop = str(ds.SOPInstanceUID)
+        for attempt in range(tries):
+            if not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+            rsp = assoc.send_c_store(ds) if assoc.is_established else None
+            statuses[sop] = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            if statuses[sop] is not None:
+                break
+            resent.append({"sop_instance_uid": sop, "attempt": attempt + 1, "at": time.time()})
+            if assoc.is_established:
+                assoc.abort()
     if assoc.is_established:
         assoc.release()
-    Path(result_file).write_text(json.dumps(statuses))
+    Path(result_file).write_text(json.dumps({"statuses": statuses, "resent": resent}))
 
 
 def storescu_sender(shard: Path, port: int, log: Path) -> subprocess.Popen:
@@ -238,12 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             s.join()
         t_sent = time.time() - t0
         statuses: dict[str, int | None] = {}
+        resent: list[dict] = []
         for k in range(args.senders):
             f = work / f"pnd{k}.json"
-            statuses.update(json.loads(f.read_text()) if f.exists() else {})
+            got = json.loads(f.read_text()) if f.exists() else {}
+            statuses.update(got.get("statuses", {}))
+            resent += got.get("resent", [])
         received = {e["sop_instance_uid"] for e in read_audit(audit_path) if e["event"] == "received"}
         print(f"pushed {args.n} in {t_sent:.1f} s ({args.n / t_sent:.1f} inst/s); storescu exit codes {store_rc}; "
-              f"pynetdicom non-success {sum(1 for v in statuses.values() if v != 0)}")
+              f"pynetdicom non-success {sum(1 for v in statuses.values() if v != 0)}, sent again after no response "
+              f"{len(resent)}")
         deadline = time.time() + (args.timeout or 60 + 3 * args.n)
         done: set[str] = set()
         last_report = 0.0
@@ -282,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             "duplicated_outputs": duplicated, "sent_more_than_once": sum(1 for v in sent_by_sop.values() if v > 1),
             "stranded_in_spool": stranded,
             "refused": sum(1 for e in entries if e["event"] == "refused"),
+            # C-STOREs a pynetdicom sender got no response to (dimse timeout / abort) and sent again, as a PACS does
+            "sender_resends": len(resent),
+            "sender_no_final_status": sum(1 for v in statuses.values() if v is None),
+            "received_more_than_once": sum(1 for e in entries if e["event"] == "received") - len(acked),
             "latency_s": {"p50": pct(latencies, 50), "p90": pct(latencies, 90), "p99": pct(latencies, 99),
                           "max": max(latencies) if latencies else None,
                           "mean": round(statistics.fmean(latencies), 3) if latencies else None},
@@ -339,7 +357,8 @@ def summary_table(folder: Path = OUT) -> str:
                     f"{' (UNTRAINED)' if r['untrained'] else ''} | received {r['received']}, results {r['results']} | "
                     f"lost {r['lost']} / duplicated {r['duplicated_outputs']} | latency p50 {lat['p50']} s, p90 "
                     f"{lat['p90']} s, p99 {lat['p99']} s; {r['throughput_results_per_s']} results/s; ingest "
-                    f"{r['ingest_per_s']} inst/s; wall {r['wall_s']} s on {r['cpus']} CPUs | `{r['command']}` |")
+                    f"{r['ingest_per_s']} inst/s; wall {r['wall_s']} s on {r['cpus']} CPUs; C-STOREs resent after no response "
+                    f"{r.get('sender_resends', 'n/a')} | `{r['command']}` |")
     return "\n".join(rows)
 
 

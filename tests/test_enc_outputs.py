@@ -173,7 +173,7 @@ def test_overlay_pixels_and_flags():
     display = display_of(source)
     sc = roundtrip(build_overlay(source, display, prediction()))
     assert sc.Modality == "OT" and sc.BurnedInAnnotation == "YES"
-    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless  # the default encoding
     pixels = sc.pixel_array
     assert pixels.shape == (*display.shape, 3)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID

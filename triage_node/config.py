@@ -84,6 +84,9 @@ class ModelConfig:
     batch_wait_ms: int = 20
 
 
+SC_TRANSFER_SYNTAXES = ("jpeg-ls", "rle", "explicit", "jpeg")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     sr: bool = True
@@ -91,6 +94,16 @@ class OutputConfig:
     gsps: bool = False
     #: Also keep a copy of every result (and a PNG preview) here; empty = off.
     archive_dir: str = "var/results"
+    #: Encoding of the SC overlay: ``jpeg-ls`` (lossless, ~1 MB for a 1024 x 1024 RGB overlay), ``rle`` (lossless,
+    #: ~2.7 MB), ``explicit`` (uncompressed Explicit VR Little Endian, 3 MB) or ``jpeg`` (JPEG Baseline, lossy,
+    #: ~0.2 MB, marked Lossy Image Compression 01). A C-STORE peer that does not accept the compressed syntax gets
+    #: the overlay decompressed to Explicit VR Little Endian on the same association.
+    sc_transfer_syntax: str = "jpeg-ls"
+
+    def __post_init__(self) -> None:
+        if self.sc_transfer_syntax not in SC_TRANSFER_SYNTAXES:
+            raise ValueError(f"outputs.sc_transfer_syntax {self.sc_transfer_syntax!r}: expected one of "
+                             f"{', '.join(SC_TRANSFER_SYNTAXES)}")
 
 
 @dataclass(frozen=True)

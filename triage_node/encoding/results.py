@@ -68,6 +68,7 @@ def build_results(
     prediction: Prediction,
     outputs: Iterable[str] = ("sr", "sc"),
     predecessor_sr: Dataset | None = None,
+    sc_encoding: str = "jpeg-ls",
 ) -> tuple[list[Dataset], list[str]]:
     """Build the requested outputs for one analysed image.
 
@@ -83,6 +84,8 @@ def build_results(
         Any of ``sr``, ``sc``, ``gsps``, in the order wanted.
     predecessor_sr
         An earlier SR of this image by another model version, referenced by the new SR.
+    sc_encoding
+        Transfer syntax of the SC overlay (``outputs.sc_transfer_syntax``, see :data:`sc.SC_ENCODINGS`).
 
     Returns
     -------
@@ -119,7 +122,7 @@ def build_results(
         if name == "sr":
             results.append(build_sr(cleaned, prediction, predecessor=predecessor_sr))
         elif name == "sc":
-            results.append(build_overlay(cleaned, display, prediction))
+            results.append(build_overlay(cleaned, display, prediction, encoding=sc_encoding))
         else:
             results.append(build_gsps(cleaned, prediction))
     return results, changed

@@ -6,6 +6,7 @@ Each ``send`` takes DICOM files and either returns the SOP Instance UIDs deliver
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..config import Destination
 from ..errors import SendFailed
@@ -47,6 +49,9 @@ class CStoreSender:
         wanted = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
         for sop, ts in wanted:
             ae.requested_contexts.append(build_context(sop, [ts]))
+        for sop in sorted({sop for sop, ts in wanted if UID(ts).is_compressed}):
+            # Fallback for a peer without the codec: the same SOP class uncompressed (we decompress for it).
+            ae.requested_contexts.append(build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         from .tls import client_context
 
         ctx = client_context(self.dest)
@@ -57,7 +62,9 @@ class CStoreSender:
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
         sent: list[str] = []
         try:
+            accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
             for ds in datasets:
+                ds = _for_peer(ds, accepted)
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code is None:
@@ -71,6 +78,19 @@ class CStoreSender:
         finally:
             assoc.release()
         return sent
+
+
+def _for_peer(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset:
+    """``ds`` as is when the peer accepted its transfer syntax, else decompressed (when the peer accepted the SOP
+    class uncompressed); pynetdicom then reports the missing context itself if neither was accepted."""
+    sop, ts = str(ds.SOPClassUID), UID(str(ds.file_meta.TransferSyntaxUID))
+    if not ts.is_compressed or (sop, str(ts)) in accepted:
+        return ds
+    if not any(a == sop and not UID(t).is_compressed for a, t in accepted):
+        return ds
+    plain = copy.deepcopy(ds)
+    plain.decompress()  # JPEG YBR_FULL_422 comes back as RGB; Lossy Image Compression stays as it is
+    return plain
 
 
 def dicomweb_client(url: str, username: str = "", password: str = "", token: str = ""):
