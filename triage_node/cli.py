@@ -52,18 +52,37 @@ def _submitter(cfg):
     return lambda path, sop, t0: submit(app, path, sop, t0)
 
 
-def reconcile(cfg, spool, submit_fn, older_than_s: float) -> int:
-    """Re-enqueue spooled instances that no task may still hold (after a crash or a broker loss).
+def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, reason: str = "restart",
+              include_unacked: bool = True) -> int:
+    """Re-enqueue spooled instances (older than ``older_than_s``) that no task in the broker refers to any more:
+    left by a crash, a lost non-persistent queue, or a task that failed while the broker was down.
 
-    Safe to over-submit: a task whose spool file is gone is a no-op and output UIDs are deterministic.
+    Instances still queued or being worked on are skipped (a backlog longer than the visibility timeout must not
+    be analysed twice). Over-submitting stays safe: a task whose spool file is gone is a no-op and output UIDs are
+    deterministic. ``touch`` refreshes the mtime of what was re-enqueued, so a periodic sweep re-sends each file at
+    most once per period. ``include_unacked`` False: tasks delivered but not acknowledged count as lost (start-up with
+    a private broker, whose workers died with the node).
     """
-    n = 0
-    for path in spool.pending(older_than_s=older_than_s):
-        submit_fn(str(path), path.stem, path.stat().st_mtime)
+    from .queue import broker_held_sops
+
+    old = spool.pending(older_than_s=older_than_s)
+    if not old:
+        return 0
+    held = broker_held_sops(cfg, include_unacked=include_unacked) or set()
+    n = kept = 0
+    for path in old:
+        if path.stem in held:
+            kept += 1
+            continue
+        try:
+            submit_fn(str(path), path.stem, path.stat().st_mtime)
+        except FileNotFoundError:
+            continue  # finished meanwhile
+        if touch:
+            os.utime(path)
         n += 1
-    if n:
-        log.info("reconcile: re-enqueued %d spooled instance(s)", n)
-        Audit(cfg.audit_log).record("reconciled", count=n)
+    log.info("reconcile (%s): re-enqueued %d spooled instance(s), %d still held by the broker", reason, n, kept)
+    Audit(cfg.audit_log).record("reconciled", count=n, held_by_broker=kept, reason=reason)
     return n
 
 
@@ -109,7 +128,8 @@ def cmd_up(args) -> int:
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit(cfg.audit_log)
     submit_fn = _submitter(cfg)
-    reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout)
+    reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
+              include_unacked=not private)
     server = scp.start(cfg, spool, submit_fn, audit, block=False)
     extras = start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
@@ -128,13 +148,12 @@ def cmd_up(args) -> int:
             if time.time() >= next_sweep:
                 # An instance no task holds any more (queue lost with a non-persistent broker, a task that failed
                 # while the broker was down, an unexpected exception) would otherwise wait for the next restart.
-                # Re-enqueue what has sat in the spool longer than the visibility timeout and touch it, so each file
-                # is re-submitted at most once per period; a duplicate task finds the file gone and is a no-op.
+                # Re-enqueue what has sat in the spool longer than the visibility timeout and that no queued or
+                # unacknowledged task refers to (a long backlog is not work lost), touching it so each file is
+                # re-submitted at most once per period; a duplicate task finds the file gone and is a no-op.
                 try:
-                    for p in spool.pending(older_than_s=cfg.broker.visibility_timeout):
-                        submit_fn(str(p), p.stem, p.stat().st_mtime)
-                        os.utime(p)
-                        audit.record("reconciled", count=1, sop_instance_uid=p.stem, reason="periodic sweep")
+                    reconcile(cfg, spool, submit_fn, cfg.broker.visibility_timeout, touch=True,
+                              reason="periodic sweep")
                 except Exception as exc:  # broker still down: try again next period
                     log.warning("periodic reconcile failed: %s", exc)
                 next_sweep = time.time() + cfg.broker.visibility_timeout

@@ -63,3 +63,64 @@ def submit(app: Celery, path: str, sop_instance_uid: str, received_at: float, **
     except Exception as exc:  # kombu OperationalError, redis errors, socket errors
         raise SpoolError(f"broker unavailable: {type(exc).__name__}") from exc
     return res.id
+
+
+#: kombu's Redis transport keeps one list per queue and priority step, and delivered-but-unacknowledged messages
+#: (a task being worked on, a retry waiting for its countdown) in this hash until the worker acknowledges them.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_UNACKED_KEY = "unacked"
+
+
+def _sop_of(msg: dict) -> str | None:
+    """The SOP Instance UID in a kombu message dict of one of our tasks (payload = first positional argument)."""
+    import base64
+    import json
+
+    body = msg["body"]
+    if msg.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args = json.loads(body)[0]
+    return args[0].get("sop_instance_uid") if args and isinstance(args[0], dict) else None
+
+
+def broker_held_sops(cfg: Config, include_unacked: bool = True) -> set[str] | None:
+    """SOP Instance UIDs that a task in the broker still refers to: queued (either queue) and, with
+    ``include_unacked``, delivered to a worker and not yet acknowledged. None when the broker cannot be read (then the
+    caller must assume nothing is held). Leave the unacknowledged out when no worker of before can be alive (a
+    private broker at start-up): kombu hands those back only after the visibility timeout.
+
+    Queues are read before the unacknowledged hash, so a message a worker takes in between is seen in one of them.
+    """
+    import json
+
+    import redis
+
+    if not cfg.broker.url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    try:
+        client = redis.Redis.from_url(cfg.broker.url, socket_timeout=10, socket_connect_timeout=3)
+        messages: list[dict] = []
+        for queue in (cfg.broker.infer_queue, cfg.broker.report_queue):
+            for suffix in _PRIORITY_SUFFIXES:
+                start = 0
+                while True:
+                    chunk = client.lrange(queue + suffix, start, start + 999)
+                    messages += [json.loads(raw) for raw in chunk]
+                    if len(chunk) < 1000:
+                        break
+                    start += 1000
+        if include_unacked:
+            messages += [json.loads(raw)[0] for raw in client.hvals(_UNACKED_KEY)]  # [message, exchange, routing key]
+    except Exception as exc:  # redis down, auth, wrong URL, unexpected layout: reconcile re-enqueues instead
+        log.warning("cannot list the broker's tasks (%s): reconcile re-enqueues every old spool file",
+                    type(exc).__name__)
+        return None
+    held: set[str] = set()
+    for msg in messages:
+        try:
+            sop = _sop_of(msg)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            continue  # not one of our tasks: it holds nothing we could re-enqueue
+        if sop:
+            held.add(sop)
+    return held
