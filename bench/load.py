@@ -82,7 +82,8 @@ def free_port() -> int:
     return fp()
 
 
-def start_node(work: Path, port: int, dest: list[dict], model: str, max_assoc: int) -> tuple[subprocess.Popen, dict]:
+def start_node(work: Path, port: int, dest: list[dict], model: str, max_assoc: int,
+               visibility_timeout: int = 0) -> tuple[subprocess.Popen, dict]:
     from triage_node.services import wait_port
 
     cfg = {
@@ -90,7 +91,9 @@ def start_node(work: Path, port: int, dest: list[dict], model: str, max_assoc: i
         "receiver": {"ae_title": "TRIAGE", "port": port, "allowed_calling_aets": ["STORESCU", "LOADSCU"],
                      "max_associations": max_assoc + 2},
         "spool": {"directory": str(work / "spool")},
-        "broker": {"url": ""},  # `up` starts its private redis-server
+        # `up` starts its private redis-server; a short visibility timeout makes the periodic reconcile sweep run
+        # many times while the backlog lasts (it must re-enqueue nothing that is still queued)
+        "broker": {"url": "", **({"visibility_timeout": visibility_timeout} if visibility_timeout else {})},
         "model": {"path": model},
         "outputs": {"sr": True, "sc": True, "gsps": False, "archive_dir": ""},
         "retry": {"max_attempts": 5, "backoff_base_s": 0.5, "backoff_max_s": 5.0,
@@ -208,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dest", choices=["folder", "orthanc"], default="folder")
     ap.add_argument("--model", default="untrained", help="model package, or 'untrained' (default)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds to wait for results (default: 60 + 3 s/instance)")
+    ap.add_argument("--visibility-timeout", type=int, default=0,
+                    help="broker.visibility_timeout of the node (default: the node's 900 s); also the period of the "
+                         "reconcile sweep")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--summary", action="store_true", help="print the reliability table from test-artifacts and exit")
     args = ap.parse_args(argv)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dest = [{"name": "out", "kind": "folder", "path": str(work / "results")}]
     port = free_port()
-    node, cfg = start_node(work, port, dest, args.model, shards)
+    node, cfg = start_node(work, port, dest, args.model, shards, args.visibility_timeout)
     audit_path = Path(cfg["audit_log"])
     rc = 1
     try:
@@ -295,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             "received": len(acked), "results": len(sent_by_sop), "dead_lettered": len(dead), "lost": len(lost),
             "duplicated_outputs": duplicated, "sent_more_than_once": sum(1 for v in sent_by_sop.values() if v > 1),
             "stranded_in_spool": stranded,
+            "reconcile_sweeps": len([e for e in entries if e["event"] == "reconciled"]),
+            "reconcile_reenqueued": sum(int(e.get("count", 0)) for e in entries if e["event"] == "reconciled"),
+            "reconcile_max_held_by_broker": max([int(e.get("held_by_broker", 0)) for e in entries
+                                                 if e["event"] == "reconciled"] or [0]),
+            "visibility_timeout_s": args.visibility_timeout or None,
             "refused": sum(1 for e in entries if e["event"] == "refused"),
             # C-STOREs a pynetdicom sender got no response to (dimse timeout / abort) and sent again, as a PACS does
             "sender_resends": len(resent),
@@ -307,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_results_per_s": round(len(sent) / span, 2) if span else None,
             "wall_s": round(wall, 1), "cpus": os.cpu_count(),
             "command": f".venv/bin/python bench/load.py --n {args.n} --storescu {args.storescu} "
-                       f"--senders {args.senders} --dest {args.dest} --model {args.model}",
+                       f"--senders {args.senders} --dest {args.dest} --model {args.model}"
+                       + (f" --visibility-timeout {args.visibility_timeout}" if args.visibility_timeout else ""),
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         OUT.mkdir(parents=True, exist_ok=True)
@@ -358,7 +370,9 @@ def summary_table(folder: Path = OUT) -> str:
                     f"lost {r['lost']} / duplicated {r['duplicated_outputs']} | latency p50 {lat['p50']} s, p90 "
                     f"{lat['p90']} s, p99 {lat['p99']} s; {r['throughput_results_per_s']} results/s; ingest "
                     f"{r['ingest_per_s']} inst/s; wall {r['wall_s']} s on {r['cpus']} CPUs; C-STOREs resent after no response "
-                    f"{r.get('sender_resends', 'n/a')} | `{r['command']}` |")
+                    f"{r.get('sender_resends', 'n/a')}; reconcile sweeps {r.get('reconcile_sweeps', 'n/a')} (re-enqueued "
+                    f"{r.get('reconcile_reenqueued', 'n/a')}, up to {r.get('reconcile_max_held_by_broker', 'n/a')} "
+                    f"held by the broker); sent twice {r.get('sent_more_than_once', 'n/a')} | `{r['command']}` |")
     return "\n".join(rows)
 
 

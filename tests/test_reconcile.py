@@ -105,3 +105,14 @@ def test_unreadable_broker_falls_back_to_re_enqueueing(tmp_path, broker):
     dead = replace(cfg, broker=replace(cfg.broker, url="redis://127.0.0.1:1/0"))
     assert broker_held_sops(dead) is None
     assert broker_held_sops(replace(cfg, broker=replace(cfg.broker, url="amqp://x"))) is None
+
+
+def test_files_finished_during_the_scan_are_skipped_not_an_error(tmp_path, broker, monkeypatch):
+    """Under load workers discard spool files while the sweep lists them; the 10,000-instance run's sweep failed on
+    exactly that (FileNotFoundError from stat) and so never ran. Here the listing names a file that is already gone."""
+    cfg, spool = setup(tmp_path, broker)
+    gone = spool.instance_path("1.2.826.0.1.3680043.8.498.999")
+    real_glob = type(spool.instances).glob
+    monkeypatch.setattr(type(spool.instances), "glob", lambda self, pattern: [*real_glob(self, pattern), gone])
+    assert [p.stem for p in spool.pending(older_than_s=900)] == sorted(SOPS)
+    assert reconcile(cfg, spool, _submitter(cfg), older_than_s=900, touch=True) == len(SOPS)

@@ -76,10 +76,10 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
             continue
         try:
             submit_fn(str(path), path.stem, path.stat().st_mtime)
+            if touch:
+                os.utime(path)
         except FileNotFoundError:
-            continue  # finished meanwhile
-        if touch:
-            os.utime(path)
+            continue  # finished meanwhile (a worker discarded it after the scan)
         n += 1
     log.info("reconcile (%s): re-enqueued %d spooled instance(s), %d still held by the broker", reason, n, kept)
     Audit(cfg.audit_log).record("reconciled", count=n, held_by_broker=kept, reason=reason)

@@ -105,9 +105,20 @@ class Spool:
         return path, pending
 
     def pending(self, older_than_s: float = 0.0) -> list[Path]:
-        """Instances on disk not yet finished (for reconciliation after a restart)."""
+        """Instances on disk not yet finished (for reconciliation after a restart, and the periodic sweep).
+
+        Workers finish instances while this scans: a file gone between listing and ``stat`` is finished, not an
+        error (under load the sweep used to fail on exactly that, every time)."""
         now = time.time()
-        return sorted(p for p in self.instances.glob("*.dcm") if now - p.stat().st_mtime >= older_than_s)
+        found = []
+        for p in self.instances.glob("*.dcm"):
+            try:
+                age = now - p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age >= older_than_s:
+                found.append(p)
+        return sorted(found)
 
     def discard(self, sop_instance_uid: str) -> None:
         """Processing of this instance is complete (sent, skipped or dead-lettered)."""
