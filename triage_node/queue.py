@@ -89,7 +89,9 @@ def broker_held_sops(cfg: Config, include_unacked: bool = True) -> set[str] | No
     caller must assume nothing is held). Leave the unacknowledged out when no worker of before can be alive (a
     private broker at start-up): kombu hands those back only after the visibility timeout.
 
-    Queues are read before the unacknowledged hash, so a message a worker takes in between is seen in one of them.
+    The lists and the hash are read in one transaction. What remains is kombu's own hand-over: a message a worker
+    has popped from a list and not yet recorded as unacknowledged is in neither for that instant; the sweep then
+    re-enqueues it once, which costs a no-op task (outputs are deterministic), never a lost instance.
     """
     import json
 
@@ -98,19 +100,20 @@ def broker_held_sops(cfg: Config, include_unacked: bool = True) -> set[str] | No
     if not cfg.broker.url.startswith(("redis://", "rediss://", "unix://")):
         return None
     try:
-        client = redis.Redis.from_url(cfg.broker.url, socket_timeout=10, socket_connect_timeout=3)
-        messages: list[dict] = []
+        client = redis.Redis.from_url(cfg.broker.url, socket_timeout=30, socket_connect_timeout=3)
+        # One MULTI/EXEC: a snapshot of every list and the unacked hash at one instant. Read one after another, an
+        # analyze task that finished in between (report task queued after its list was read, analyze task acked
+        # before the hash was read) was in neither, and the sweep re-enqueued it (seen once in 3,000 under load).
+        pipe = client.pipeline(transaction=True)
         for queue in (cfg.broker.infer_queue, cfg.broker.report_queue):
             for suffix in _PRIORITY_SUFFIXES:
-                start = 0
-                while True:
-                    chunk = client.lrange(queue + suffix, start, start + 999)
-                    messages += [json.loads(raw) for raw in chunk]
-                    if len(chunk) < 1000:
-                        break
-                    start += 1000
+                pipe.lrange(queue + suffix, 0, -1)
         if include_unacked:
-            messages += [json.loads(raw)[0] for raw in client.hvals(_UNACKED_KEY)]  # [message, exchange, routing key]
+            pipe.hvals(_UNACKED_KEY)
+        replies = pipe.execute()
+        messages: list[dict] = [json.loads(raw) for reply in replies[:2 * len(_PRIORITY_SUFFIXES)] for raw in reply]
+        if include_unacked:
+            messages += [json.loads(raw)[0] for raw in replies[-1]]  # [message, exchange, routing key]
     except Exception as exc:  # redis down, auth, wrong URL, unexpected layout: reconcile re-enqueues instead
         log.warning("cannot list the broker's tasks (%s): reconcile re-enqueues every old spool file",
                     type(exc).__name__)
