@@ -93,6 +93,9 @@ def test_lossy_history_of_the_source_is_kept_and_extended(tmp_path):
 
 
 def test_unknown_encoding_is_a_config_error():
+    from triage_node.config import SC_TRANSFER_SYNTAXES
+
+    assert set(SC_TRANSFER_SYNTAXES) == set(SC_ENCODINGS)  # the config's choices are exactly what sc.py encodes
     with pytest.raises(ValueError, match="sc_transfer_syntax"):
         OutputConfig(sc_transfer_syntax="jpeg2000")
     with pytest.raises(ValueError, match="unknown SC encoding"):

@@ -6,7 +6,6 @@ Each ``send`` takes DICOM files and either returns the SOP Instance UIDs deliver
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from pathlib import Path
@@ -88,9 +87,8 @@ def _for_peer(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset:
         return ds
     if not any(a == sop and not UID(t).is_compressed for a, t in accepted):
         return ds
-    plain = copy.deepcopy(ds)
-    plain.decompress()  # JPEG YBR_FULL_422 comes back as RGB; Lossy Image Compression stays as it is
-    return plain
+    ds.decompress()  # in place: each send reads its files afresh. JPEG YBR_FULL_422 comes back as RGB
+    return ds
 
 
 def dicomweb_client(url: str, username: str = "", password: str = "", token: str = ""):
