@@ -79,3 +79,62 @@ def test_shipped_demo_package():
     m = load_model(DEMO, device="cpu")
     assert m.info.version.endswith("-demo") and "NOT FOR CLINICAL USE" in m.info.label
     assert 0.0 < m.threshold < 1.0
+
+
+def test_cam_package_round_trip(tmp_path):
+    """A classifier + class-activation-map package: no detector file, same outputs after the round trip."""
+    import torch
+
+    from triage_node.inference.classifier import build_classifier
+    from triage_node.inference.model import CAM, TriageModel
+    from triage_node.inference.prior import LungPrior
+    from triage_node.inference.types import ModelInfo
+
+    torch.manual_seed(0)
+    info = ModelInfo(name="cam-test", version="0.0.1-test", demo=True)
+    m = TriageModel(None, build_classifier("resnet18"), LungPrior.from_box_stats(min_mean=0.3), info, threshold=0.0,
+                    box_threshold=0.0, input_size=128, gate_size=128, detector_arch=CAM, gate_arch="resnet18",
+                    device="cpu", tta=True)
+    d = save_package(m, tmp_path / "cam")
+    cfg = json.loads((d / "model.json").read_text())
+    assert set(cfg["files"]) == {"gate.safetensors", "prior.safetensors"} and cfg["tta"] == ["hflip"]
+    m2 = load_model(d, device="cpu")
+    assert m2.detector is None and m2.tta
+    img = np.random.default_rng(1).random((400, 300), dtype=np.float32)
+    p1, p2 = m.predict([img])[0], m2.predict([img])[0]
+    assert p2.probability == pytest.approx(p1.probability, abs=2e-3)
+    assert len(p1.detections) >= 1  # threshold 0: the map always yields its peak region
+    for det in p2.detections:  # boxes in source pixels, inside the image
+        assert 0 <= det.x and det.x + det.width <= 300 + 1e-3 and det.y + det.height <= 400 + 1e-3
+
+
+def test_shipped_demo_model_has_skill_on_held_out_real_films():
+    """The shipped model on the NIH adult films of its own held-out test split (never trained on): it must rank
+    pneumonia above no finding and put its top box on the expert's box, as its model card says."""
+    from conftest import shared_data
+
+    from triage_node.training import evaluate as E
+    from triage_node.training.data import load_image
+    from triage_node.training.images import read_boxes, read_source
+
+    split = json.loads((DEMO / "split.json").read_text())
+    src = read_source(str(shared_data("nih_adult", "labels.csv")))
+    test_keys = set(split["nih_adult"]["test"])
+    idx = [i for i, k in enumerate(src.keys) if k in test_keys]
+    assert len(idx) == len(test_keys) >= 80
+    m = load_model(DEMO, device="cpu")
+    raws = m.analyze([load_image(src.paths[i]) for i in idx])
+    y = src.labels[idx]
+    p = np.array([r.probability for r in raws])
+    from triage_node.inference.gate import roc_auc
+
+    assert roc_auc(y, p) >= 0.85
+    boxes = read_boxes(shared_data("nih_adult", "boxes.csv"))
+    tops, gts = [], []
+    for i, r in zip(idx, raws):
+        if src.keys[i] in boxes:
+            d = m.postprocess(r, use_gate=False).detections
+            tops.append(np.array([d[0].x, d[0].y, d[0].width, d[0].height]) if d else None)
+            gts.append(boxes[src.keys[i]])
+    loc = E.localisation(tops, gts)
+    assert loc["boxed_films"] == 26 and loc["top_box_iobb_0.1"] >= 0.35  # measured 0.42; the target (0.70) is not met

@@ -9,6 +9,7 @@ RSNA box-coverage prior.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -16,18 +17,33 @@ import torch
 import torchvision
 from torch import nn
 
-CAM_ARCHS = ("resnet18", "resnet34")
+CAM_ARCHS = ("resnet18", "resnet34", "resnet18-lunglse")
 MEAN, STD = 0.5, 0.25
+LSE_R = 5.0
 
 
 class CamClassifier(nn.Module):
-    """ResNet trunk (1-channel stem), global average pool, one logit; ``forward_cam`` also returns the map."""
+    """ResNet trunk (1-channel stem), a 1x1 linear map to a class-activation map, pooled to one logit.
+
+    ``resnet18`` / ``resnet34``: global average pooling (the map is exact: ``logit = mean(cam) + b``).
+    ``resnet18-lunglse``: the map is multiplied by the RSNA lung prior (scaled to a maximum of 1) and pooled by
+    log-sum-exp (r = 5; between mean and max), as ChestX-ray8 used LSE pooling for weakly supervised localisation:
+    the logit rises only where the map is high *inside the lungs*, so evidence at the film's borders or markers
+    cannot carry it, and the map's peak is where the model saw the finding.
+    """
 
     def __init__(self, arch: str = "resnet18", dropout: float = 0.2) -> None:
         super().__init__()
         if arch not in CAM_ARCHS:
             raise ValueError(f"unknown classifier architecture {arch!r} (known: {', '.join(CAM_ARCHS)})")
-        net = torchvision.models.get_model(arch, weights=None, num_classes=1)
+        trunk, _, pool = arch.partition("-")
+        self.pool = pool or "avg"
+        if self.pool == "lunglse":
+            from triage_node.inference.prior import LungPrior
+
+            heat = torch.from_numpy(LungPrior.from_box_stats().heat)[None, None]
+            self.register_buffer("lung", heat, persistent=False)
+        net = torchvision.models.get_model(trunk, weights=None, num_classes=1)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.arch = arch
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
@@ -38,15 +54,29 @@ class CamClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk((x - MEAN) / STD)
 
+    def _map(self, f: torch.Tensor) -> torch.Tensor:
+        cam = torch.einsum("nchw,c->nhw", f, self.fc.weight[0])
+        if self.pool == "avg":
+            return cam
+        w = nn.functional.adaptive_avg_pool2d(self.lung, cam.shape[-2:])[0, 0]
+        return cam * (w / w.max())  # lungs first: the map is damped where RSNA boxes never were
+
+    def _pool(self, cam: torch.Tensor) -> torch.Tensor:
+        if self.pool == "avg":
+            return cam.mean((1, 2)) + self.fc.bias[0]
+        n = cam.shape[-1] * cam.shape[-2]
+        return (torch.logsumexp(LSE_R * cam, dim=(1, 2)) - math.log(n)) / LSE_R + self.fc.bias[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x).mean((2, 3))
-        return self.fc(self.dropout(f)).squeeze(1)
+        f = self.features(x)
+        if self.pool == "avg":
+            return self.fc(self.dropout(f.mean((2, 3)))).squeeze(1)
+        return self._pool(self._map(self.dropout(f)))
 
     def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits N, cam N x h x w) with ``logits == cam.mean((1, 2)) + bias`` (eval mode)."""
-        f = self.features(x)
-        cam = torch.einsum("nchw,c->nhw", f, self.fc.weight[0])
-        return cam.mean((1, 2)) + self.fc.bias[0], cam
+        """(logits N, map N x h x w); the logits are the map pooled as ``forward`` pools it (eval mode)."""
+        cam = self._map(self.features(x))
+        return self._pool(cam), cam
 
 
 def build_classifier(arch: str = "resnet18") -> CamClassifier:

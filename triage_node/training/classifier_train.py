@@ -129,6 +129,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--ema", type=float, default=0.0, help="evaluate/ship an EMA of the weights (decay per step)")
     p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better val AUC")
     p.add_argument("--init", help="start from these weights (checkpoint.pt of an earlier run, e.g. pretraining)")
     p.add_argument("--checkpoint-dir", default="var/train", help="checkpoint.pt, split.json, history (resumes)")
@@ -159,10 +160,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
         tr.append(src.subset(a))
         va.append(src.subset(b))
         te.append(src.subset(c))
-        manifest[str(src.csv.resolve())] = {"train": tr[-1].keys, "val": va[-1].keys, "test": te[-1].keys,
-                                  "weight": src.weight, "positives": {k: int(s.labels.sum()) for k, s in
-                                                                      (("train", tr[-1]), ("val", va[-1]),
-                                                                       ("test", te[-1]))}}
+        manifest[src.name] = {"csv": src.csv.name, "train": tr[-1].keys, "val": va[-1].keys,
+                              "test": te[-1].keys, "weight": src.weight,
+                              "positives": {k: int(s.labels.sum()) for k, s in
+                                            (("train", tr[-1]), ("val", va[-1]), ("test", te[-1]))}}
     return tr, va, te, manifest
 
 
@@ -193,9 +194,16 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
                                                 pct_start=0.2)
     state: dict = {"epoch": 0, "history": [], "best_auc": -1.0, "best_state": None, "bad_epochs": 0}
+    ema = None
+    if args.ema > 0:  # an exponential moving average of the weights (and BN buffers) is what gets evaluated
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
     if ck.exists():
         saved = torch.load(ck, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
+        if ema is not None and saved.get("ema"):
+            ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         g.set_state(saved["rng"])
         state = saved["state"]
@@ -209,6 +217,8 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
         log.info("resumed from %s at epoch %d", ck, state["epoch"])
     elif args.init:
         load_init(model, args.init)
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
     mixer = Mixer(tr, g)
     t_start = time.monotonic()
     from tqdm import tqdm
@@ -227,20 +237,23 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(float(loss.detach()))
-        auc = roc_auc(va[0].labels, predict_probs(model, va[0].images)) if len(va[0]) else float("nan")
+        judged = ema.module if ema is not None else model
+        auc = roc_auc(va[0].labels, predict_probs(judged, va[0].images)) if len(va[0]) else float("nan")
         rec = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc,
                "minutes": round((time.monotonic() - t_start) / 60, 2)}
         state["history"].append(rec)
         if auc > state["best_auc"] or state["best_state"] is None:
             state.update(best_auc=auc, best_epoch=ep, bad_epochs=0,
-                         best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+                         best_state={k: v.detach().clone() for k, v in judged.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = ep
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "rng": g.get_state(), "state": state, "arch": args.arch, "size": args.size,
-                      "epochs": args.epochs}, ck)
+                      "epochs": args.epochs, "ema": ema.state_dict() if ema is not None else None}, ck)
         print(json.dumps(rec), flush=True)
         if args.max_minutes and time.monotonic() - t_start > args.max_minutes * 60:
             state["stopped"] = "time"

@@ -113,7 +113,7 @@ def read_items(args: argparse.Namespace) -> list[Item]:
         keep = None
         if args.split:
             manifest, _, side = args.split.rpartition(":")
-            keep = set(json.loads(Path(manifest).read_text())[str(src.csv.resolve())][side])
+            keep = set(json.loads(Path(manifest).read_text())[src.name][side])
         for p, y, k, v in zip(src.paths, src.labels, src.keys, src.views):
             if keep is None or k in keep:
                 items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -44,8 +45,12 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
         "training": {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
                      "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                      "weight_decay": args.weight_decay, "augmentation": args.aug, "input_size": args.size,
+                     "ema_decay": getattr(args, "ema", 0.0),
                      "init": args.init or "random (weights=None)"},
         "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
                                             "other_val_sources", "stopped", "history")},
     }
-    return save_package(tm, out, extra=extra)
+    d = save_package(tm, out, extra=extra)
+    # which films trained, validated and tested it (keys only), so anyone can evaluate on its held-out split
+    (d / "split.json").write_text(json.dumps(manifest) + "\n")
+    return d
