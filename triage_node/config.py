@@ -202,6 +202,12 @@ class Config:
     dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
     pull: PullConfig = field(default_factory=PullConfig)
     audit_log: str = "var/audit.jsonl"
+    #: The active audit file is rotated (renamed ``<audit_log>.<UTC time>``) at this size; 0 = never.
+    audit_max_bytes: int = 64 << 20
+    #: Rotated audit files kept (oldest deleted first); 0 = keep all.
+    audit_keep: int = 20
+    #: fdatasync each (group-committed) batch of audit lines before the writer goes on (off: written, not synced).
+    audit_fsync: bool = False
     log_level: str = "INFO"
 
 
@@ -236,7 +242,7 @@ def from_dict(data: dict[str, Any]) -> Config:
             kwargs[key] = _build(_SECTIONS[key], value)
         elif key == "destinations":
             kwargs[key] = tuple(_build(Destination, d) for d in value)
-        elif key in ("audit_log", "log_level"):
+        elif key in ("audit_log", "log_level", "audit_max_bytes", "audit_keep", "audit_fsync"):
             kwargs[key] = value
         else:
             raise ValueError(f"unknown configuration section {key!r}")

@@ -13,7 +13,8 @@ from .web_state import percentile
 
 def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:
     since = time.time() - last_s
-    entries = [e for e in audit_mod.read(cfg.audit_log) if e.get("ts", 0) >= since]
+    # rotated files last written before ``since`` are not even opened; the window may span a rotation
+    entries = [e for e in audit_mod.read(cfg.audit_log, since=since) if e.get("ts", 0) >= since]
     counts = Counter(e["event"] for e in entries)
     reasons = Counter((e["event"], e.get("reason", "")) for e in entries if e["event"] in ("skipped", "refused", "failed", "dead_lettered"))
     lat = [float(e["latency_s"]) for e in entries if e["event"] == "sent" and "latency_s" in e]

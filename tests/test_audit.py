@@ -1,0 +1,190 @@
+"""Audit trail: group commit, rotation under concurrent writer processes, readers (/metrics, status) across rotations.
+
+Writers are real separate Python processes (like the receiver and the Celery workers), each with several threads,
+appending while the trail rotates every few KB; a reader in this process follows the trail the whole time.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT
+from triage_node import audit as audit_mod, config
+from triage_node.audit import Audit, read, rotated_files
+from triage_node.spool import Spool
+from triage_node.status import summarise
+from triage_node.web_metrics import NodeCollector, render
+from triage_node.web_probes import Probes
+from triage_node.web_state import AuditState
+
+WRITER = """
+import sys, threading, time
+from pathlib import Path
+from triage_node.audit import Audit
+path, name, threads, n, max_bytes, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
+audit = Audit(path, max_bytes=max_bytes, keep=0)
+while not go.exists():
+    time.sleep(0.005)
+def run(t):
+    for i in range(n):
+        if i % 10 == 9:  # some lines go in pairs, in one write
+            audit.record_many([("received", {"w": f"{name}-{t}", "i": i, "pad": "x" * 40}),
+                               ("analysed", {"w": f"{name}-{t}", "i": i, "pair": True})])
+        else:
+            audit.record("received", w=f"{name}-{t}", i=i, pad="x" * 40)
+ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"""
+
+
+def _run_writers(tmp_path: Path, path: Path, procs: int, threads: int, n: int, max_bytes: int,
+                 follow: AuditState | None = None) -> None:
+    go = tmp_path / "go"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    children = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"p{k}", str(threads), str(n),
+                                  str(max_bytes), str(go)], env=env) for k in range(procs)]
+    go.touch()
+    while any(c.poll() is None for c in children):
+        if follow is not None:
+            follow.refresh()  # a reader follows the trail through the rotations while they happen
+        time.sleep(0.01)
+    assert [c.returncode for c in children] == [0] * procs
+
+
+def _expected(procs: int, threads: int, n: int) -> Counter:
+    want: Counter = Counter()
+    for k in range(procs):
+        for t in range(threads):
+            for i in range(n):
+                want[("received", f"p{k}-{t}", i)] += 1
+                if i % 10 == 9:
+                    want[("analysed", f"p{k}-{t}", i)] += 1
+    return want
+
+
+def test_rotation_under_concurrent_writer_processes_loses_and_duplicates_nothing(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    procs, threads, n = 4, 3, 250
+    live = AuditState(path)
+    _run_writers(tmp_path, path, procs, threads, n, max_bytes=16 << 10, follow=live)
+    rotated = rotated_files(path)
+    assert len(rotated) >= 10, f"the trail should have rotated many times, got {len(rotated)}"
+    entries = read(path)
+    got = Counter((e["event"], e["w"], e["i"]) for e in entries)
+    want = _expected(procs, threads, n)
+    assert got == want, f"lost: {sum((want - got).values())}, duplicated: {sum((got - want).values())}"
+    # every line is whole, and a pair from record_many stays adjacent in one file
+    for f in rotated + [path]:
+        lines = f.read_bytes().split(b"\n")
+        assert lines[-1] == b"", f"{f.name} ends with a torn line"
+        for a, b in zip(lines, lines[1:]):
+            ea = json.loads(a)
+            if b and json.loads(b).get("pair"):
+                assert (ea["w"], ea["i"]) == (json.loads(b)["w"], json.loads(b)["i"])
+    # the reader that followed the rotations live and a fresh one both count every line exactly once
+    live.refresh()
+    fresh = AuditState(path)
+    fresh.refresh()
+    total = sum(want.values())
+    for st in (live, fresh):
+        assert st.events["received"] == procs * threads * n
+        assert st.events["analysed"] == procs * threads * (n // 10)
+        assert sum(st.events.values()) == total
+
+
+def test_group_commit_threads_in_one_process(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = Audit(path, max_bytes=0, fsync=True)
+    barrier = threading.Barrier(8)
+
+    def run(t: int) -> None:
+        barrier.wait()
+        for i in range(200):
+            audit.record("received", w=t, i=i)
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    got = Counter((e["w"], e["i"]) for e in read(path))
+    assert got == Counter({(t, i): 1 for t in range(8) for i in range(200)})
+    assert not rotated_files(path), "max_bytes=0: never rotated"
+    # a line recorded is in the file when record() returns (what the receiver relies on before 0x0000)
+    audit.record("received", sop_instance_uid="1.2.3", PatientName="Never^Written")
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    assert last["sop_instance_uid"] == "1.2.3" and "PatientName" not in last
+
+
+def _scrape(state: AuditState, cfg: config.Config, spool: Spool) -> dict:
+    reg = CollectorRegistry(auto_describe=False)  # as make_registry, without a Celery inspect: no broker here
+    reg.register(NodeCollector(state, Probes(cfg, spool, state), with_workers=False))
+    out = {}
+    for fam in text_string_to_metric_families(render(reg).decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_and_status_equal_across_a_rotation(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    cfg = config.Config(spool=config.SpoolConfig(directory=str(tmp_path / "spool")),
+                        broker=config.BrokerConfig(url=""), audit_log=str(path),
+                        retry=config.RetryConfig(dead_letter_dir=str(tmp_path / "dead")))
+    spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir)
+    audit = Audit(path, max_bytes=2000, keep=0)
+    web = AuditState(path)  # the dashboard's reader, kept across the rotations
+
+    def burst(k: int) -> None:
+        for i in range(k):
+            audit.record("received", sop_instance_uid=f"1.2.{i}", ms=3.0)
+            audit.record("sent", sop_instance_uid=f"1.2.{i}", latency_s=0.4)
+        audit.record("skipped", sop_instance_uid="1.9", reason="modality MR not processed")
+
+    burst(5)
+    m1 = _scrape(web, cfg, spool)
+    assert m1[("triage_instances_received_total", ())] == 5 and not rotated_files(path)
+    burst(20)  # crosses several rotations between two scrapes
+    assert len(rotated_files(path)) >= 2
+    m2 = _scrape(web, cfg, spool)
+    fresh = _scrape(AuditState(path), cfg, spool)  # a restarted dashboard
+    for m in (m2, fresh):
+        assert m[("triage_instances_received_total", ())] == 25
+        assert m[("triage_results_sent_total", ())] == 25
+        assert m[("triage_instances_skipped_total", (("reason", "modality MR not processed"),))] == 2
+        assert m[("triage_stage_duration_seconds_count", (("stage", "end_to_end"),))] == 25
+    assert web.last_hour()["counts"] == {"received": 25, "sent": 25, "skipped": 2}
+    assert len(web.recent_studies()) == 21  # 20 distinct SOPs + the skipped one
+    text = summarise(cfg, spool)
+    assert "received 25" in text and "sent 25" in text and "skipped 2" in text, text
+
+
+def test_pruned_rotations_and_a_truncated_trail_are_survived(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = Audit(path, max_bytes=500, keep=2)
+    st = AuditState(path)
+    for i in range(60):
+        audit.record("received", i=i)
+        if i % 7 == 0:
+            st.refresh()
+    assert len(rotated_files(path)) == 2, "only `keep` rotated files are retained"
+    retained = read(path)
+    st.refresh()
+    assert st.events["received"] == 60, "a reader that followed every rotation saw every line"
+    fresh = AuditState(path)
+    fresh.refresh()
+    assert fresh.events["received"] == len(retained) < 60
+    path.write_bytes(b"")  # someone truncates the active file: the reader starts over on what is retained
+    st.refresh()
+    assert st.events["received"] == len(read(path))
+    assert audit_mod.lock_path(path).exists()
