@@ -277,8 +277,9 @@ def test_readyz_503_when_broker_stops_and_login_required(tmp_path, make_node):
         node = make_node(redis.url, dest, web={"port": web_port, "username": "ops", "password": secret})
         base = f"http://127.0.0.1:{web_port}/"
         assert wait_port("127.0.0.1", web_port, 30), "web server did not start"
-        r = wait_until(lambda: ready(base), 120, "node never became ready")
+        r = wait_until(lambda: ready(base, ("ops", secret)), 120, "node never became ready")
         assert all(c["ok"] for c in r["checks"].values())
+        assert ready(base) == {"ready": True}, "without login /readyz gives the verdict only"
         # login: everything but the probes needs it
         assert http(base + "metrics")[0] == 401 and http(base)[0] == 401 and http(base + "api/overview")[0] == 401
         assert http(base + "metrics", auth=("ops", "wrong"))[0] == 401
@@ -288,8 +289,10 @@ def test_readyz_503_when_broker_stops_and_login_required(tmp_path, make_node):
         redis.stop()
         code, body = wait_until(lambda: (lambda cb: cb if cb[0] == 503 else None)(http(base + "readyz")), 30,
                                 "readyz stayed 200 after the broker stopped")
+        assert json.loads(body) == {"ready": False}
+        code, body = http(base + "readyz", ("ops", secret))
         r = json.loads(body)
-        assert r["ready"] is False and r["checks"]["broker_reachable"]["ok"] is False
+        assert code == 503 and r["ready"] is False and r["checks"]["broker_reachable"]["ok"] is False
         assert r["checks"]["receiver_listening"]["ok"] and r["checks"]["spool_writable"]["ok"]
         assert http(base + "healthz")[0] == 200, "liveness does not depend on the broker"
         _, m = metrics(base, auth=("ops", secret))

@@ -6,10 +6,12 @@
     GET  /thumb/<UID>.png       downscaled overlay preview from ``outputs.archive_dir/<UID>/preview.png``
     GET  /metrics               Prometheus text format
     GET  /healthz               liveness: 200 while the process serves HTTP
-    GET  /readyz                readiness JSON; 200 only when every check passes, else 503
+    GET  /readyz                readiness: 200 only when every check passes, else 503; the body is ``{"ready": b}``
+                                alone without login, plus each check and its detail with it
 
 HTTP basic authentication guards everything but /healthz and /readyz whenever a password is configured; binding
-beyond loopback without one is refused. Pages carry UIDs and accession numbers only, never patient demographics.
+beyond loopback without one is refused. /readyz answers everyone, but shows its checks (worker host names, model
+version) only to a logged-in user. Pages carry UIDs and accession numbers only, never patient demographics.
 """
 
 from __future__ import annotations
@@ -159,11 +161,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, code: int, obj: Any) -> None:
         self._send(code, json.dumps(obj, default=str).encode(), "application/json")
 
-    def _authorised(self) -> bool:
+    def _logged_in(self) -> bool:
+        """Valid credentials, or no login configured (then the server is bound to loopback only)."""
         if self.app.auth is None:
             return True
         got = self.headers.get("Authorization", "")
-        if got.startswith("Basic ") and hmac.compare_digest(got[6:].strip().encode(), self.app.auth.encode()):
+        return got.startswith("Basic ") and hmac.compare_digest(got[6:].strip().encode(), self.app.auth.encode())
+
+    def _authorised(self) -> bool:
+        if self._logged_in():
             return True
         self._send(401, b"login required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="triage-node"'})
         return False
@@ -178,7 +184,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"status": "ok"})
             if path == "/readyz":
                 r = self.app.probes.readiness()
-                return self._json(200 if r["ready"] else 503, r)
+                # probes (load balancers, kubelets) send no credentials: they get the verdict only; the checks
+                # name worker hosts and the model version, so they are for logged-in users
+                return self._json(200 if r["ready"] else 503, r if self._logged_in() else {"ready": r["ready"]})
             if not self._authorised():
                 return
             if path == "/metrics":
