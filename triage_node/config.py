@@ -181,9 +181,13 @@ class PullConfig:
     token: str = ""
     interval_s: float = 30.0
     modalities: tuple[str, ...] = ("CR", "DX")
-    #: First StudyDate to look at on a fresh checkpoint (YYYYMMDD); empty = today minus lookback_days.
+    #: Earliest StudyDate the sweep fetches (YYYYMMDD: a backfill from that date). Empty: no date bound, and the
+    #: first sweep takes what the archive already holds outside the window as a baseline (never fetched).
     since: str = ""
-    lookback_days: int = 1
+    #: Every poll re-reads StudyDate >= today minus this many days (nothing advances: the seen-set decides).
+    lookback_days: int = 2
+    #: A query without a date bound runs this often: late arrivals for older dates, instances without StudyDate.
+    sweep_interval_s: float = 3600.0
     #: At most this many instances fetched per poll (keeps one poll short; the rest come next time).
     max_per_poll: int = 500
 
