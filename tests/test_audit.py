@@ -30,7 +30,8 @@ WRITER = """
 import sys, threading, time
 from pathlib import Path
 from triage_node.audit import Audit
-path, name, threads, n, max_bytes, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
+path, name = sys.argv[1], sys.argv[2]
+threads, n, max_bytes, go = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
 audit = Audit(path, max_bytes=max_bytes, keep=0)
 while not go.exists():
     time.sleep(0.005)
@@ -87,7 +88,7 @@ def test_rotation_under_concurrent_writer_processes_loses_and_duplicates_nothing
     for f in rotated + [path]:
         lines = f.read_bytes().split(b"\n")
         assert lines[-1] == b"", f"{f.name} ends with a torn line"
-        for a, b in zip(lines, lines[1:]):
+        for a, b in zip(lines, lines[1:], strict=False):
             ea = json.loads(a)
             if b and json.loads(b).get("pair"):
                 assert (ea["w"], ea["i"]) == (json.loads(b)["w"], json.loads(b)["i"])

@@ -4,7 +4,6 @@ instances that reach the PACS after their Study Date was polled (fetched once)."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -162,7 +161,8 @@ def _put(pacs, tmp_path, i: int, study_date: str | None) -> str:
 
 def _queued_once(audit_log: str) -> Counter:
     """SOP -> how many times the gate queued it (``received`` lines without ``duplicate``)."""
-    return Counter(e["sop_instance_uid"] for e in read(audit_log) if e["event"] == "received" and not e.get("duplicate"))
+    return Counter(e["sop_instance_uid"] for e in read(audit_log)
+                   if e["event"] == "received" and not e.get("duplicate"))
 
 
 def test_pull_fetches_late_arrivals_for_passed_dates_exactly_once(gate, redis_url, orthanc_factory, tmp_path):
@@ -218,8 +218,7 @@ while True:
 """
 
 
-def test_pull_killed_midway_and_restarted_misses_nothing_queues_nothing_twice(gate, redis_url, orthanc_factory,
-                                                                              tmp_path):
+def test_pull_killed_midway_and_restarted_misses_nothing_twice(gate, redis_url, orthanc_factory, tmp_path):
     """The puller runs in its own process and is SIGKILLed mid-way (wherever it is: retrieving, spooling,
     queueing, committing the seen-set), then restarted on the same state."""
     cfg, spool, ingest = gate

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -51,8 +50,8 @@ def test_readyz_says_only_ready_without_login_and_details_with_it(tmp_path, redi
     cmd = worker_command("infer", 1, "solo", "WARNING")
     cmd[cmd.index("infer@%h")] = f"infer@{WORKER_HOST}"
     env = {**os.environ, "TRIAGE_CONFIG": str(toml), "PYTHONPATH": str(ROOT)}
-    worker = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=open(tmp_path / "worker.log", "wb"),
-                              stderr=subprocess.STDOUT)
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     srv = web.start(cfg, spool, audit)
     assert srv is not None
     base = f"http://127.0.0.1:{cfg.web.port}/readyz"

@@ -21,10 +21,11 @@ import os
 import re
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
+from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 #: Keys that may never appear in an audit line, whatever a caller passes.
@@ -72,10 +73,8 @@ class _Writer:
         """Fresh state (also in a forked child: the parent's lock descriptor must not be shared)."""
         for fd in (getattr(self, "fd", None), getattr(self, "lockfd", None)):
             if fd is not None:
-                try:
+                with suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self.cond = threading.Condition()
         self.queue: list[bytes] = []
         self.seq = self.done = 0
@@ -197,7 +196,7 @@ class Audit:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Audit":
+    def from_config(cls, cfg: Any) -> Audit:
         """The trail of a :class:`~triage_node.config.Config` with its rotation settings."""
         return cls(cfg.audit_log, getattr(cfg, "audit_max_bytes", DEFAULT_MAX_BYTES),
                    getattr(cfg, "audit_keep", DEFAULT_KEEP), getattr(cfg, "audit_fsync", False))
@@ -247,7 +246,7 @@ def open_segments(path: str | os.PathLike) -> list[Segment]:
     with _flocked(p, fcntl.LOCK_SH):
         for f, active in [(r, False) for r in rotated_files(p)] + [(p, True)]:
             try:
-                fh = open(f, "rb")
+                fh = open(f, "rb")  # noqa: SIM115 - returned open; the caller closes it
             except FileNotFoundError:  # pruned meanwhile (rotated) or not created yet (active)
                 continue
             out.append(Segment(f, os.fstat(fh.fileno()).st_ino, fh, active))

@@ -214,7 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         # Cross-site forms cannot set custom headers: a page elsewhere cannot make the browser replay for you.
         origin = self.headers.get("Origin")
-        if self.headers.get("X-Triage-Request") != "1" or (origin and urlsplit(origin).netloc != self.headers.get("Host")):
+        cross_site = bool(origin) and urlsplit(origin).netloc != self.headers.get("Host")
+        if self.headers.get("X-Triage-Request") != "1" or cross_site:
             return self._json(403, {"message": "cross-site request refused"})
         if path.startswith("/api/replay/"):
             sop = path[len("/api/replay/"):]
@@ -235,7 +236,7 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = str(self.httpd.server_address[0]), self.httpd.server_address[1]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pydicom
 
@@ -49,7 +50,7 @@ def split_multipart(body: bytes, content_type: str) -> list[bytes]:
 
 
 def _stow_item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict:
-    item = {"00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
+    item: dict[str, Any] = {"00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
             "00081155": {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"}}
     if reason is not None:
         item["00081197"] = {"vr": "US", "Value": [reason]}

@@ -27,7 +27,8 @@ import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from ..config import PullConfig
 from ..ingest import OUT_OF_RESOURCES, Ingest
@@ -181,7 +182,7 @@ class Puller:
                 log.warning("pull: poll failed: %s", type(exc).__name__)
             self._stop.wait(self.cfg.interval_s)
 
-    def start(self) -> "Puller":
+    def start(self) -> Puller:
         threading.Thread(target=self.run, name="dicomweb-pull", daemon=True).start()
         return self
 
