@@ -82,6 +82,7 @@ class _Writer:
         self.fd: int | None = None
         self.lockfd: int | None = None
         self.ino = -1
+        self.unchecked = 0
 
     def commit(self, lines: list[bytes]) -> None:
         """Return once ``lines`` are written (one leader writes what every waiting thread queued, in one go)."""
@@ -123,7 +124,11 @@ class _Writer:
             os.write(self.fd, data)
             if self.fsync:
                 os.fdatasync(self.fd)
-            size = os.fstat(self.fd).st_size
+            # the size is looked at after every 1/16 of max_bytes written here (files end up about max_bytes)
+            self.unchecked += len(data)
+            size = -1
+            if self.max_bytes and self.unchecked >= self.max_bytes // 16:
+                size, self.unchecked = os.fstat(self.fd).st_size, 0
         finally:
             fcntl.flock(self.lockfd, fcntl.LOCK_UN)
         if self.max_bytes and size >= self.max_bytes:
