@@ -17,7 +17,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
+from conftest import ROOT, write_toml
 from triage_node import audit as audit_mod, config
 from triage_node.audit import Audit, read, rotated_files
 from triage_node.spool import Spool
@@ -168,6 +168,14 @@ def test_metrics_and_status_equal_across_a_rotation(tmp_path):
     assert len(web.recent_studies()) == 21  # 20 distinct SOPs + the skipped one
     text = summarise(cfg, spool)
     assert "received 25" in text and "sent 25" in text and "skipped 2" in text, text
+    # the real command, in its own process, on the rotated trail
+    toml = write_toml(tmp_path / "node.toml", {"audit_log": str(path), "spool": {"directory": cfg.spool.directory},
+                                              "retry": {"dead_letter_dir": cfg.retry.dead_letter_dir}})
+    out = subprocess.run([sys.executable, "-m", "triage_node.cli", "status", "--config", str(toml)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "received 25, sent 25, skipped 2" in out.stdout, out.stdout
 
 
 def test_pruned_rotations_and_a_truncated_trail_are_survived(tmp_path):
