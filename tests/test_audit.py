@@ -197,3 +197,29 @@ def test_pruned_rotations_and_a_truncated_trail_are_survived(tmp_path):
     st.refresh()
     assert st.events["received"] == len(read(path))
     assert audit_mod.lock_path(path).exists()
+
+
+def test_rotation_waits_for_a_write_in_flight_in_another_process(tmp_path):
+    """The rename needs the exclusive lock: while any process holds the shared one (it is between opening the
+    active file and finishing its write), the trail is not rotated, so that write cannot land in a rotated file."""
+    import fcntl
+    import os
+
+    path = tmp_path / "audit.jsonl"
+    Audit(path, max_bytes=0).record("received", i=0)  # creates the file and the lock file
+    fd = os.open(audit_mod.lock_path(path), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # this process is "mid-write"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from triage_node.audit import Audit; "
+                              "Audit(sys.argv[1], max_bytes=10).record('received', i=1)", str(path)],
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.time() + 30
+        while sum(1 for _ in read(path)) < 2 and time.time() < deadline:  # the child's write itself goes through
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert child.poll() is None and not rotated_files(path), "rotated while a write was in flight"
+    finally:
+        os.close(fd)  # the write "finishes": the rotation may go ahead
+    assert child.wait(30) == 0
+    assert len(rotated_files(path)) == 1 and not path.exists()
+    assert [e["i"] for e in read(path)] == [0, 1]
