@@ -8,8 +8,9 @@ one commit per instance) decides what is new, and two queries feed it:
 * every ``sweep_interval_s``, a **sweep** without a date bound (or from ``since``): late arrivals for any older date
   and instances without a Study Date (Type 2, often empty in real archives), which a date range never matches.
 
-On a fresh state without ``since``, the first complete sweep takes what is already in the archive outside the
-window as a baseline (recorded as seen, never fetched): the node starts with today's work, not the whole archive.
+On a fresh state without ``since``, the first complete sweep takes what the archive holds before the first poll's
+window (older Study Date, or none) as a baseline (recorded as seen, never fetched): the node starts with recent work,
+not the whole archive. The horizon stays the first poll's window even if that sweep only completes days later.
 Everything stored in the PACS after that is fetched, whatever its Study Date. With ``since`` set, the sweep fetches
 everything from that date on (a backfill) and no baseline is taken.
 
@@ -138,13 +139,17 @@ class Puller:
         """One poll (window, then the sweep when due); returns how many instances went to the ingest gate."""
         client = self._client()
         window = (date.today() - timedelta(days=self.cfg.lookback_days)).strftime("%Y%m%d")
+        horizon = self.state.get("horizon")  # the window of the very first poll: the baseline is what lies before it
+        if not horizon:
+            self.state.put("horizon", window)
+            horizon = window
         n, _ = self._pass(client, {"StudyDate": f"{window}-"}, self.cfg.max_per_poll, None)
         last = float(self.state.get("sweep_ts", "0") or 0)
         if n < self.cfg.max_per_poll and time.time() - last >= self.cfg.sweep_interval_s:
             started = time.time()
             first = not self.cfg.since and not self.state.get("baseline_done")
             filters = {"StudyDate": f"{self.cfg.since}-"} if self.cfg.since else {}
-            k, complete = self._pass(client, filters, self.cfg.max_per_poll - n, window if first else None)
+            k, complete = self._pass(client, filters, self.cfg.max_per_poll - n, horizon if first else None)
             n += k
             if complete:
                 self.state.put("sweep_ts", repr(started))
