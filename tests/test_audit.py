@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,7 +111,7 @@ def test_group_commit_threads_in_one_process(tmp_path):
 
     def run(t: int) -> None:
         barrier.wait()
-        for i in range(200):
+        for i in range(60):
             audit.record("received", w=t, i=i)
 
     ts = [threading.Thread(target=run, args=(t,)) for t in range(8)]
@@ -119,7 +120,7 @@ def test_group_commit_threads_in_one_process(tmp_path):
     for t in ts:
         t.join()
     got = Counter((e["w"], e["i"]) for e in read(path))
-    assert got == Counter({(t, i): 1 for t in range(8) for i in range(200)})
+    assert got == Counter({(t, i): 1 for t in range(8) for i in range(60)})
     assert not rotated_files(path), "max_bytes=0: never rotated"
     # a line recorded is in the file when record() returns (what the receiver relies on before 0x0000)
     audit.record("received", sop_instance_uid="1.2.3", PatientName="Never^Written")
@@ -223,3 +224,46 @@ def test_rotation_waits_for_a_write_in_flight_in_another_process(tmp_path):
     assert child.wait(30) == 0
     assert len(rotated_files(path)) == 1 and not path.exists()
     assert [e["i"] for e in read(path)] == [0, 1]
+
+
+@pytest.mark.integration
+def test_metrics_endpoint_and_dashboard_api_across_rotations(tmp_path, redis_url):
+    """The running web server (real HTTP, real Redis) scraped before, between and after rotations driven by another
+    process: the counters only ever grow by what was written, and a restarted server reports the same totals."""
+    import requests
+
+    from triage_node import web
+    from triage_node.services import free_port
+
+    path = tmp_path / "audit.jsonl"
+    cfg = config.Config(spool=config.SpoolConfig(directory=str(tmp_path / "spool")),
+                        broker=config.BrokerConfig(url=redis_url), audit_log=str(path),
+                        retry=config.RetryConfig(dead_letter_dir=str(tmp_path / "dead")),
+                        web=config.WebConfig(port=free_port()), audit_max_bytes=4096, audit_keep=0)
+    spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir)
+
+    def scrape(base: str) -> tuple[float, int]:
+        text = requests.get(base + "metrics", timeout=30).text
+        got = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+        ov = requests.get(base + "api/overview", timeout=30).json()  # what the dashboard shows for the last hour
+        return got["triage_instances_received_total"], ov["last_hour"]["counts"].get("received", 0)
+
+    srv = web.start(cfg, spool, Audit.from_config(cfg))
+    assert srv is not None
+    try:
+        assert scrape(srv.url) == (0, 0)
+        want = 0
+        for k, n in enumerate((3, 15, 50)):  # lines per writer thread; each burst crosses more rotations
+            (tmp_path / f"burst{k}").mkdir()
+            _run_writers(tmp_path / f"burst{k}", path, procs=2, threads=2, n=n, max_bytes=4096)
+            want += 2 * 2 * n
+            assert scrape(srv.url) == (want, want), k
+        assert len(rotated_files(path)) >= 5
+    finally:
+        srv.stop()
+    again = web.start(cfg, spool, Audit.from_config(cfg))  # a restarted dashboard reads the rotated files too
+    assert again is not None
+    try:
+        assert scrape(again.url) == (want, want)
+    finally:
+        again.stop()
