@@ -15,11 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, write_toml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, write_toml
-from triage_node import audit as audit_mod, config
+from triage_node import audit as audit_mod
+from triage_node import config
 from triage_node.audit import Audit, read, rotated_files
 from triage_node.spool import Spool
 from triage_node.status import summarise

@@ -16,9 +16,9 @@ import pydicom
 import pytest
 import redis
 import requests
+from conftest import ROOT, SAMPLES
 from dicomweb_client.api import DICOMwebClient
 
-from conftest import ROOT, SAMPLES
 from triage_node import config
 from triage_node.audit import Audit, read
 from triage_node.cli import _submitter

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import requests
-
 from conftest import ROOT, write_toml
+
 from triage_node import config, web
 from triage_node.audit import Audit
 from triage_node.services import free_port, worker_command

@@ -21,11 +21,11 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 #: Keys that may never appear in an audit line, whatever a caller passes.
@@ -251,7 +251,7 @@ def open_segments(path: str | os.PathLike) -> list[Segment]:
     with _flocked(p, fcntl.LOCK_SH):
         for f, active in [(r, False) for r in rotated_files(p)] + [(p, True)]:
             try:
-                fh = open(f, "rb")  # noqa: SIM115 - returned open; the caller closes it
+                fh = open(f, "rb")
             except FileNotFoundError:  # pruned meanwhile (rotated) or not created yet (active)
                 continue
             out.append(Segment(f, os.fstat(fh.fileno()).st_ino, fh, active))

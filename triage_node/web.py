@@ -34,7 +34,8 @@ from .audit import Audit
 from .config import Config
 from .errors import TriageError
 from .spool import Spool, valid_uid
-from .web_metrics import CONTENT_TYPE as METRICS_TYPE, make_registry, render
+from .web_metrics import CONTENT_TYPE as METRICS_TYPE
+from .web_metrics import make_registry, render
 from .web_probes import Probes
 from .web_state import AuditState
 

@@ -104,7 +104,7 @@ def stow_handler(ingest: Ingest, cfg: DicomwebIngestConfig):
                 raise ValueError("request too large")
             return self.rfile.read(length) if length > 0 else b""
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             if not re.fullmatch(r"/studies(/[0-9.]+)?/?", self.path.split("?")[0]):
                 return self._reply(404, {"error": "STOW-RS is POST /studies"})
             if not _authorised(self.headers, cfg):

@@ -26,10 +26,10 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 from ..config import PullConfig
 from ..ingest import OUT_OF_RESOURCES, Ingest
