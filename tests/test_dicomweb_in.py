@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import date, timedelta
@@ -254,3 +255,49 @@ def test_pull_killed_midway_and_restarted_misses_nothing_twice(gate, redis_url, 
     assert len(once) >= len(sops) - 1
     assert Puller(config.PullConfig(url=pacs.dicomweb_url, since="20000101", sweep_interval_s=0), ingest,
                   state).poll_once() == 0
+
+
+def test_pull_gives_up_on_an_instance_that_cannot_be_retrieved_and_audits_it(gate, orthanc_factory, tmp_path):
+    """A PACS that lists an instance but answers 404 to its retrieval (deleted after the query): retried on the next
+    polls, then given up with an audit line; the other instances are not held up."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    cfg, spool, ingest = gate
+    pacs = orthanc_factory()
+    good, gone = _put(pacs, tmp_path, 0, _days_ago(1)), _put(pacs, tmp_path, 1, _days_ago(1))
+
+    class Proxy(BaseHTTPRequestHandler):  # the PACS, except that `gone` cannot be retrieved any more
+        def do_GET(self):
+            if gone in self.path and "/instances/" in self.path:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            r = requests.get(pacs.dicomweb_url.rstrip("/") + self.path, headers={
+                "Accept": self.headers.get("Accept", "*/*")}, timeout=60)
+            self.send_response(r.status_code)
+            self.send_header("Content-Type", r.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        pull = config.PullConfig(url=f"http://127.0.0.1:{proxy.server_port}", lookback_days=2, sweep_interval_s=3600)
+        puller = Puller(pull, ingest, tmp_path / "pull.sqlite")
+        assert puller.poll_once() == 1, "the good one is fetched although the other fails"
+        for _ in range(4):
+            assert puller.poll_once() == 0
+        assert puller.state.count("gave_up") == 1 and puller.state.seen(gone)
+        failed = [e for e in read(cfg.audit_log) if e["event"] == "failed"]
+        assert [(e["sop_instance_uid"], e["stage"]) for e in failed] == [(gone, "pull")]
+        assert "retrieve failed 5 times" in failed[0]["reason"]
+        assert puller.poll_once() == 0, "given up: not retried"
+        assert sum(e["event"] == "failed" for e in read(cfg.audit_log)) == 1
+        assert _queued_once(cfg.audit_log) == Counter({good: 1})
+    finally:
+        proxy.shutdown()

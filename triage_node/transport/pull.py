@@ -170,6 +170,8 @@ class Puller:
             log.warning("pull: retrieve %s failed (%s), try %d/%d", sop, type(exc).__name__, tries, MAX_TRIES)
             if tries >= MAX_TRIES:
                 log.error("pull: giving up on %s after %d failed retrievals", sop, tries)
+                self.ingest.audit.record("failed", sop_instance_uid=sop, stage="pull", channel="wado-rs-pull",
+                                         reason=f"WADO-RS retrieve failed {tries} times ({type(exc).__name__})")
                 self.state.mark(sop, "gave_up")
             return False
         out = self.ingest.accept(ds, buf.getvalue, str(ds.get("SOPClassUID", "")), sop, {"channel": "wado-rs-pull"},
