@@ -20,13 +20,13 @@ import urllib.request
 
 import pydicom
 import pytest
+from conftest import ARTIFACTS, SAMPLES, node_config, require, write_toml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-
-from conftest import ARTIFACTS, SAMPLES, node_config, require, write_toml
 from test_e2e import has_results
+
 from triage_node.services import PrivateRedis, free_port, wait_port
 
 pytestmark = pytest.mark.integration
@@ -159,7 +159,8 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     # Orthanc goes away: the next result dead-letters (max_attempts=3 in conftest)
     pacs.stop()
     dead = copy_with_new_uids(2)
-    dead.PatientName, dead.PatientBirthDate, dead.AccessionNumber = PATIENT["PatientName"], PATIENT["PatientBirthDate"], "WEBDEAD"
+    dead.PatientName, dead.PatientBirthDate = PATIENT["PatientName"], PATIENT["PatientBirthDate"]
+    dead.AccessionNumber = "WEBDEAD"
     inputs.append(dead)
     assert c_store(node.port, [dead]) == [0]
     dead_uid = str(dead.SOPInstanceUID)
@@ -183,13 +184,14 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     assert total(m, "triage_stage_duration_seconds_count", stage="receive") == n + 1
     assert total(m, "triage_stage_duration_seconds_bucket", stage="end_to_end", le="+Inf") == n
     assert total(m, "triage_queue_depth", queue="infer") == 0 and ("triage_queue_depth", (("queue", "report"),)) in m
-    assert total(m, "triage_workers_online", role="infer") >= 1 and total(m, "triage_workers_online", role="report") >= 1
+    assert total(m, "triage_workers_online", role="infer") >= 1
+    assert total(m, "triage_workers_online", role="report") >= 1
     assert total(m, "triage_dead_letters") == 1 and total(m, "triage_spool_bytes", area="dead_letter") > 0
     assert 0 < total(m, "triage_spool_disk_usage_ratio") < 1
     last = [e for e in entries if e["event"] == "analysed"][-1]
     assert m[("triage_model_info", (("hostname", last["hostname"]), ("version", last["model"])))] == 1
 
-    # -- /readyz: all four checks pass ----------------------------------------------------------------------------------
+    # -- /readyz: all four checks pass -------------------------------------------------------------------------------
     r = ready(base)
     assert r and r["ready"] and set(r["checks"]) == {"receiver_listening", "broker_reachable", "spool_writable",
                                                        "model_loaded"}
@@ -204,7 +206,8 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     assert flags == sorted(flags, reverse=True), "flagged studies first"
     assert {s["sop_instance_uid"] for s in ov["studies"] if s["flagged"]} == positives
     by_uid = {s["sop_instance_uid"]: s for s in ov["studies"]}
-    assert by_uid[str(skipped.SOPInstanceUID)]["status"] == "skipped" and "modality MR" in by_uid[str(skipped.SOPInstanceUID)]["reason"]
+    skipped_row = by_uid[str(skipped.SOPInstanceUID)]
+    assert skipped_row["status"] == "skipped" and "modality MR" in skipped_row["reason"]
     assert by_uid[dead_uid]["status"] == "dead-lettered" and by_uid[dead_uid]["accession"] == "WEBDEAD"
     assert [d["sop_instance_uid"] for d in ov["dead_letters"]] == [dead_uid] and ov["dead_letters"][0]["replayable"]
     assert {w["role"] for w in ov["workers"]["workers"]} >= {"infer", "report"}
@@ -213,7 +216,7 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     assert code == 200 and max(Image.open(io.BytesIO(png)).size) <= 256
     assert http(base + "thumb/..%2F..%2Fetc%2Fpasswd.png")[0] == 404
 
-    # -- the dashboard in headless Chromium ----------------------------------------------------------------------------------
+    # -- the dashboard in headless Chromium --------------------------------------------------------------------------
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -232,7 +235,8 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     thumbs_ok = ("return [...document.querySelectorAll('#studies tbody tr')]"
                  ".filter(r => r.dataset.flagged === '1' || r.dataset.status.startsWith('sent')"
                  " || r.dataset.status === 'dead-lettered')"
-                 ".map(r => { const i = r.querySelector('img.thumb'); return !!(i && i.complete && i.naturalWidth > 0); })")
+                 ".map(r => { const i = r.querySelector('img.thumb');"
+                 " return !!(i && i.complete && i.naturalWidth > 0); })")
     loaded = wait.until(lambda d: (lambda xs: xs if xs and all(xs) else None)(d.execute_script(thumbs_ok)))
     assert len(loaded) == n + 1
     assert "WEBACC0" in chrome.page_source and "WEBDEAD" in chrome.page_source
@@ -256,7 +260,7 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     # cross-site POSTs (no custom header) are refused
     assert http(base + f"api/replay/{dead_uid}", method="POST")[0] == 403
 
-    # -- no patient demographics in what the web server shows ------------------------------------------------------------
+    # -- no patient demographics in what the web server shows -------------------------------------------------------
     text2 = metrics(base)[0]
     overview = http(base + "api/overview")[1].decode()
     shown = "\n".join([html, chrome.page_source, text, text2, overview, (tmp_path / "audit.jsonl").read_text()])
@@ -277,8 +281,9 @@ def test_readyz_503_when_broker_stops_and_login_required(tmp_path, make_node):
         node = make_node(redis.url, dest, web={"port": web_port, "username": "ops", "password": secret})
         base = f"http://127.0.0.1:{web_port}/"
         assert wait_port("127.0.0.1", web_port, 30), "web server did not start"
-        r = wait_until(lambda: ready(base), 120, "node never became ready")
+        r = wait_until(lambda: ready(base, ("ops", secret)), 120, "node never became ready")
         assert all(c["ok"] for c in r["checks"].values())
+        assert ready(base) == {"ready": True}, "without login /readyz gives the verdict only"
         # login: everything but the probes needs it
         assert http(base + "metrics")[0] == 401 and http(base)[0] == 401 and http(base + "api/overview")[0] == 401
         assert http(base + "metrics", auth=("ops", "wrong"))[0] == 401
@@ -288,8 +293,10 @@ def test_readyz_503_when_broker_stops_and_login_required(tmp_path, make_node):
         redis.stop()
         code, body = wait_until(lambda: (lambda cb: cb if cb[0] == 503 else None)(http(base + "readyz")), 30,
                                 "readyz stayed 200 after the broker stopped")
+        assert json.loads(body) == {"ready": False}
+        code, body = http(base + "readyz", ("ops", secret))
         r = json.loads(body)
-        assert r["ready"] is False and r["checks"]["broker_reachable"]["ok"] is False
+        assert code == 503 and r["ready"] is False and r["checks"]["broker_reachable"]["ok"] is False
         assert r["checks"]["receiver_listening"]["ok"] and r["checks"]["spool_writable"]["ok"]
         assert http(base + "healthz")[0] == 200, "liveness does not depend on the broker"
         _, m = metrics(base, auth=("ops", secret))

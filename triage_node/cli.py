@@ -82,7 +82,7 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
             continue  # finished meanwhile (a worker discarded it after the scan)
         n += 1
     log.info("reconcile (%s): re-enqueued %d spooled instance(s), %d still held by the broker", reason, n, kept)
-    Audit(cfg.audit_log).record("reconciled", count=n, held_by_broker=kept, reason=reason)
+    Audit.from_config(cfg).record("reconciled", count=n, held_by_broker=kept, reason=reason)
     return n
 
 
@@ -126,7 +126,7 @@ def cmd_up(args) -> int:
     env = child_env(TRIAGE_BROKER_URL=cfg.broker.url, TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
                     TRIAGE_MODEL_PATH=cfg.model.path)
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
-    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
               include_unacked=not private)
@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
     from .transport import scp
 
     cfg = _load(args)
-    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    spool, audit = _spool(cfg), Audit.from_config(cfg)
     scp.start(cfg, spool, _submitter(cfg), audit, block=True)
     return 0
 
@@ -225,7 +225,7 @@ def cmd_replay(args) -> int:
     from .replay import replay_one
 
     cfg = _load(args)
-    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    spool, audit = _spool(cfg), Audit.from_config(cfg)
     failed = 0
     for info in spool.dead_letters():
         if args.uid and info["sop_instance_uid"] not in args.uid:

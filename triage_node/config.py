@@ -181,9 +181,13 @@ class PullConfig:
     token: str = ""
     interval_s: float = 30.0
     modalities: tuple[str, ...] = ("CR", "DX")
-    #: First StudyDate to look at on a fresh checkpoint (YYYYMMDD); empty = today minus lookback_days.
+    #: Earliest StudyDate the sweep fetches (YYYYMMDD: a backfill from that date). Empty: no date bound, and the
+    #: first sweep takes what the archive already holds outside the window as a baseline (never fetched).
     since: str = ""
-    lookback_days: int = 1
+    #: Every poll re-reads StudyDate >= today minus this many days (nothing advances: the seen-set decides).
+    lookback_days: int = 2
+    #: A query without a date bound runs this often: late arrivals for older dates, instances without StudyDate.
+    sweep_interval_s: float = 3600.0
     #: At most this many instances fetched per poll (keeps one poll short; the rest come next time).
     max_per_poll: int = 500
 
@@ -202,6 +206,12 @@ class Config:
     dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
     pull: PullConfig = field(default_factory=PullConfig)
     audit_log: str = "var/audit.jsonl"
+    #: The active audit file is rotated (renamed ``<audit_log>.<UTC time>``) at this size; 0 = never.
+    audit_max_bytes: int = 64 << 20
+    #: Rotated audit files kept (oldest deleted first); 0 = keep all.
+    audit_keep: int = 20
+    #: fdatasync each (group-committed) batch of audit lines before the writer goes on (off: written, not synced).
+    audit_fsync: bool = False
     log_level: str = "INFO"
 
 
@@ -236,7 +246,7 @@ def from_dict(data: dict[str, Any]) -> Config:
             kwargs[key] = _build(_SECTIONS[key], value)
         elif key == "destinations":
             kwargs[key] = tuple(_build(Destination, d) for d in value)
-        elif key in ("audit_log", "log_level"):
+        elif key in ("audit_log", "log_level", "audit_max_bytes", "audit_keep", "audit_fsync"):
             kwargs[key] = value
         else:
             raise ValueError(f"unknown configuration section {key!r}")

@@ -13,12 +13,15 @@ from .web_state import percentile
 
 def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:
     since = time.time() - last_s
-    entries = [e for e in audit_mod.read(cfg.audit_log) if e.get("ts", 0) >= since]
+    # rotated files last written before ``since`` are not even opened; the window may span a rotation
+    entries = [e for e in audit_mod.read(cfg.audit_log, since=since) if e.get("ts", 0) >= since]
     counts = Counter(e["event"] for e in entries)
-    reasons = Counter((e["event"], e.get("reason", "")) for e in entries if e["event"] in ("skipped", "refused", "failed", "dead_lettered"))
+    reasons = Counter((e["event"], e.get("reason", "")) for e in entries
+                      if e["event"] in ("skipped", "refused", "failed", "dead_lettered"))
     lat = [float(e["latency_s"]) for e in entries if e["event"] == "sent" and "latency_s" in e]
     flagged = [e for e in entries if e["event"] == "sent" and e.get("positive")]
-    lines = [f"last {last_s / 60:.0f} min: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no activity"]
+    activity = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no activity"
+    lines = [f"last {last_s / 60:.0f} min: {activity}"]
     if lat:
         lines.append(f"receive -> result sent: p50 {percentile(lat, 50):.2f} s, p95 {percentile(lat, 95):.2f} s, "
                      f"max {max(lat):.2f} s over {len(lat)} result(s)")

@@ -6,10 +6,12 @@
     GET  /thumb/<UID>.png       downscaled overlay preview from ``outputs.archive_dir/<UID>/preview.png``
     GET  /metrics               Prometheus text format
     GET  /healthz               liveness: 200 while the process serves HTTP
-    GET  /readyz                readiness JSON; 200 only when every check passes, else 503
+    GET  /readyz                readiness: 200 only when every check passes, else 503; the body is ``{"ready": b}``
+                                alone without login, plus each check and its detail with it
 
 HTTP basic authentication guards everything but /healthz and /readyz whenever a password is configured; binding
-beyond loopback without one is refused. Pages carry UIDs and accession numbers only, never patient demographics.
+beyond loopback without one is refused. /readyz answers everyone, but shows its checks (worker host names, model
+version) only to a logged-in user. Pages carry UIDs and accession numbers only, never patient demographics.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .audit import Audit
 from .config import Config
 from .errors import TriageError
 from .spool import Spool, valid_uid
-from .web_metrics import CONTENT_TYPE as METRICS_TYPE, make_registry, render
+from .web_metrics import CONTENT_TYPE as METRICS_TYPE
+from .web_metrics import make_registry, render
 from .web_probes import Probes
 from .web_state import AuditState
 
@@ -159,11 +162,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, code: int, obj: Any) -> None:
         self._send(code, json.dumps(obj, default=str).encode(), "application/json")
 
-    def _authorised(self) -> bool:
+    def _logged_in(self) -> bool:
+        """Valid credentials, or no login configured (then the server is bound to loopback only)."""
         if self.app.auth is None:
             return True
         got = self.headers.get("Authorization", "")
-        if got.startswith("Basic ") and hmac.compare_digest(got[6:].strip().encode(), self.app.auth.encode()):
+        return got.startswith("Basic ") and hmac.compare_digest(got[6:].strip().encode(), self.app.auth.encode())
+
+    def _authorised(self) -> bool:
+        if self._logged_in():
             return True
         self._send(401, b"login required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="triage-node"'})
         return False
@@ -178,7 +185,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"status": "ok"})
             if path == "/readyz":
                 r = self.app.probes.readiness()
-                return self._json(200 if r["ready"] else 503, r)
+                # probes (load balancers, kubelets) send no credentials: they get the verdict only; the checks
+                # name worker hosts and the model version, so they are for logged-in users
+                return self._json(200 if r["ready"] else 503, r if self._logged_in() else {"ready": r["ready"]})
             if not self._authorised():
                 return
             if path == "/metrics":
@@ -206,7 +215,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         # Cross-site forms cannot set custom headers: a page elsewhere cannot make the browser replay for you.
         origin = self.headers.get("Origin")
-        if self.headers.get("X-Triage-Request") != "1" or (origin and urlsplit(origin).netloc != self.headers.get("Host")):
+        cross_site = bool(origin) and urlsplit(origin).netloc != self.headers.get("Host")
+        if self.headers.get("X-Triage-Request") != "1" or cross_site:
             return self._json(403, {"message": "cross-site request refused"})
         if path.startswith("/api/replay/"):
             sop = path[len("/api/replay/"):]
@@ -227,7 +237,7 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = str(self.httpd.server_address[0]), self.httpd.server_address[1]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def stop(self) -> None:

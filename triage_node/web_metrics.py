@@ -1,7 +1,8 @@
 """Prometheus ``/metrics``: one custom Collector deriving everything at scrape time (audit trail, Redis, spool).
 
-Counters are totals over the whole audit file (the trail is the node's durable record, so they survive restarts
-of the node and count what every process did).
+Counters are totals over the retained audit trail, rotated files included (the trail is the node's durable record,
+so they survive restarts of the node, count what every process did, and do not drop when the trail rotates; only
+pruning a rotated file, ``audit_keep``, removes its lines from a freshly started reader's totals).
 """
 
 from __future__ import annotations

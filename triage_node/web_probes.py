@@ -45,7 +45,7 @@ class Probes:
     def __init__(self, cfg: Config, spool: Spool, state: AuditState) -> None:
         self.cfg, self.spool, self.state = cfg, spool, state
         self._redis = None
-        self._app = None
+        self._app: Any = None
         self._workers: tuple[float, dict[str, Any]] = (0.0, {})
         self._wlock = threading.Lock()
 
@@ -104,7 +104,7 @@ class Probes:
 
                 self._app = make_app(self.cfg, name="web")
             pings = self._app.control.inspect(timeout=1.0).ping() or {}
-            stats = {}
+            stats: dict[str, Any] = {}
             if pings:
                 stats = self._app.control.inspect(timeout=1.0, destination=list(pings), limit=len(pings)).stats() or {}
         except Exception as exc:

@@ -1,19 +1,26 @@
 """What the dashboard and /metrics show, derived at request time from the audit trail, Redis and the spool.
 
-The audit trail is read incrementally (byte offset kept; a truncated or replaced file is read again from the
-start), so everything works across processes: receiver, workers and ``triage-node replay`` all append to it.
+The audit trail is read incrementally (file and byte offset kept), so everything works across processes: receiver,
+workers and ``triage-node replay`` all append to it. Rotation is followed: the rest of the file being read is taken
+from its rotated copy, then any files rotated since, then the new active file; a fresh reader counts every retained
+file. A truncated file, or one pruned before it was read to the end, makes the reader count the retained trail again.
 Only UIDs, accession numbers, reasons and numbers are kept, never patient demographics.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from . import audit as audit_mod
+
+log = logging.getLogger(__name__)
 
 #: Histogram bucket upper bounds in seconds (stage durations range from ms to minutes).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -64,7 +71,8 @@ class AuditState:
         self._reset()
 
     def _reset(self) -> None:
-        self.offset, self.inode = 0, None
+        self.offset, self.seg_name = 0, ""
+        self.inode: int | None = None
         self.events: Counter = Counter()  # event -> n
         self.reasons: Counter = Counter()  # (event, reason) for skipped/refused/failed/dead_lettered/...
         self.send_failures: Counter = Counter()  # (destination, event) for retry/dead_lettered/replay_failed
@@ -77,34 +85,61 @@ class AuditState:
         self.last_analysed: float = 0.0
 
     def refresh(self) -> None:
+        """Read what was appended since the last call, following rotations (every retained file is read once)."""
         with self.lock:
+            segs = audit_mod.open_segments(self.path)
             try:
-                st = self.path.stat()
-            except FileNotFoundError:
-                if self.offset:
+                if not segs:
+                    if self.offset or self.inode is not None:
+                        self._reset()
+                    return
+                start = self._resume_index(segs)
+                if start is None:  # our file is gone (pruned) or was truncated: count the retained trail afresh
+                    log.warning("audit trail %s: read position lost (file pruned or truncated); re-reading", self.path)
                     self._reset()
-                return
-            if st.st_ino != self.inode or st.st_size < self.offset:
-                self._reset()
-                self.inode = st.st_ino
-            with open(self.path, "rb") as f:
-                while self.offset < st.st_size:  # bounded chunks: a large trail is not read into memory at once
-                    f.seek(self.offset)
-                    data = f.read(min(st.st_size - self.offset, CHUNK))
-                    if not data.endswith(b"\n"):
-                        data += f.readline()  # complete the last line (or reach the end of the file)
-                    end = data.rfind(b"\n") + 1  # a torn last line is read next time
-                    if end == 0:
-                        break
-                    self.offset += end
-                    for line in data[:end].splitlines():
-                        try:
-                            e = json.loads(line)
-                        except ValueError:
-                            continue
-                        if isinstance(e, dict) and "event" in e:
-                            self._apply(e)
+                    start = 0
+                for i in range(start, len(segs)):
+                    seg = segs[i]
+                    if i > start or self.inode is None:  # a file not read before: from its start
+                        self.offset = 0
+                    self.inode, self.seg_name = seg.inode, seg.path.name
+                    self._read(seg.file)
+                    if i < len(segs) - 1:
+                        # a rotated file never grows again; a torn tail (crash mid-write) is skipped for good
+                        self.offset = os.fstat(seg.file.fileno()).st_size
+            finally:
+                for seg in segs:
+                    seg.file.close()
             self._prune()
+
+    def _resume_index(self, segs: list[audit_mod.Segment]) -> int | None:
+        if self.inode is None:
+            return 0
+        for i, seg in enumerate(segs):
+            # the active file keeps its inode when rotated; a rotated file keeps its name
+            if seg.inode == self.inode and (seg.path.name == self.seg_name or self.seg_name == self.path.name):
+                size = os.fstat(seg.file.fileno()).st_size
+                return i if size >= self.offset else None
+        return None
+
+    def _read(self, f: IO[bytes]) -> None:
+        size = os.fstat(f.fileno()).st_size
+        while self.offset < size:  # bounded chunks: a large trail is not read into memory at once
+            f.seek(self.offset)
+            data = f.read(min(size - self.offset, CHUNK))
+            if not data.endswith(b"\n"):
+                data += f.readline()  # complete the last line (or reach the end of the file)
+            end = data.rfind(b"\n") + 1  # a torn last line is read next time
+            if end == 0:
+                break
+            self.offset += end
+            for line in data[:end].splitlines():
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(e, dict) and "event" in e:
+                    self._apply(e)
 
     def _apply(self, e: dict[str, Any]) -> None:
         ev, ts = str(e["event"]), float(e.get("ts", 0) or 0)

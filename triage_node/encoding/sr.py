@@ -8,8 +8,9 @@ Layout (what OHIF-class viewers and PACS SR renderers expect)::
       Imaging Measurements
         TID 1501 group "Pneumonia assessment": Pneumonia (SCT 233604007) = Present/Absent,
                                                Probability = p {probability}, finding site Lung, TID 4019
-        TID 1410 group per box: tracking id + UID, finding Opacity (DCM 112001), finding site Lung (SCT 39607008),
-                                TID 4019, closed 5-point POLYLINE on the source image, Certainty of Finding = score
+        TID 1410 group per box: tracking id + UID, finding Opacity (DCM 112001), TID 4019, closed 5-point POLYLINE
+                                on the source image, NUM "Opacity confidence" = score in % whose TID 300 concept
+                                modifier carries the finding site Lung (SCT 39607008)
 
 A prediction without boxes still yields a document ("no opacity detected" is a result).
 """
@@ -61,7 +62,12 @@ PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 # Viewers (OHIF v3) label a box with "<NUM concept meaning>: <value> <UCUM code>" and do not show the group's
 # Finding, so the per-box confidence is a NUM whose meaning names the finding, in percent (reads "Opacity
-# confidence: 87.00 %" instead of "Certainty of Finding: 0.87 {probability}" / "363698007: Lung").
+# confidence: 87.00 %" instead of "Certainty of Finding: 0.87 {probability}").
+# OHIF 3.13.2 (cornerstone-dicom-sr _processTID1410Measurement) also adds a line "363698007: <meaning>" for a Finding
+# Site (SCT 363698007) at the top level of a box group: a raw code under every box. TID 1410 leaves the group's
+# Finding Site optional and TID 300 lets the measurement carry it (HAS CONCEPT MOD of the NUM), which OHIF does not
+# turn into a label; so each box's finding site Lung sits on its confidence NUM. The image-level group (TID 1501,
+# geometry nested in its NUM, which OHIF reads as non-geometric and labels no SCT site for) keeps it at group level.
 OPACITY_CONFIDENCE = hd.sr.CodedConcept("OPACITYCONF", "99CXRTRIAGE", "Opacity confidence")
 PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 
@@ -137,9 +143,8 @@ def _groups(source: Dataset, prediction: Prediction) -> list:
                 referenced_region=region,
                 finding_type=OPACITY,
                 algorithm_id=_algorithm_id(prediction),
-                finding_sites=[FindingSite(LUNG)],
                 measurements=[Measurement(name=OPACITY_CONFIDENCE, value=round(100 * float(det.score), 1),
-                                          unit=UNIT_PERCENT)],
+                                          unit=UNIT_PERCENT, finding_sites=[FindingSite(LUNG)])],
             )
         )
     return groups

@@ -1,5 +1,5 @@
-"""DICOMweb ingest: a STOW-RS endpoint on the node and a QIDO-RS/WADO-RS pull mode. Both feed the same
-``Ingest`` gate as the C-STORE receiver (same checks, spool, queue and audit)."""
+"""DICOMweb ingest: a STOW-RS endpoint on the node and a QIDO-RS/WADO-RS pull mode (:mod:`.pull`). Both feed the
+same ``Ingest`` gate as the C-STORE receiver (same checks, spool, queue and audit)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import io
 import ipaddress
 import logging
 import re
-import sqlite3
 import threading
-import time
-from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from typing import Any
 
 import pydicom
 
-from ..config import DicomwebIngestConfig, PullConfig
+from ..config import DicomwebIngestConfig
 from ..ingest import Ingest
+from .pull import Puller, PullState
+
+__all__ = ["Puller", "PullState", "split_multipart", "start_stow", "stow_handler"]
 
 log = logging.getLogger(__name__)
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)
@@ -50,7 +50,7 @@ def split_multipart(body: bytes, content_type: str) -> list[bytes]:
 
 
 def _stow_item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict:
-    item = {"00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
+    item: dict[str, Any] = {"00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
             "00081155": {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"}}
     if reason is not None:
         item["00081197"] = {"vr": "US", "Value": [reason]}
@@ -104,7 +104,7 @@ def stow_handler(ingest: Ingest, cfg: DicomwebIngestConfig):
                 raise ValueError("request too large")
             return self.rfile.read(length) if length > 0 else b""
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             if not re.fullmatch(r"/studies(/[0-9.]+)?/?", self.path.split("?")[0]):
                 return self._reply(404, {"error": "STOW-RS is POST /studies"})
             if not _authorised(self.headers, cfg):
@@ -150,102 +150,3 @@ def start_stow(cfg: DicomwebIngestConfig, ingest: Ingest) -> ThreadingHTTPServer
     threading.Thread(target=server.serve_forever, name="stow-rs", daemon=True).start()
     log.info("STOW-RS ingest on %s:%d/studies", cfg.bind, server.server_port)
     return server
-
-
-class PullState:
-    """Which instances the pull has already handed to the ingest gate (sqlite: survives restarts)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS seen (sop TEXT PRIMARY KEY, ts REAL)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-        self.db.commit()
-
-    def seen(self, sop: str) -> bool:
-        return self.db.execute("SELECT 1 FROM seen WHERE sop=?", (sop,)).fetchone() is not None
-
-    def mark(self, sop: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (sop, time.time()))
-        self.db.commit()
-
-    def get(self, key: str, default: str = "") -> str:
-        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
-        return row[0] if row else default
-
-    def put(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-        self.db.commit()
-
-    def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-
-
-class Puller:
-    """Polls QIDO-RS for CR/DX instances of studies since the checkpoint date and ingests the new ones."""
-
-    def __init__(self, cfg: PullConfig, ingest: Ingest, state_path: Path) -> None:
-        self.cfg, self.ingest, self.state = cfg, ingest, PullState(state_path)
-        self._stop = threading.Event()
-
-    def _client(self):
-        from .senders import dicomweb_client
-
-        return dicomweb_client(self.cfg.url, self.cfg.username, self.cfg.password, self.cfg.token)
-
-    def _since(self) -> str:
-        start = self.cfg.since or (date.today() - timedelta(days=self.cfg.lookback_days)).strftime("%Y%m%d")
-        return self.state.get("since", start)
-
-    def poll_once(self) -> int:
-        """One poll; returns how many instances were handed to the ingest gate."""
-        client, since, n = self._client(), self._since(), 0
-        today = date.today().strftime("%Y%m%d")
-        for modality in self.cfg.modalities:
-            offset = 0
-            while n < self.cfg.max_per_poll:
-                hits = client.search_for_instances(
-                    search_filters={"Modality": modality, "StudyDate": f"{since}-"}, offset=offset, limit=100,
-                    fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-                if not hits:
-                    break
-                offset += len(hits)
-                for hit in hits:
-                    study, series, sop = (hit.get(t, {}).get("Value", [""])[0]
-                                          for t in ("0020000D", "0020000E", "00080018"))
-                    if not sop or self.state.seen(sop):
-                        continue
-                    if self._ingest_one(client, study, series, sop):
-                        n += 1
-                    if n >= self.cfg.max_per_poll or self._stop.is_set():
-                        return n
-        if n < self.cfg.max_per_poll:
-            # everything up to yesterday is done; keep re-reading today's (late arrivals)
-            self.state.put("since", min(today, max(since, (date.today() - timedelta(days=1)).strftime("%Y%m%d"))))
-        return n
-
-    def _ingest_one(self, client, study: str, series: str, sop: str) -> bool:
-        ds = client.retrieve_instance(study, series, sop)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out = self.ingest.accept(ds, buf.getvalue, str(ds.SOPClassUID), sop, {"channel": "wado-rs-pull"},
-                                 str(ds.file_meta.TransferSyntaxUID))
-        if out.status == 0xA700:
-            return False  # disk or broker trouble: not marked, fetched again next poll
-        self.state.mark(sop)  # accepted, skipped or refused for good: never fetched again
-        return True
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception as exc:  # the PACS being down must not kill the node
-                log.warning("pull: poll failed: %s", type(exc).__name__)
-            self._stop.wait(self.cfg.interval_s)
-
-    def start(self) -> "Puller":
-        threading.Thread(target=self.run, name="dicomweb-pull", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
