@@ -14,6 +14,7 @@ Dead letters live in their own folder: ``<dead_letter_dir>/<SOPInstanceUID>/`` w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpoolError
+
+log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -142,7 +145,12 @@ class Spool:
         return info if isinstance(info, dict) else {}
 
     def _save_attempts(self, sop_instance_uid: str, info: dict[str, Any]) -> None:
-        atomic_write(self.attempts_dir / f"{check_uid(sop_instance_uid)}.json", json.dumps(info).encode(), mode=0o640)
+        """Best effort: a full or failing spool disk must not turn the bookkeeping of a failure into one more."""
+        try:
+            atomic_write(self.attempts_dir / f"{check_uid(sop_instance_uid)}.json", json.dumps(info).encode(),
+                         mode=0o640)
+        except OSError as exc:
+            log.warning("attempt count of %s not saved (%s)", sop_instance_uid, exc.strerror or type(exc).__name__)
 
     def begin(self, sop_instance_uid: str, stage: str) -> int:
         """A task of ``stage`` starts on the instance; returns how many started in a row without finishing."""

@@ -24,7 +24,7 @@ from triage_node.errors import BadDataset, ModelError, NotEligible, SendFailed
 from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
-from triage_node.spool import Spool, atomic_write
+from triage_node.spool import Spool, atomic_write, valid_uid
 
 log = logging.getLogger("workers")
 logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -65,7 +65,7 @@ def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: l
     """Any exception of any stage: audited and logged with its stage and reason, retried with backoff while the
     attempts counted durably for the instance allow it (none for a data or code error), then dead-lettered."""
     reason = describe(exc)
-    n = spool.fail(sop, stage, reason)
+    n = max(spool.fail(sop, stage, reason), task.request.retries + 1)  # the durable count, or Celery's if lost
     allowed = attempts_allowed(exc, cfg.retry.max_attempts)
     again = n < allowed
     log.warning("%s failed for %s (attempt %d of %d): %s", stage, sop, n, allowed, reason)
@@ -79,6 +79,15 @@ def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: l
     target = spool.dead_letter(sop, why, files=files, extra={"stage": stage, "attempts": n})
     audit.record("dead_lettered", stage=stage, reason=why, path=str(target), **base)
     return {"status": "dead_lettered", "stage": stage, "reason": why}
+
+
+def _malformed(payload: object, stage: str, task_id: str) -> dict | None:
+    """A task message this node cannot read (another version, a hand-made one): audited, nothing to retry."""
+    if isinstance(payload, dict) and valid_uid(payload.get("sop_instance_uid", "")) and payload.get("path"):
+        return None
+    audit.record("failed", stage=stage, reason="malformed task payload", task_id=task_id)
+    log.error("%s task %s: malformed payload, dropped", stage, task_id)
+    return {"status": "failed", "reason": "malformed task payload"}
 
 
 def _poisoned(sop: str, stage: str, base: dict) -> dict | None:
@@ -95,6 +104,9 @@ def _poisoned(sop: str, stage: str, base: dict) -> dict | None:
 @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def analyze(self, payload: dict) -> dict:
     """Infer queue: decode + model. Hands a small JSON prediction to the report queue."""
+    malformed = _malformed(payload, "analyze", self.request.id)
+    if malformed:
+        return malformed
     sop = payload["sop_instance_uid"]
     path = Path(payload["path"])
     base = {"sop_instance_uid": sop, "task_id": self.request.id}
@@ -136,6 +148,9 @@ def analyze(self, payload: dict) -> dict:
 @app.task(name=REPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def report(self, payload: dict) -> dict:
     """Report queue: build SR/SC/GSPS once into the outbox, deliver, retry with backoff, then dead-letter."""
+    malformed = _malformed(payload, "report", self.request.id)
+    if malformed:
+        return malformed
     sop = payload["sop_instance_uid"]
     base = {"sop_instance_uid": sop, "task_id": self.request.id, "attempt": self.request.retries + 1}
     if not Path(payload["path"]).exists():

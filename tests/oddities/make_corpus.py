@@ -160,20 +160,20 @@ def modality_voi_lut_sequences(ds: Dataset, arr: np.ndarray) -> dict:
     voi.LUTExplanation = "inverse gamma"
     voi.add_new("LUTData", "OW", np.round(4095 * (x / 4095) ** 2).astype("<u2").tobytes())
     ds.VOILUTSequence = [voi]
-    return {"expect": "sent", "display": "same"}
+    return {"expect": "sent", "display": "same", "gsps_modality_lut": True}
 
 
 def mono1_presentation_inverse(ds: Dataset, arr: np.ndarray) -> dict:
     _as_dx(ds, "MONOCHROME1")
     _native(ds, (255 - arr.astype(np.uint16)) * 16, bits_stored=12)
-    return {"expect": "sent", "display": "same"}
+    return {"expect": "sent", "display": "same", "gsps_presentation_lut": "INVERSE"}
 
 
 def mono2_presentation_inverse(ds: Dataset, arr: np.ndarray) -> dict:
     """MONOCHROME2 stored inverted with Presentation LUT Shape INVERSE (CR vendors do this; displays as plain)."""
     ds.PresentationLUTShape = "INVERSE"
     _native(ds, (255 - arr.astype(np.uint16)) * 16, bits_stored=12)
-    return {"expect": "sent", "display": "same"}
+    return {"expect": "sent", "display": "same", "gsps_presentation_lut": "INVERSE"}
 
 
 def pixel_padding(ds: Dataset, arr: np.ndarray) -> dict:
