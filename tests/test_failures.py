@@ -9,7 +9,6 @@ AttributeError inside ``pipeline.build``; the task let it escape, Celery acknowl
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -18,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import c_store, require, shared_data
+
 from triage_node import config, pipeline
 from triage_node.errors import BadDataset, SendFailed
 from triage_node.failures import attempts_allowed, describe, is_transient
@@ -25,7 +25,7 @@ from triage_node.services import free_port, wait_port
 from triage_node.spool import Spool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oddities"))
-from make_corpus import make_corpus  # noqa: E402
+from make_corpus import make_corpus
 
 try:
     from tests.test_enc_common import dciodvfy, prediction

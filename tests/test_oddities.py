@@ -14,10 +14,11 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import ARTIFACTS, c_store, require, shared_data
+
 from triage_node import dicom_io
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oddities"))
-from make_corpus import CASES, make_corpus  # noqa: E402
+from make_corpus import CASES, make_corpus
 
 try:
     from tests.test_enc_common import dciodvfy

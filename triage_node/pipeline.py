@@ -170,7 +170,7 @@ def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[
             failures.append(exc)
         except (OSError, ValueError) as exc:  # DNS, refused sockets, malformed config
             failures.append(SendFailed(f"{dest.name}: {type(exc).__name__}: {exc}"))
-        except Exception as exc:  # noqa: BLE001 - a sender's or flag channel's unforeseen error: others go on
+        except Exception as exc:  # a sender's or flag channel's unforeseen error: others go on
             failures.append(SendFailed(f"{dest.name}: {describe(exc)}", retryable=is_transient(exc)))
     if failures:
         msg = "; ".join(str(f) for f in failures)

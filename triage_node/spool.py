@@ -183,7 +183,8 @@ class Spool:
             return f"poison instance: {stage} started {n} times without finishing (worker lost each time)"
         if int(info.get("failures", 0)) >= limit:
             last = info.get("last", {})
-            return f"poison instance: failed {info['failures']} times, last in {last.get('stage')}: {last.get('reason')}"
+            return (f"poison instance: failed {info['failures']} times, last in {last.get('stage')}: "
+                    f"{last.get('reason')}")
         return None
 
     # -- outbox / dead letters -----------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def analyze(self, payload: dict) -> dict:
         audit.record("failed", reason=f"model: {exc}", stage="analyze", **base)
         spool.end(sop, "analyze")
         raise
-    except Exception as exc:  # noqa: BLE001 - BadDataset and anything unforeseen: no silent failure
+    except Exception as exc:  # BadDataset and anything unforeseen: no silent failure
         return _failed(self, sop, "analyze", exc, base)
     audit.record("analysed", probability=round(pred.probability, 4), positive=pred.positive,
                  boxes=len(pred.detections), model=pred.model.label, ms=round((time.time() - t0) * 1000, 1),
@@ -139,7 +139,7 @@ def analyze(self, payload: dict) -> dict:
                  hostname=self.request.hostname, **base)
     try:
         app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
-    except Exception as exc:  # noqa: BLE001 - broker gone between the two queues, or anything else
+    except Exception as exc:  # broker gone between the two queues, or anything else
         return _failed(self, sop, "analyze", exc, base)
     spool.end(sop, "analyze")
     return {"status": "analysed", "positive": pred.positive}
@@ -173,7 +173,7 @@ def report(self, payload: dict) -> dict:
         result = _deliver(self, sop, box, prediction, payload, base)
     except Retry:
         raise
-    except Exception as exc:  # noqa: BLE001 - anything, foreseen or not, in build, delivery or archiving
+    except Exception as exc:  # anything, foreseen or not, in build, delivery or archiving
         if isinstance(exc, FileNotFoundError) and not Path(payload["path"]).exists():
             # A duplicate delivery of this task (after a reconcile) finished first and cleaned the outbox up.
             audit.record("report_noop", reason="already delivered by a duplicate task", **base)
@@ -200,7 +200,7 @@ def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, b
             delay = _backoff(task.request.retries)
             audit.record("retry", reason=str(exc), delay_s=delay, stage="send", **base)
             spool.end(sop, "report")
-            raise task.retry(countdown=delay, exc=exc)
+            raise task.retry(countdown=delay, exc=exc) from exc
         archive(box, prediction, payload)
         target = spool.dead_letter(sop, str(exc), files=files + [box / "prediction.json"],
                                    extra={"stage": "send", "sent_to": sorted(done),
