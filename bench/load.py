@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the docs table ------------------------------------------------------------------------------------------------
 def summary_table(folder: Path = OUT) -> str:
-    """Markdown table of the suites' JSON summaries (chaos-*.json, fuzz.json, load.json)."""
+    """Markdown table of the suites' JSON summaries (chaos-*.json, fuzz.json, oddities.json, load.json)."""
     rows = ["| suite | case | injected / run | survived / lost / duplicated | figures | reproduce |",
             "| --- | --- | --- | --- | --- | --- |"]
     for f in sorted(folder.glob("chaos-*.json")):
@@ -360,6 +360,13 @@ def summary_table(folder: Path = OUT) -> str:
         cases = ", ".join(f"{k}={v}" for k, v in sorted(r["cases"].items()))
         rows.append(f"| fuzz | hostile input | {r['total_cases']} cases ({cases}) | crashes {r['total_crashes']} | "
                     f"{r['seconds']} s, peak RSS {r['peak_rss_mb']} MB | `{r['command']}` |")
+    f = folder / "oddities.json"
+    if f.exists():
+        r = json.loads(f.read_text())
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
+        rows.append(f"| oddities | real-world DICOM oddities through one running node | {r['total']} cases ({counts}) "
+                    f"| unexpected outcomes {len(r['unexpected'])} / dciodvfy errors {r['dciodvfy_errors']} | "
+                    f"{r['seconds']} s | `{r['command']}` |")
     f = folder / "load.json"
     if f.exists():
         r = json.loads(f.read_text())

@@ -240,6 +240,9 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     loaded = wait.until(lambda d: (lambda xs: xs if xs and all(xs) else None)(d.execute_script(thumbs_ok)))
     assert len(loaded) == n + 1
     assert "WEBACC0" in chrome.page_source and "WEBDEAD" in chrome.page_source
+    # failures by stage: the sends retried while Orthanc was down, and the one dead letter
+    cells = [c.text for c in chrome.find_elements(By.CSS_SELECTOR, '#failures tr[data-stage="send"] td')]
+    assert cells == ["send", "0", str(retries), "1"], cells
     ARTIFACTS.mkdir(exist_ok=True)
     chrome.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     html = chrome.page_source

@@ -61,7 +61,8 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
     be analysed twice). Over-submitting stays safe: a task whose spool file is gone is a no-op and output UIDs are
     deterministic. ``touch`` refreshes the mtime of what was re-enqueued, so a periodic sweep re-sends each file at
     most once per period. ``include_unacked`` False: tasks delivered but not acknowledged count as lost (start-up with
-    a private broker, whose workers died with the node).
+    a private broker, whose workers died with the node). A poison instance (``retry.max_attempts`` failures, or as
+    many tasks started on it that never finished) is dead-lettered instead of re-enqueued.
     """
     from .queue import broker_held_sops
 
@@ -69,10 +70,17 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
     if not old:
         return 0
     held = broker_held_sops(cfg, include_unacked=include_unacked) or set()
-    n = kept = 0
+    audit = Audit.from_config(cfg)
+    n = kept = poisoned = 0
     for path in old:
         if path.stem in held:
             kept += 1
+            continue
+        why = spool.poison(path.stem, cfg.retry.max_attempts)
+        if why:  # failed or crashed its workers too often: never re-enqueued, dead-lettered with the reason
+            target = spool.dead_letter(path.stem, why, extra={"stage": "reconcile"})
+            audit.record("dead_lettered", sop_instance_uid=path.stem, stage="reconcile", reason=why, path=str(target))
+            poisoned += 1
             continue
         try:
             submit_fn(str(path), path.stem, path.stat().st_mtime)
@@ -81,8 +89,9 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
         except FileNotFoundError:
             continue  # finished meanwhile (a worker discarded it after the scan)
         n += 1
-    log.info("reconcile (%s): re-enqueued %d spooled instance(s), %d still held by the broker", reason, n, kept)
-    Audit.from_config(cfg).record("reconciled", count=n, held_by_broker=kept, reason=reason)
+    log.info("reconcile (%s): re-enqueued %d spooled instance(s), %d still held by the broker, %d poison "
+             "dead-lettered", reason, n, kept, poisoned)
+    audit.record("reconciled", count=n, held_by_broker=kept, poisoned=poisoned, reason=reason)
     return n
 
 

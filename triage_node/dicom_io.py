@@ -106,7 +106,8 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     """Decoded image as float32 in [0, 1], MONOCHROME2 orientation (dense = bright), source resolution.
 
     Applies the Modality LUT (rescale) and the VOI LUT / window when the file has one, else a robust
-    0.5-99.5 percentile window; inverts MONOCHROME1.
+    0.5-99.5 percentile window (of the pixels that are not padding); inverts MONOCHROME1 and Presentation LUT Shape
+    INVERSE; pixel padding comes out black (0).
     """
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
@@ -123,19 +124,59 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
         raise BadDataset(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
     if raw.ndim != 2 or raw.shape != (rows, cols):
         raise BadDataset(f"decoded shape {raw.shape} does not match {rows}x{cols}")
-    arr = apply_modality_lut(raw, ds).astype(np.float32)
+    padding = _padding(raw, ds)
+    arr = _modality_lut(raw, ds)  # integers stay integers for a VOI LUT Sequence (indices, not floats)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         try:
-            arr = apply_voi_lut(arr, ds, prefer_lut=True).astype(np.float32)
+            arr = apply_voi_lut(arr, ds, prefer_lut=True)
         except Exception:  # a broken VOI LUT: fall back to the percentile window below
             log.warning("VOI LUT of %s unusable, percentile window used", ds.get("SOPInstanceUID", "?"))
-    lo, hi = np.percentile(arr, (0.5, 99.5))
+    arr = np.asarray(arr, dtype=np.float32)
+    field = arr if padding is None else arr[~padding]  # padding is outside the image: it must not set the window
+    lo, hi = np.percentile(field, (0.5, 99.5))
     if hi <= lo:
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = float(field.min()), float(field.max())
     img = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    # MONOCHROME1 is displayed inverted. So is MONOCHROME2 with Presentation LUT Shape INVERSE (CR/DX vendors store
+    # inverted data that way); MONOCHROME1 + INVERSE is the DX IOD's own spelling of MONOCHROME1 (one inversion).
+    if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE"):
         img = 1.0 - img
+    if padding is not None:
+        img[padding] = 0.0
     return img
+
+
+def _padding(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Mask of pixel padding (PS3.3 C.7.5.1.1.2: stored values equal to Pixel Padding Value, or within the range it
+    spans with Pixel Padding Range Limit); None when the image has none, or when everything would be padding."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or isinstance(value, (bytes, list)):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if isinstance(limit, int):
+        mask = (raw >= min(int(value), limit)) & (raw <= max(int(value), limit))
+    else:
+        mask = raw == int(value)
+    return mask if mask.any() and not mask.all() else None
+
+
+def _modality_lut(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's Modality LUT / rescale, also for LUT entries of 9 to 15 bits (legal, PS3.3 C.11.1.1.1, stored in
+    16-bit words; pydicom only knows 8 and 16 and raised TypeError on them)."""
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        entries, first, bits = (int(v) for v in seq[0].LUTDescriptor)
+        if 8 < bits < 16:
+            item = Dataset()
+            item.add_new(0x00283002, "US" if first >= 0 else "SS", [entries, first, 16])
+            item.add(seq[0]["LUTData"])
+            proxy = Dataset()
+            proxy.file_meta = ds.file_meta
+            proxy.ModalityLUTSequence = [item]
+            return apply_modality_lut(raw, proxy)
+    return apply_modality_lut(raw, ds)
 
 
 _JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",

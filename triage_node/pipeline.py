@@ -16,6 +16,7 @@ import pydicom
 from . import dicom_io
 from .config import Config, Destination
 from .errors import SendFailed
+from .failures import describe, is_transient
 from .inference.types import Prediction
 from .spool import atomic_write
 
@@ -169,6 +170,8 @@ def deliver(files: list[Path], destinations: tuple[Destination, ...], done: set[
             failures.append(exc)
         except (OSError, ValueError) as exc:  # DNS, refused sockets, malformed config
             failures.append(SendFailed(f"{dest.name}: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a sender's or flag channel's unforeseen error: others go on
+            failures.append(SendFailed(f"{dest.name}: {describe(exc)}", retryable=is_transient(exc)))
     if failures:
         msg = "; ".join(str(f) for f in failures)
         raise SendFailed(msg, retryable=any(f.retryable for f in failures))

@@ -4,6 +4,7 @@ Layout under the spool directory::
 
     instances/<SOPInstanceUID>.dcm   received, waiting for or under processing
     outbox/<SOPInstanceUID>/         results built, waiting to be sent (survives send retries)
+    attempts/<SOPInstanceUID>.json   per stage: tasks started and not finished, failures, last reason (poison rule)
     tmp/                             partial writes (same filesystem, so rename is atomic)
 
 Dead letters live in their own folder: ``<dead_letter_dir>/<SOPInstanceUID>/`` with the result files and a
@@ -13,6 +14,7 @@ Dead letters live in their own folder: ``<dead_letter_dir>/<SOPInstanceUID>/`` w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpoolError
+
+log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -73,9 +77,10 @@ class Spool:
         self.root = Path(directory)
         self.instances = self.root / "instances"
         self.outbox = self.root / "outbox"
+        self.attempts_dir = self.root / "attempts"
         self.dead = Path(dead_letter_dir)
         self.max_disk_usage = max_disk_usage
-        for d in (self.instances, self.outbox, self.dead):
+        for d in (self.instances, self.outbox, self.attempts_dir, self.dead):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
@@ -124,6 +129,63 @@ class Spool:
         """Processing of this instance is complete (sent, skipped or dead-lettered)."""
         self.instance_path(sop_instance_uid).unlink(missing_ok=True)
         shutil.rmtree(self.outbox / sop_instance_uid, ignore_errors=True)
+        (self.attempts_dir / f"{sop_instance_uid}.json").unlink(missing_ok=True)
+
+    # -- attempts (the poison-instance rule) ---------------------------------------------------------------------
+    def attempts(self, sop_instance_uid: str) -> dict[str, Any]:
+        """``{"open": {stage: n}, "failures": n, "last": {"stage", "reason", "ts"}}``; empty for a fresh instance.
+
+        ``open`` counts tasks of a stage started and never finished (a worker killed mid-task: a crash loop),
+        ``failures`` the exceptions recorded. Kept on disk so a redelivery or a reconcile does not reset them."""
+        path = self.attempts_dir / f"{check_uid(sop_instance_uid)}.json"
+        try:
+            info = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _save_attempts(self, sop_instance_uid: str, info: dict[str, Any]) -> None:
+        """Best effort: a full or failing spool disk must not turn the bookkeeping of a failure into one more."""
+        try:
+            atomic_write(self.attempts_dir / f"{check_uid(sop_instance_uid)}.json", json.dumps(info).encode(),
+                         mode=0o640)
+        except OSError as exc:
+            log.warning("attempt count of %s not saved (%s)", sop_instance_uid, exc.strerror or type(exc).__name__)
+
+    def begin(self, sop_instance_uid: str, stage: str) -> int:
+        """A task of ``stage`` starts on the instance; returns how many started in a row without finishing."""
+        info = self.attempts(sop_instance_uid)
+        info.setdefault("open", {})[stage] = int(info.get("open", {}).get(stage, 0)) + 1
+        self._save_attempts(sop_instance_uid, info)
+        return int(info["open"][stage])
+
+    def end(self, sop_instance_uid: str, stage: str) -> None:
+        """The task of ``stage`` finished (whatever the outcome): it did not crash."""
+        info = self.attempts(sop_instance_uid)
+        if info.get("open", {}).get(stage) and self.instance_path(sop_instance_uid).exists():
+            info["open"][stage] = 0
+            self._save_attempts(sop_instance_uid, info)
+
+    def fail(self, sop_instance_uid: str, stage: str, reason: str) -> int:
+        """Record one failure of the instance; returns the failures so far (all stages)."""
+        info = self.attempts(sop_instance_uid)
+        info["failures"] = int(info.get("failures", 0)) + 1
+        info["last"] = {"stage": stage, "reason": reason, "ts": time.time()}
+        self._save_attempts(sop_instance_uid, info)
+        return int(info["failures"])
+
+    def poison(self, sop_instance_uid: str, limit: int) -> str | None:
+        """Why the instance must not be tried again (``limit`` crashes in a row or failures), or None."""
+        info = self.attempts(sop_instance_uid)
+        crashed = {stage: n for stage, n in info.get("open", {}).items() if int(n) >= limit}
+        if crashed:
+            stage, n = min(crashed.items())
+            return f"poison instance: {stage} started {n} times without finishing (worker lost each time)"
+        if int(info.get("failures", 0)) >= limit:
+            last = info.get("last", {})
+            return (f"poison instance: failed {info['failures']} times, last in {last.get('stage')}: "
+                    f"{last.get('reason')}")
+        return None
 
     # -- outbox / dead letters -----------------------------------------------------------------------------------
     def outbox_dir(self, sop_instance_uid: str) -> Path:
@@ -141,6 +203,9 @@ class Spool:
         if src.exists():
             shutil.copy2(src, target / "source.dcm")
         info = {"sop_instance_uid": sop_instance_uid, "reason": reason, "ts": time.time(), **(extra or {})}
+        tries = self.attempts(sop_instance_uid)
+        if tries:
+            info.setdefault("history", tries)
         atomic_write(target / "reason.json", json.dumps(info, indent=2).encode(), mode=0o640)
         self.discard(sop_instance_uid)
         return target

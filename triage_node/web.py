@@ -101,6 +101,7 @@ class WebApp:
                 "unacked": (depths or {}).get("_unacked"), "broker_ok": depths is not None,
                 "workers": self.probes.workers(), "model": self.state.model,
                 "last_hour": self.state.last_hour(), "studies": studies, "dead_letters": dead,
+                "failures_by_stage": self.state.failures_by_stage(),
                 "spool": {"pending": len(self.spool.pending()), "disk_usage": round(self.spool.disk_usage(), 4)}}
 
     def replay(self, sop: str) -> tuple[int, dict[str, Any]]:

@@ -30,6 +30,7 @@ class NodeCollector:
             events = dict(st.events)
             reasons = dict(st.reasons)
             send_failures = dict(st.send_failures)
+            stage_failures = dict(st.stage_failures)
             hists = {k: (h.buckets(), h.sum) for k, h in st.hist.items()}
             model = dict(st.model)
         c = CounterMetricFamily("triage_instances_received", "Instances accepted and spooled (audit 'received')")
@@ -55,6 +56,12 @@ class NodeCollector:
                                 "dead_lettered, replay_failed)", labels=["destination", "event"])
         for (dest, ev), n in sorted(send_failures.items()):
             c.add_metric([dest, ev], n)
+        yield c
+        c = CounterMetricFamily("triage_stage_failures", "Failures of any kind, foreseen or not, by stage (analyze, "
+                                "build, send, reconcile) and audit event (failed, retry, dead_lettered)",
+                                labels=["stage", "event"])
+        for (stage, ev), n in sorted(stage_failures.items()):
+            c.add_metric([stage, ev], n)
         yield c
         c = CounterMetricFamily("triage_results_replayed", "Dead letters resent successfully (audit 'replayed')")
         c.add_metric([], events.get("replayed", 0))

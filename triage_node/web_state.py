@@ -27,6 +27,8 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 #: stage label -> (audit event, field, factor to seconds)
 STAGES = {"receive": ("received", "ms", 0.001), "analyse": ("analysed", "ms", 0.001),
           "end_to_end": ("sent", "latency_s", 1.0)}
+#: Audit events counted per stage (analyze, build, send, reconcile) for /metrics and the dashboard.
+FAILURE_EVENTS = ("failed", "retry", "dead_lettered")
 MAX_STUDIES = 2000
 WINDOW_S = 3600.0
 CHUNK = 4 << 20
@@ -76,6 +78,7 @@ class AuditState:
         self.events: Counter = Counter()  # event -> n
         self.reasons: Counter = Counter()  # (event, reason) for skipped/refused/failed/dead_lettered/...
         self.send_failures: Counter = Counter()  # (destination, event) for retry/dead_lettered/replay_failed
+        self.stage_failures: Counter = Counter()  # (stage, event) for failed/retry/dead_lettered
         self.hist = {stage: Histogram() for stage in STAGES}
         self.studies: OrderedDict[str, dict[str, Any]] = OrderedDict()  # SOP Instance UID -> row
         self.window: deque = deque()  # (ts, event, latency_s or None) for the last hour
@@ -149,6 +152,8 @@ class AuditState:
             self.reasons[(ev, reason)] += 1
         if ev in ("retry", "dead_lettered", "replay_failed") and e.get("stage", "send") == "send":
             self.send_failures[(destination_of(reason), ev)] += 1
+        if ev in FAILURE_EVENTS:  # lines from before stages were recorded: a retry or dead letter was a send's
+            self.stage_failures[(str(e.get("stage") or ("analyze" if ev == "failed" else "send")), ev)] += 1
         for stage, (sev, key, factor) in STAGES.items():
             if ev == sev and isinstance(e.get(key), (int, float)) and not e.get("duplicate"):
                 self.hist[stage].observe(float(e[key]) * factor)
@@ -198,6 +203,15 @@ class AuditState:
                 "latency_s": {"n": len(lat), "p50": percentile(lat, 50), "p90": percentile(lat, 90),
                               "p95": percentile(lat, 95), "p99": percentile(lat, 99),
                               "max": max(lat) if lat else None}}
+
+    def failures_by_stage(self) -> dict[str, dict[str, int]]:
+        """``{stage: {"failed": n, "retry": n, "dead_lettered": n}}`` since the audit trail began."""
+        with self.lock:
+            counts = dict(self.stage_failures)
+        out: dict[str, dict[str, int]] = {}
+        for (stage, ev), n in sorted(counts.items()):
+            out.setdefault(stage, dict.fromkeys(FAILURE_EVENTS, 0))[ev] = n
+        return out
 
     def recent_studies(self, limit: int = 100) -> list[dict[str, Any]]:
         """Flagged results (sent, positive) first, then everything else; newest first within each group."""

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
 
+from celery.exceptions import Retry
+
 from triage_node import config, pipeline
 from triage_node.audit import Audit
 from triage_node.errors import BadDataset, ModelError, NotEligible, SendFailed
+from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
-from triage_node.spool import Spool, atomic_write
+from triage_node.spool import Spool, atomic_write, valid_uid
 
 log = logging.getLogger("workers")
 logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -53,9 +57,56 @@ def _predict():
     return _batcher.submit
 
 
-@app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def _backoff(attempt: int) -> float:
+    return min(cfg.retry.backoff_base_s * (2 ** attempt), cfg.retry.backoff_max_s)
+
+
+def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: list[Path] | None = None) -> dict:
+    """Any exception of any stage: audited and logged with its stage and reason, retried with backoff while the
+    attempts counted durably for the instance allow it (none for a data or code error), then dead-lettered."""
+    reason = describe(exc)
+    n = max(spool.fail(sop, stage, reason), task.request.retries + 1)  # the durable count, or Celery's if lost
+    allowed = attempts_allowed(exc, cfg.retry.max_attempts)
+    again = n < allowed
+    log.warning("%s failed for %s (attempt %d of %d): %s", stage, sop, n, allowed, reason)
+    audit.record("failed", stage=stage, reason=reason, failures=n, will_retry=again, **base)
+    if again:
+        delay = _backoff(n - 1)
+        audit.record("retry", stage=stage, reason=reason, delay_s=delay, **base)
+        spool.end(sop, "analyze" if stage == "analyze" else "report")
+        raise task.retry(countdown=delay, exc=exc)
+    why = f"bad dataset: {exc}" if isinstance(exc, BadDataset) else f"{stage}: {reason}"
+    target = spool.dead_letter(sop, why, files=files, extra={"stage": stage, "attempts": n})
+    audit.record("dead_lettered", stage=stage, reason=why, path=str(target), **base)
+    return {"status": "dead_lettered", "stage": stage, "reason": why}
+
+
+def _malformed(payload: object, stage: str, task_id: str) -> dict | None:
+    """A task message this node cannot read (another version, a hand-made one): audited, nothing to retry."""
+    if isinstance(payload, dict) and valid_uid(payload.get("sop_instance_uid", "")) and payload.get("path"):
+        return None
+    audit.record("failed", stage=stage, reason="malformed task payload", task_id=task_id)
+    log.error("%s task %s: malformed payload, dropped", stage, task_id)
+    return {"status": "failed", "reason": "malformed task payload"}
+
+
+def _poisoned(sop: str, stage: str, base: dict) -> dict | None:
+    """The poison-instance rule at the start of a task: dead-letter what crashed its workers too often."""
+    if spool.begin(sop, stage) <= cfg.retry.max_attempts:
+        return None
+    why = spool.poison(sop, cfg.retry.max_attempts) or f"poison instance: {stage} started too often"
+    log.error("dead-lettering %s: %s", sop, why)
+    target = spool.dead_letter(sop, why, extra={"stage": stage})
+    audit.record("dead_lettered", stage=stage, reason=why, path=str(target), **base)
+    return {"status": "dead_lettered", "reason": why}
+
+
+@app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def analyze(self, payload: dict) -> dict:
     """Infer queue: decode + model. Hands a small JSON prediction to the report queue."""
+    malformed = _malformed(payload, "analyze", self.request.id)
+    if malformed:
+        return malformed
     sop = payload["sop_instance_uid"]
     path = Path(payload["path"])
     base = {"sop_instance_uid": sop, "task_id": self.request.id}
@@ -63,6 +114,9 @@ def analyze(self, payload: dict) -> dict:
         # Finished by an earlier delivery of the same instance (redelivery after a crash, or a duplicate).
         audit.record("analyze_noop", reason="spool file already processed", **base)
         return {"status": "noop"}
+    poisoned = _poisoned(sop, "analyze", base)
+    if poisoned:
+        return poisoned
     t0 = time.time()
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
@@ -71,79 +125,87 @@ def analyze(self, payload: dict) -> dict:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
         return {"status": "skipped", "reason": str(exc)}
-    except BadDataset as exc:
-        audit.record("failed", reason=str(exc), stage="analyze", **base)
-        spool.dead_letter(sop, f"bad dataset: {exc}", extra={"stage": "analyze"})
-        return {"status": "failed", "reason": str(exc)}
     except ModelError as exc:
-        # A broken model package is an operator problem: keep the instance and let another worker try.
+        # A broken model package is an operator problem (/readyz shows it), not the instance's: keep the instance
+        # for another worker or the next sweep, and do not count it against the instance.
         audit.record("failed", reason=f"model: {exc}", stage="analyze", **base)
+        spool.end(sop, "analyze")
         raise
+    except Exception as exc:  # BadDataset and anything unforeseen: no silent failure
+        return _failed(self, sop, "analyze", exc, base)
     audit.record("analysed", probability=round(pred.probability, 4), positive=pred.positive,
                  boxes=len(pred.detections), model=pred.model.label, ms=round((time.time() - t0) * 1000, 1),
                  batch=int(pred.timings_ms.get("batch", 1)),
                  hostname=self.request.hostname, **base)
-    app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
+    try:
+        app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
+    except Exception as exc:  # broker gone between the two queues, or anything else
+        return _failed(self, sop, "analyze", exc, base)
+    spool.end(sop, "analyze")
     return {"status": "analysed", "positive": pred.positive}
-
-
-def _backoff(attempt: int) -> float:
-    return min(cfg.retry.backoff_base_s * (2 ** attempt), cfg.retry.backoff_max_s)
 
 
 @app.task(name=REPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def report(self, payload: dict) -> dict:
     """Report queue: build SR/SC/GSPS once into the outbox, deliver, retry with backoff, then dead-letter."""
+    malformed = _malformed(payload, "report", self.request.id)
+    if malformed:
+        return malformed
     sop = payload["sop_instance_uid"]
     base = {"sop_instance_uid": sop, "task_id": self.request.id, "attempt": self.request.retries + 1}
+    if not Path(payload["path"]).exists():
+        audit.record("report_noop", reason="already delivered", **base)
+        return {"status": "noop"}
+    poisoned = _poisoned(sop, "report", base)
+    if poisoned:
+        return poisoned
     box = spool.outbox_dir(sop)
-    state_file = box / "sent.json"
-    prediction = Prediction.from_json(payload["prediction"])
-    if not (box / "prediction.json").exists():
-        source = Path(payload["path"])
-        if not source.exists():
-            audit.record("report_noop", reason="already delivered", **base)
+    stage = "build"
+    try:
+        prediction = Prediction.from_json(payload["prediction"])
+        if not (box / "prediction.json").exists():
+            try:
+                pipeline.build(Path(payload["path"]), prediction, cfg, box)
+            except BaseException:
+                shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
+                raise
+        stage = "send"
+        result = _deliver(self, sop, box, prediction, payload, base)
+    except Retry:
+        raise
+    except Exception as exc:  # anything, foreseen or not, in build, delivery or archiving
+        if isinstance(exc, FileNotFoundError) and not Path(payload["path"]).exists():
+            # A duplicate delivery of this task (after a reconcile) finished first and cleaned the outbox up.
+            audit.record("report_noop", reason="already delivered by a duplicate task", **base)
             return {"status": "noop"}
-        try:
-            pipeline.build(source, prediction, cfg, box)
-        except BadDataset as exc:
-            audit.record("failed", reason=str(exc), stage="report", **base)
-            spool.dead_letter(sop, f"bad dataset: {exc}", extra={"stage": "report"})
-            return {"status": "failed"}
-        except OSError as exc:
-            # spool full / unwritable: transient. Never let Celery ack a failed task with the instance still spooled
-            # (it would sit in spool/instances until a restart): retry with backoff, then dead-letter with the reason.
-            import shutil
+        return _failed(self, sop, stage, exc, base, files=_files(box))
+    spool.end(sop, "report")
+    return result
 
-            shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
-            reason = f"outbox write failed: {exc.strerror or type(exc).__name__}"
-            if self.request.retries + 1 < cfg.retry.max_attempts:
-                delay = _backoff(self.request.retries)
-                audit.record("retry", reason=reason, delay_s=delay, **base)
-                raise self.retry(countdown=delay, exc=exc)
-            target = spool.dead_letter(sop, reason, extra={"stage": "report", "attempts": self.request.retries + 1})
-            audit.record("dead_lettered", reason=reason, path=str(target), **base)
-            return {"status": "dead_lettered"}
+
+def _files(box: Path) -> list[Path]:
+    return pipeline.result_files(box) + [box / "prediction.json"] if box.is_dir() else []
+
+
+def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, base: dict) -> dict:
+    """Send what is not yet sent; a send failure is retried ``retry.max_attempts`` times, then dead-lettered."""
+    state_file = box / "sent.json"
     files = pipeline.result_files(box)
     done = set(json.loads(state_file.read_text())) if state_file.exists() else set()
     try:
         sent = pipeline.deliver(files, cfg.destinations, done, context=pipeline.result_context(box))
-    except FileNotFoundError:
-        # A duplicate delivery of this task (after a reconcile) finished first and cleaned the outbox up.
-        if not Path(payload["path"]).exists():
-            audit.record("report_noop", reason="already delivered by a duplicate task", **base)
-            return {"status": "noop"}
-        raise
     except SendFailed as exc:
         atomic_write(state_file, json.dumps(sorted(done)).encode())
-        if exc.retryable and self.request.retries + 1 < cfg.retry.max_attempts:
-            delay = _backoff(self.request.retries)
-            audit.record("retry", reason=str(exc), delay_s=delay, **base)
-            raise self.retry(countdown=delay, exc=exc)
+        if exc.retryable and task.request.retries + 1 < cfg.retry.max_attempts:
+            delay = _backoff(task.request.retries)
+            audit.record("retry", reason=str(exc), delay_s=delay, stage="send", **base)
+            spool.end(sop, "report")
+            raise task.retry(countdown=delay, exc=exc) from exc
         archive(box, prediction, payload)
-        target = spool.dead_letter(sop, str(exc), files=files + [box / "prediction.json"], extra={"stage": "send", "sent_to": sorted(done),
-                                                                    "attempts": self.request.retries + 1})
-        audit.record("dead_lettered", reason=str(exc), path=str(target), **base)
+        target = spool.dead_letter(sop, str(exc), files=files + [box / "prediction.json"],
+                                   extra={"stage": "send", "sent_to": sorted(done),
+                                          "attempts": task.request.retries + 1})
+        audit.record("dead_lettered", reason=str(exc), stage="send", path=str(target), **base)
         return {"status": "dead_lettered"}
     archive(box, prediction, payload)
     latency = round(time.time() - float(payload.get("received_at", time.time())), 3)
@@ -158,8 +220,6 @@ def archive(box: Path, prediction: Prediction, payload: dict) -> None:
     """Keep a copy of results and the PNG preview for ops (outputs.archive_dir; empty disables)."""
     if not cfg.outputs.archive_dir:
         return
-    import shutil
-
     target = Path(cfg.outputs.archive_dir) / payload["sop_instance_uid"]
     target.mkdir(parents=True, exist_ok=True)
     for f in box.iterdir():

@@ -3,12 +3,14 @@
 Renders in Weasis-class viewers (OHIF does not apply presentation states yet). Boxes are closed 5-point POLYLINEs in
 PIXEL units on the source image; each score is a text object just above its box; a warning and the image-level result
 are text objects at the top. The source's VOI LUT (if any) is carried over by highdicom; MONOCHROME1 sources get an
-INVERSE presentation LUT so they display as their modality intended.
+INVERSE presentation LUT so they display as their modality intended (as do MONOCHROME2 sources whose own
+Presentation LUT Shape is INVERSE); a Modality or VOI LUT Sequence of the source is carried over as it is.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
@@ -47,6 +49,56 @@ def _clip_box(left: float, top: float, right: float, bottom: float, rows: int, c
     return (cx(left), cy(top), cx(right), cy(bottom))
 
 
+def _lut(item: Dataset) -> tuple[int, int, np.ndarray]:
+    """(first mapped value, bits per entry, entries as uint16) of a LUT item (LUTData as OW bytes or US values)."""
+    _, first, bits = (int(v) for v in item.LUTDescriptor)
+    raw = item.LUTData
+    data = np.frombuffer(raw, dtype="<u2") if isinstance(raw, bytes) else np.asarray(raw, dtype=np.uint16)
+    return first, bits, data
+
+
+def _lut_item(first: int, data: np.ndarray) -> Dataset:
+    item = Dataset()
+    item.add_new(0x00283002, "US" if first >= 0 else "SS", [len(data) % 65536, first, 16])
+    item.add_new(0x00283006, "OW", np.ascontiguousarray(data, dtype="<u2").tobytes())
+    return item
+
+
+def _carry_luts(gsps: Dataset, source: Dataset) -> None:
+    """Carry LUT Sequences with 9-15 bits per entry (legal in images) into the GSPS, where only 8 or 16 are.
+
+    highdicom copies a rescale but no Modality LUT Sequence (the VOI LUT was then applied to stored values), and
+    re-labels a 12-bit VOI LUT as 16 bits without scaling it (dciodvfy: "number of bits = 16 but maximum 0xfff").
+    Here both become 16-bit LUTs that display the same: entries scaled to 16 bits, and the VOI LUT's input domain
+    scaled with the Modality LUT's output."""
+    mod = source.get("ModalityLUTSequence")
+    voi = None if source.get("WindowCenter") else source.get("VOILUTSequence")
+    shift = 0
+    if mod:
+        first, bits, data = _lut(mod[0])
+        if not 8 < bits < 16:
+            return
+        shift = 16 - bits
+        item = _lut_item(first, data.astype(np.uint32) << shift)
+        item.ModalityLUTType = mod[0].get("ModalityLUTType") or "US"
+        gsps.ModalityLUTSequence = [item]
+        for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType"):
+            gsps.pop(keyword, None)
+    if voi:
+        first, bits, data = _lut(voi[0])
+        if shift:  # inputs are now the Modality LUT's 16-bit outputs: one entry per 16-bit input value
+            data = data[np.clip((np.arange(65536) >> shift) - first, 0, len(data) - 1)]
+            first = 0
+        elif not 8 < bits < 16:
+            return
+        item = _lut_item(first, data.astype(np.uint32) << (16 - bits))
+        if voi[0].get("LUTExplanation"):
+            item.LUTExplanation = voi[0].LUTExplanation
+        for soft in gsps.get("SoftcopyVOILUTSequence", []):
+            if "VOILUTSequence" in soft:
+                soft.VOILUTSequence = [item]
+
+
 def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 9903) -> Dataset:
     """Build the GSPS that draws ``prediction`` on ``source``.
 
@@ -79,11 +131,15 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
         )
         x0, y0, x1, _ = det.xyxy
         top = y0 - line_height if y0 - line_height >= 0 else y0
+        left = max(0.0, min(x0, columns - 8 * line_height))  # a box at the right edge (or a tiny image): shift left
+        label_box = _clip_box(left, top, max(x1, left + 8 * line_height), top + line_height, rows, columns)
+        if label_box[2] <= label_box[0] or label_box[3] <= label_box[1]:
+            continue  # no room for a label (a box on the bottom edge of a tiny image): the box itself is drawn
         texts.append(
             TextObject(
                 text_value=f"Opacity {det.score:.2f}",
                 units=AnnotationUnitsValues.PIXEL,
-                bounding_box=_clip_box(x0, top, max(x1, x0 + 8 * line_height), top + line_height, rows, columns),
+                bounding_box=label_box,
                 tracking_id=f"Opacity {i} score",
                 tracking_uid=tracking_uid(source.SOPInstanceUID, model.version, f"{i}-text"),
             )
@@ -107,7 +163,8 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
         text_objects=texts,
     )
     presentation_lut = None
-    if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    inverse = str(source.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1" or inverse:
         presentation_lut = hd.PresentationLUTTransformation(
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
         )
@@ -131,6 +188,7 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
         contributing_equipment=[algorithm_equipment(model)],
         series_description=series_description("GSPS", model.demo),
     )
+    _carry_luts(gsps, source)
     # General Series: Laterality is Type 2C (paired body parts). Chest is unpaired, so with Body Part Examined
     # known it is left out; a known laterality is copied; otherwise it is sent empty (= unknown), never guessed.
     if source.get("BodyPartExamined"):

@@ -114,7 +114,7 @@ def build_results(
     cleaned, changed = clean_source(source)
     if changed:
         logger.warning(
-            "source %s has non-conformant attributes, repaired or dropped in outputs: %s",
+            "source %s has non-conformant or incomplete attributes, repaired, completed or dropped in outputs: %s",
             source.get("SOPInstanceUID", "?"), ",".join(changed),
         )
     results: list[Dataset] = []

@@ -5,6 +5,12 @@ patient, study and equipment attributes of the source are copied verbatim into e
 value there would make our own SR/SC/GSPS fail validation or be rejected by a strict PACS. :func:`clean_source`
 validates every top-level element by its VR and either repairs it when the repair is unambiguous (same information,
 conformant encoding) or removes it. It never invents patient data.
+
+It also completes what the modules we copy (Patient, General Study, Patient Study) require of their top level, as
+PS3.3 allows without inventing anything: an absent Type 2 attribute is added empty (= unknown), an empty Type 1 or
+1C attribute is left out (empty is never legal for those), and a multi-valued Specific Character Set whose first
+value is empty gets its meaning spelled out (PS3.3 C.12.1.1.2: an empty value 1 means ISO 2022 IR 6). Real
+archives (Google's NIH conversion, anonymisers) drop Type 2 attributes; highdicom reads them unconditionally.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import datetime
 import logging
 import math
 import re
+from functools import lru_cache
 from typing import Any
 
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import VALIDATORS, format_number_as_ds
+
+from triage_node.errors import BadDataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +46,14 @@ _TYPE2 = frozenset(
 #: Enumerated values that highdicom enforces (``PatientSexValues``).
 _ENUMS = {"PatientSex": frozenset({"M", "F", "O"})}
 
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+#: Modules whose top-level attributes highdicom copies from the source into every output.
+_COPIED_MODULES = ("patient", "general-study", "patient-study")
+#: Type 1 attributes of the source that no output can be built without (never invented).
+_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 _AGE = re.compile(r"^\s*0*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _DROP = object()
 
@@ -119,8 +135,46 @@ def _clean_values(keyword: str, vr: str, values: list[Any]) -> list[str] | objec
     return out if changed else None
 
 
+@lru_cache(maxsize=1)
+def _module_types() -> tuple[frozenset[str], frozenset[str]]:
+    """(Type 2, Type 1/1C) top-level keywords of the copied modules, from highdicom's tables of the standard."""
+    from highdicom._standard_utils import get_module_attribute_map
+
+    table = get_module_attribute_map()
+    attrs = [a for m in _COPIED_MODULES for a in table.get(m, []) if not a["path"]]
+    type2 = frozenset(a["keyword"] for a in attrs if a["type"] == "2") | _TYPE2 - {"ViewPosition"}
+    type1 = frozenset(a["keyword"] for a in attrs if a["type"] in ("1", "1C")) - _IDENTITY
+    return type2, type1
+
+
+def _complete(out: Dataset, changed: list[str]) -> None:
+    """Add absent Type 2, drop empty Type 1/1C attributes of the copied modules; spell out the character set."""
+    for keyword in _REQUIRED:
+        if not str(out.get(keyword, "") or "").strip():
+            raise BadDataset(f"source lacks Type 1 {keyword}")
+    type2, type1 = _module_types()
+    for keyword in sorted(type2):
+        if keyword not in out:
+            setattr(out, keyword, None)
+            changed.append(keyword)
+    for keyword in sorted(type1):
+        if keyword in out and out[keyword].is_empty:
+            del out[keyword]
+            changed.append(keyword)
+    if "SpecificCharacterSet" in out:
+        elem = out["SpecificCharacterSet"]
+        values = [str(v or "").strip() for v in (elem.value if elem.VM > 1 else [elem.value])]
+        if not any(values) or values == ["ISO_IR 6"]:  # the default repertoire, said the long way
+            del out["SpecificCharacterSet"]
+            changed.append("SpecificCharacterSet")
+        elif len(values) > 1 and not values[0]:
+            out.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
+            changed.append("SpecificCharacterSet")
+
+
 def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
-    """Return a copy of ``ds`` whose top-level text attributes are valid for their VR.
+    """Return a copy of ``ds`` whose top-level text attributes are valid for their VR and whose copied modules
+    are complete (absent Type 2 added empty, empty Type 1/1C left out).
 
     Parameters
     ----------
@@ -132,6 +186,11 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
     tuple[pydicom.dataset.Dataset, list[str]]
         The cleaned copy and the keywords of the attributes that were repaired or removed (names only, so callers
         can log them without leaking values).
+
+    Raises
+    ------
+    BadDataset
+        When the source lacks a UID no output can do without (Study/Series/SOP Instance UID, SOP Class UID).
     """
     out = copy.deepcopy(ds)
     changed: list[str] = []
@@ -153,6 +212,7 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
             assert isinstance(result, list)
             out[elem.tag] = DataElement(elem.tag, elem.VR, result if len(result) > 1 else result[0])
         changed.append(keyword)
+    _complete(out, changed)
     if changed:
         logger.debug("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
     return out, changed

@@ -14,8 +14,8 @@ For viewers that render neither SR nor presentation states. Decisions:
 
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless

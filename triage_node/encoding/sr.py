@@ -17,12 +17,13 @@ A prediction without boxes still yields a document ("no opacity detected" is a r
 
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
     CoordinatesForMeasurement,
+    DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
@@ -31,7 +32,6 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    DeviceObserverIdentifyingAttributes,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,

@@ -29,6 +29,10 @@ function render(d) {
     ["latency p50", fmtS(h.latency_s.p50)], ["latency p95", fmtS(h.latency_s.p95)], ["latency max", fmtS(h.latency_s.max)],
     ["spool pending", d.spool.pending], ["spool disk", `${(d.spool.disk_usage * 100).toFixed(0)} %`]]
     .map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v))));
+  const f = Object.entries(d.failures_by_stage || {});
+  fill("failures", f.length ? f.map(([stage, n]) => el("tr", {"data-stage": stage}, el("td", {}, stage),
+    el("td", {class: n.failed ? "bad" : ""}, n.failed), el("td", {}, n.retry), el("td", {class: n.dead_lettered ? "bad" : ""}, n.dead_lettered)))
+    : [el("tr", {}, el("td", {colSpan: 4, class: "muted"}, "none"))]);
   document.getElementById("dead-count").textContent = d.dead_letters.length || "";
   fill("dead", d.dead_letters.map((x) => {
     const btn = el("button", {class: "replay", disabled: !x.replayable, title: x.replayable ? "resend the results" : "no results to resend"}, "Replay");
