@@ -14,6 +14,7 @@ import datetime
 import logging
 import math
 import re
+import weakref
 from typing import Any
 
 from pydicom.charset import python_encoding
@@ -131,8 +132,12 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
     -------
     tuple[pydicom.dataset.Dataset, list[str]]
         The cleaned copy and the keywords of the attributes that were repaired or removed (names only, so callers
-        can log them without leaking values).
+        can log them without leaking values). A dataset this function returned is returned as it is, with no
+        changes: cleaning is idempotent, and each encoder cleans its input again (a deep copy per output saved).
     """
+    seen = _CLEANED.get(id(ds))
+    if seen is not None and seen() is ds:
+        return ds, []
     out = copy.deepcopy(ds)
     changed: list[str] = []
     for elem in list(out):
@@ -155,4 +160,11 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
         changed.append(keyword)
     if changed:
         logger.debug("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
+    key = id(out)
+    _CLEANED[key] = weakref.ref(out, lambda _ref: _CLEANED.pop(key, None))
     return out, changed
+
+
+#: id -> weak reference of the datasets clean_source returned (Dataset defines __eq__, so it cannot key a WeakSet;
+#: the identity check on lookup makes a reused id harmless).
+_CLEANED: dict[int, weakref.ref] = {}

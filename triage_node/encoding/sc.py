@@ -113,6 +113,7 @@ def build_overlay(
     *,
     series_number: int = 9902,
     encoding: str = "jpeg-ls",
+    overlay: np.ndarray | None = None,
 ) -> Dataset:
     """Build the annotated Secondary Capture of ``source``.
 
@@ -128,11 +129,14 @@ def build_overlay(
         Number of the overlay series.
     encoding
         A key of :data:`SC_ENCODINGS` (``outputs.sc_transfer_syntax``).
+    overlay
+        ``render_overlay(display, prediction)`` when the caller already has it (it also makes the preview from it).
 
     Raises
     ------
     ValueError
-        If ``display`` is not a 2-D uint8 array of the source's size, or ``encoding`` is unknown.
+        If ``display`` is not a 2-D uint8 array of the source's size, ``overlay`` not its RGB rendering's shape, or
+        ``encoding`` is unknown.
     """
     if encoding not in SC_ENCODINGS:
         raise ValueError(f"unknown SC encoding {encoding!r}; expected one of {', '.join(SC_ENCODINGS)}")
@@ -143,6 +147,10 @@ def build_overlay(
         raise ValueError(f"display shape {display.shape} does not match source {expected}")
     if display.dtype != np.uint8:
         raise ValueError(f"display must be uint8, got {display.dtype}")
+    if overlay is None:
+        overlay = render_overlay(display, prediction)
+    elif overlay.shape != (*expected, 3) or overlay.dtype != np.uint8:
+        raise ValueError(f"overlay must be uint8 {expected[0]}x{expected[1]}x3, got {overlay.dtype} {overlay.shape}")
     source, _ = clean_source(source)
     model = prediction.model
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -150,7 +158,7 @@ def build_overlay(
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=render_overlay(display, prediction),
+        pixel_array=overlay,
         photometric_interpretation=photometric,
         bits_allocated=8,
         coordinate_system="PATIENT",
