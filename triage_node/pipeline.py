@@ -158,7 +158,7 @@ def previous_sr(cfg: Config, source_sop_instance_uid: str):
     return pydicom.dcmread(candidates[-1]) if candidates else None
 
 
-PREVIEW_PX = 512
+PREVIEW_PX = 256  # the dashboard shows 96 px thumbnails; the full-resolution overlay is the SC
 
 
 def write_preview(overlay, png: Path) -> None:

@@ -14,6 +14,8 @@ For viewers that render neither SR nor presentation states. Decisions:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import highdicom as hd
 from PIL import Image, ImageDraw, ImageFont
@@ -43,7 +45,9 @@ SC_ENCODINGS = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` (loaded once per size: loading it costs ~2 ms, more than drawing with it)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
