@@ -14,7 +14,7 @@ For viewers that render neither SR nor presentation states. Decisions:
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import numpy as np
 import highdicom as hd
@@ -45,13 +45,19 @@ SC_ENCODINGS = {
 }
 
 
-@functools.lru_cache(maxsize=16)
+_FONTS = threading.local()
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's default font at ``size`` (loaded once per size: loading it costs ~2 ms, more than drawing with it)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+    """Pillow's default font at ``size``, loaded once per size and thread (loading costs ~2 ms, more than drawing
+    with it; a FreeType face is not shared between threads)."""
+    fonts: dict = _FONTS.__dict__.setdefault("by_size", {})
+    if size not in fonts:
+        try:
+            fonts[size] = ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+            fonts[size] = ImageFont.load_default()
+    return fonts[size]
 
 
 def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
