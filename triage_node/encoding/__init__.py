@@ -1,6 +1,10 @@
 """DICOM encoding of triage results: TID 1500 SR, overlay SC, GSPS. Knows no network."""
 
-from triage_node.encoding.results import OUTPUT_MANUFACTURER, build_results, is_own_output
+from triage_node.encoding.results import (
+    OUTPUT_MANUFACTURER,
+    build_results,
+    is_own_output,
+)
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import derive_uid, model_device_uid
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import _config as _pynetdicom_config
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config as _pynetdicom_config
 
 from ..config import Destination
 from ..errors import SendFailed
@@ -30,7 +31,7 @@ _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 class Sender(Protocol):
     name: str
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]: ...
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]: ...
 
 
 def _read(files: list[Path]) -> list[Dataset]:
@@ -57,7 +58,7 @@ class CStoreSender:
     def __init__(self, dest: Destination) -> None:
         self.name, self.dest = dest.name, dest
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         from .pool import POOL
 
         metas = [(Path(f), read_file_meta_info(f)) for f in files]
@@ -105,7 +106,7 @@ class CStoreSender:
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
         return assoc
 
-    def _store(self, assoc, metas: list[tuple[Path, Dataset]]) -> list[str]:
+    def _store(self, assoc, metas: Sequence[tuple[Path, Dataset]]) -> list[str]:
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
         sent: list[str] = []
         for path, meta in metas:
@@ -166,7 +167,7 @@ class StowSender:
     def _client(self):
         return dicomweb_client(self.dest.url, self.dest.username, self.dest.password, self.dest.token)
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         import requests
 
         datasets = _read(files)
@@ -188,7 +189,7 @@ class FolderSender:
     def __init__(self, dest: Destination) -> None:
         self.name, self.root = dest.name, Path(dest.path)
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         self.root.mkdir(parents=True, exist_ok=True)
         uids = []
         for f in files:
