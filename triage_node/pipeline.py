@@ -57,7 +57,10 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     ds = read_eligible(path, cfg)
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     if display_to is not None:
-        save_display(display_to, dicom_io.display(img))
+        try:
+            save_display(display_to, dicom_io.display(img))
+        except OSError as exc:  # only a cache: the report worker decodes the source instead
+            log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
     t1 = time.perf_counter()
     if predict is None:
         model = model or get_model(cfg)
