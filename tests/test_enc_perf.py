@@ -131,7 +131,8 @@ def _counting_scp():
     return server, got, raw, opened
 
 
-def test_cstore_reuses_one_association_and_replaces_one_the_peer_closed(tmp_path):
+def test_cstore_reuses_one_association_and_replaces_one_the_peer_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(POOL, "idle_s", 60.0)  # reuse itself is under test, not how long an idle one is kept
     files = pipeline.build(RSNA[0], prediction(boxes=BOXES), _cfg(tmp_path, archive=False), tmp_path / "out")
     server, got, raw, opened = _counting_scp()
     try:
