@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from load import free_port, pct, stop_node, write_config  # noqa: E402  (bench/load.py)
+from load import free_port, pct, stop_node, write_config  # bench/load.py
 
 SHARED = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "cxr_samples" / "rsna_dicom"
 OUT = ROOT / "test-artifacts" / "performance"
@@ -223,9 +223,9 @@ def start_node(work: Path, code: Path, model: str, pacs) -> tuple[subprocess.Pop
     }
     write_config(work / "node.toml", cfg)
     env = dict(os.environ, PYTHONPATH=str(code))
-    proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(work / "node.toml")],
-                            cwd=code, env=env, stdout=open(work / "node.log", "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(work / "node.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(work / "node.toml")],
+                                cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     if not wait_port("127.0.0.1", port, 120):
         stop_node(proc)
         raise SystemExit("node did not start:\n" + (work / "node.log").read_text()[-3000:])
@@ -321,7 +321,7 @@ def stage_profile(code: Path, model: str, files: list[Path], work: Path) -> dict
         env = dict(os.environ, PYTHONPATH=str(code))
         res = subprocess.run([sys.executable, str(STAGE_SCRIPT), "--model", model, "--port", str(pacs.dicom_port),
                               "--out", str(work / "stages")] + [str(f) for f in files],
-                             cwd=code, env=env, capture_output=True, text=True, timeout=1200)
+                             cwd=code, env=env, capture_output=True, text=True, timeout=1200, check=False)
     finally:
         pacs.stop()
     if res.returncode != 0:

@@ -59,8 +59,8 @@ def main() -> None:
         img = timed("decode", dicom_io.pixels, ds)
         pred = timed("model", lambda im: model.predict([im])[0], img)
         if caches:  # what the infer worker adds: the 8-bit rendering left for the report worker
-            timed("display_cache_write", lambda: pipeline.save_display(box / pipeline.DISPLAY_CACHE,
-                                                                         dicom_io.display(img)))
+            timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
+                                                                                       dicom_io.display(im)))
         files = timed("build_total", pipeline.build, f, pred, cfg, box)
         timed("send", CStoreSender(dest).send, files)
         # the parts of build, on their own

@@ -84,7 +84,8 @@ def _outputs(cfg: Config) -> tuple[str, ...]:
     return tuple(k for k, on in (("sr", True), ("sc", cfg.outputs.sc), ("gsps", cfg.outputs.gsps)) if on)
 
 
-def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path, preview: bool | None = None) -> list[Path]:
+def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
+          preview: bool | None = None) -> list[Path]:
     """Write SR (+ SC overlay, + GSPS) for the instance at ``path`` into ``out_dir``; returns the files.
 
     Output UIDs derive from the source SOP Instance UID and the model version, so a rebuild replaces. The 8-bit
@@ -105,8 +106,9 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path, 
         del ds.PixelData  # and the decoded array pydicom keeps with it: the encoders copy the header only
     earlier = previous_sr(cfg, str(ds.SOPInstanceUID))
     outputs = _outputs(cfg)
-    overlay = render_overlay(display, prediction) if "sc" in outputs and display.shape == (ds.Rows, ds.Columns) \
-        else None
+    overlay = None  # the SC's pixels, rendered once: the SC and the preview are made from them
+    if "sc" in outputs and display.shape == (ds.Rows, ds.Columns):
+        overlay = render_overlay(display, prediction)
     datasets, _changed = build_results(ds, display, prediction, outputs=outputs, predecessor_sr=earlier,
                                        sc_encoding=cfg.outputs.sc_transfer_syntax, overlay=overlay)
     out_dir.mkdir(parents=True, exist_ok=True)
