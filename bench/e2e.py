@@ -176,25 +176,36 @@ def count_instances(pacs) -> int:
 
 
 # -- sending ---------------------------------------------------------------------------------------------------------
-def scu(port: int):
-    import pydicom
-    from pynetdicom import AE, _config
+class Scu:
+    """The PACS side: C-STOREs the files as stored, on one association (a new one when the node closed it)."""
 
-    _config.STORE_SEND_CHUNKED_DATASET = True  # files go as stored: the bench's own CPU stays small
-    first = pydicom.dcmread(sources()[0], stop_before_pixels=True)
-    ae = AE(ae_title="BENCHSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
-    ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-    if not assoc.is_established:
-        raise SystemExit("the node refused the association")
-    return assoc
+    def __init__(self, port: int) -> None:
+        import pydicom
+        from pynetdicom import AE, _config
 
+        _config.STORE_SEND_CHUNKED_DATASET = True  # files go as stored: the bench's own CPU stays small
+        first = pydicom.dcmread(sources()[0], stop_before_pixels=True)
+        self.port = port
+        self.ae = AE(ae_title="BENCHSCU")
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 120
+        self.ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
+        self.assoc = None
 
-def store(assoc, path: Path) -> None:
-    status = assoc.send_c_store(path)
-    if not status or int(status.Status) != 0:
-        raise SystemExit(f"C-STORE of {path.name} failed: {status}")
+    def connect(self) -> None:
+        if self.assoc is None or not self.assoc.is_established:  # the node closes an association idle > 60 s
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE")
+            if not self.assoc.is_established:
+                raise SystemExit("the node refused the association")
+
+    def store(self, path: Path) -> None:
+        self.connect()
+        status = self.assoc.send_c_store(path)
+        if not status or int(status.Status) != 0:
+            raise SystemExit(f"C-STORE of {path.name} failed: {status}")
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
 
 
 def sop_uid(path: Path) -> str:
@@ -249,9 +260,9 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         wanted = {derive_uid(sop_uid(p), version, "sr"): sop_uid(p) for p in every}
         watcher = SrWatcher(pacs, wanted)
         watcher.start()
-        assoc = scu(port)
+        scu = Scu(port)
         for p in warm:  # workers load torch and the model on their first task: not part of the figures
-            store(assoc, p)
+            scu.store(p)
         deadline = time.time() + 300
         while not all(sop_uid(p) in watcher.seen for p in warm) and time.time() < deadline:
             time.sleep(0.05)
@@ -265,9 +276,10 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         procs = node_processes(pgid)
         extra = {"orthanc": pacs.proc.pid}
         cpu0 = cpu_by_role(procs, extra)
+        scu.connect()
         t0 = time.time()
         for p in burst:
-            store(assoc, p)
+            scu.store(p)
         t_sent = time.time() - t0
         deadline = time.time() + 120 + 10 * args.n
         while count_instances(pacs) < base + outputs_per_result * args.n and time.time() < deadline:
@@ -278,17 +290,18 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         phase(f"{label}: burst done in {t_done:.1f} s; {args.paced} paced at {args.rate}/s")
         # paced: one C-STORE every 1/rate s on the same association, latency to the SR in Orthanc
         start: dict[str, float] = {}
+        scu.connect()
         nxt = time.time()
         for p in paced:
             time.sleep(max(0.0, nxt - time.time()))
             start[sop_uid(p)] = time.time()
-            store(assoc, p)
+            scu.store(p)
             nxt += 1.0 / args.rate
         deadline = time.time() + 60
         while not all(u in watcher.seen for u in start) and time.time() < deadline:
             time.sleep(0.05)
         watcher.stop.set()
-        assoc.release()
+        scu.close()
         latencies = [watcher.seen[u] - t for u, t in start.items() if u in watcher.seen]
         rss: dict[str, float] = {}
         for pid, role in node_processes(pgid).items():
