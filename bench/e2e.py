@@ -263,7 +263,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         scu = Scu(port)
         for p in warm:  # workers load torch and the model on their first task: not part of the figures
             scu.store(p)
-        deadline = time.time() + 300
+        deadline = time.time() + 900  # minutes when the machine is busy
         while not all(sop_uid(p) in watcher.seen for p in warm) and time.time() < deadline:
             time.sleep(0.05)
         if time.time() >= deadline:
