@@ -297,7 +297,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
             start[sop_uid(p)] = time.time()
             scu.store(p)
             nxt += 1.0 / args.rate
-        deadline = time.time() + 60
+        deadline = time.time() + 120 + 10 * args.paced
         while not all(u in watcher.seen for u in start) and time.time() < deadline:
             time.sleep(0.05)
         watcher.stop.set()
