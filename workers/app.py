@@ -120,7 +120,8 @@ def analyze(self, payload: dict) -> dict:
     t0 = time.time()
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
-        pred = pipeline.analyze(path, cfg, predict=_predict())
+        pred = pipeline.analyze(path, cfg, predict=_predict(),
+                                display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)  # decoded once per node
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)

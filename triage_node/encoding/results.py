@@ -69,6 +69,7 @@ def build_results(
     outputs: Iterable[str] = ("sr", "sc"),
     predecessor_sr: Dataset | None = None,
     sc_encoding: str = "jpeg-ls",
+    overlay: np.ndarray | None = None,
 ) -> tuple[list[Dataset], list[str]]:
     """Build the requested outputs for one analysed image.
 
@@ -86,6 +87,8 @@ def build_results(
         An earlier SR of this image by another model version, referenced by the new SR.
     sc_encoding
         Transfer syntax of the SC overlay (``outputs.sc_transfer_syntax``, see :data:`sc.SC_ENCODINGS`).
+    overlay
+        The SC's pixels, ``sc.render_overlay(display, prediction)``, when the caller rendered them already.
 
     Returns
     -------
@@ -122,7 +125,7 @@ def build_results(
         if name == "sr":
             results.append(build_sr(cleaned, prediction, predecessor=predecessor_sr))
         elif name == "sc":
-            results.append(build_overlay(cleaned, display, prediction, encoding=sc_encoding))
+            results.append(build_overlay(cleaned, display, prediction, encoding=sc_encoding, overlay=overlay))
         else:
             results.append(build_gsps(cleaned, prediction))
     return results, changed

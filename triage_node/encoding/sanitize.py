@@ -20,6 +20,7 @@ import datetime
 import logging
 import math
 import re
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -185,13 +186,17 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
     -------
     tuple[pydicom.dataset.Dataset, list[str]]
         The cleaned copy and the keywords of the attributes that were repaired or removed (names only, so callers
-        can log them without leaking values).
+        can log them without leaking values). A dataset this function returned is returned as it is, with no
+        changes: cleaning is idempotent, and each encoder cleans its input again (a deep copy per output saved).
 
     Raises
     ------
     BadDataset
         When the source lacks a UID no output can do without (Study/Series/SOP Instance UID, SOP Class UID).
     """
+    seen = _CLEANED.get(id(ds))
+    if seen is not None and seen() is ds:
+        return ds, []
     out = copy.deepcopy(ds)
     changed: list[str] = []
     for elem in list(out):
@@ -215,4 +220,11 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
     _complete(out, changed)
     if changed:
         logger.debug("cleaned source attributes %s of %s", ",".join(changed), ds.get("SOPInstanceUID", "?"))
+    key = id(out)
+    _CLEANED[key] = weakref.ref(out, lambda _ref: _CLEANED.pop(key, None))
     return out, changed
+
+
+#: id -> weak reference of the datasets clean_source returned (Dataset defines __eq__, so it cannot key a WeakSet;
+#: the identity check on lookup makes a reused id harmless).
+_CLEANED: dict[int, weakref.ref] = {}

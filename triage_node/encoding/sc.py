@@ -14,11 +14,18 @@ For viewers that render neither SR nor presentation states. Decisions:
 
 from __future__ import annotations
 
+import threading
+
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (
@@ -43,11 +50,19 @@ SC_ENCODINGS = {
 }
 
 
+_FONTS = threading.local()
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+    """Pillow's default font at ``size``, loaded once per size and thread (loading costs ~2 ms, more than drawing
+    with it; a FreeType face is not shared between threads)."""
+    fonts: dict = _FONTS.__dict__.setdefault("by_size", {})
+    if size not in fonts:
+        try:
+            fonts[size] = ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+            fonts[size] = ImageFont.load_default()
+    return fonts[size]
 
 
 def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
@@ -113,6 +128,7 @@ def build_overlay(
     *,
     series_number: int = 9902,
     encoding: str = "jpeg-ls",
+    overlay: np.ndarray | None = None,
 ) -> Dataset:
     """Build the annotated Secondary Capture of ``source``.
 
@@ -128,11 +144,14 @@ def build_overlay(
         Number of the overlay series.
     encoding
         A key of :data:`SC_ENCODINGS` (``outputs.sc_transfer_syntax``).
+    overlay
+        ``render_overlay(display, prediction)`` when the caller already has it (it also makes the preview from it).
 
     Raises
     ------
     ValueError
-        If ``display`` is not a 2-D uint8 array of the source's size, or ``encoding`` is unknown.
+        If ``display`` is not a 2-D uint8 array of the source's size, ``overlay`` not its RGB rendering's shape, or
+        ``encoding`` is unknown.
     """
     if encoding not in SC_ENCODINGS:
         raise ValueError(f"unknown SC encoding {encoding!r}; expected one of {', '.join(SC_ENCODINGS)}")
@@ -143,6 +162,10 @@ def build_overlay(
         raise ValueError(f"display shape {display.shape} does not match source {expected}")
     if display.dtype != np.uint8:
         raise ValueError(f"display must be uint8, got {display.dtype}")
+    if overlay is None:
+        overlay = render_overlay(display, prediction)
+    elif overlay.shape != (*expected, 3) or overlay.dtype != np.uint8:
+        raise ValueError(f"overlay must be uint8 {expected[0]}x{expected[1]}x3, got {overlay.dtype} {overlay.shape}")
     source, _ = clean_source(source)
     model = prediction.model
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -150,7 +173,7 @@ def build_overlay(
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=render_overlay(display, prediction),
+        pixel_array=overlay,
         photometric_interpretation=photometric,
         bits_allocated=8,
         coordinate_system="PATIENT",

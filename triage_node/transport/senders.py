@@ -8,74 +8,123 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config as _pynetdicom_config
 
 from ..config import Destination
 from ..errors import SendFailed
 from .flags import FhirSender, HL7Sender, ResultContext, WebhookSender
 
 log = logging.getLogger(__name__)
+# send_c_store(path) streams the file's dataset as stored instead of decoding it and encoding it again (only used
+# when the file's own transfer syntax was accepted; the uncompressed fallback sends a decoded dataset)
+_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class Sender(Protocol):
     name: str
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]: ...
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]: ...
 
 
 def _read(files: list[Path]) -> list[Dataset]:
     return [pydicom.dcmread(f) for f in files]
 
 
+class _NoResponse(Exception):
+    """The association ended (or timed out) before the peer answered; ``sent`` were confirmed before that."""
+
+    def __init__(self, sent: list[str]) -> None:
+        super().__init__("no C-STORE response")
+        self.sent = sent
+
+
 class CStoreSender:
-    """C-STORE SCU. Proposes only the SOP classes (and the transfer syntaxes) of the files being sent."""
+    """C-STORE SCU. Proposes only the SOP classes (and the transfer syntaxes) of the files being sent.
+
+    Files go out as they are on disk (pynetdicom streams the dataset from the file: no decode, no re-encode), over
+    an association kept in :data:`pool.POOL` and reused by the next result for the same destination. A reused
+    association the peer closed meanwhile is replaced once by a fresh one (a resend replaces: output UIDs are
+    deterministic).
+    """
 
     def __init__(self, dest: Destination) -> None:
         self.name, self.dest = dest.name, dest
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
+        from .pool import POOL
+
+        metas = [(Path(f), read_file_meta_info(f)) for f in files]
+        wanted = tuple(sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for _, m in metas}))
+        key = (self.dest, wanted)
+        sent: list[str] = []
+        while True:
+            assoc, reused = POOL.get(key, lambda: self._associate(wanted))
+            try:
+                sent += self._store(assoc, metas[len(sent):])
+            except _NoResponse as lost:
+                sent += lost.sent
+                POOL.discard(assoc)
+                if reused:
+                    log.info("%s: pooled association lost, sending again on a new one", self.name)
+                    continue
+                raise SendFailed(f"{self.name}: no C-STORE response (timeout or abort)", retryable=True) from None
+            except SendFailed:
+                POOL.put(key, assoc)  # the peer refused one instance; the association itself is fine
+                raise
+            except BaseException:
+                POOL.discard(assoc)
+                raise
+            POOL.put(key, assoc)
+            return sent
+
+    def _associate(self, wanted: tuple[tuple[str, str], ...]):
         from pynetdicom import AE
         from pynetdicom.presentation import build_context
 
-        datasets = _read(files)
+        from .tls import client_context
+
         ae = AE(ae_title=self.dest.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout
-        wanted = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets})
         for sop, ts in wanted:
             ae.requested_contexts.append(build_context(sop, [ts]))
         for sop in sorted({sop for sop, ts in wanted if UID(ts).is_compressed}):
             # Fallback for a peer without the codec: the same SOP class uncompressed (we decompress for it).
             ae.requested_contexts.append(build_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-        from .tls import client_context
-
         ctx = client_context(self.dest)
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
                              tls_args=(ctx, self.dest.host) if ctx else None)
         if not assoc.is_established:
             why = "rejected by the peer" if assoc.is_rejected else "not established (peer unreachable or aborted)"
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
+        return assoc
+
+    def _store(self, assoc, metas: Sequence[tuple[Path, Dataset]]) -> list[str]:
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
         sent: list[str] = []
-        try:
-            accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
-            for ds in datasets:
-                ds = _for_peer(ds, accepted)
-                status = assoc.send_c_store(ds)
-                code = int(status.Status) if status and "Status" in status else None
-                if code is None:
-                    raise SendFailed(f"{self.name}: no C-STORE response (timeout or abort)", retryable=True)
-                if code in (0x0000, 0xB000, 0xB007, 0xB006):
-                    sent.append(str(ds.SOPInstanceUID))
-                    continue
-                # 0xA7xx out of resources is transient; 0xA9xx / 0xCxxx mean the peer refuses the data itself
-                retryable = (code & 0xFF00) == 0xA700
-                raise SendFailed(f"{self.name}: C-STORE status 0x{code:04X}", retryable=retryable)
-        finally:
-            assoc.release()
+        for path, meta in metas:
+            sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+            what: Path | Dataset = path if (sop, ts) in accepted else _for_peer(pydicom.dcmread(path), accepted)
+            try:
+                status = assoc.send_c_store(what)
+            except RuntimeError:  # "must be established": the peer closed it
+                raise _NoResponse(sent) from None
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                raise _NoResponse(sent)
+            if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                sent.append(str(meta.MediaStorageSOPInstanceUID))
+                continue
+            # 0xA7xx out of resources is transient; 0xA9xx / 0xCxxx mean the peer refuses the data itself
+            retryable = (code & 0xFF00) == 0xA700
+            raise SendFailed(f"{self.name}: C-STORE status 0x{code:04X}", retryable=retryable)
         return sent
 
 
@@ -87,7 +136,9 @@ def _for_peer(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset:
         return ds
     if not any(a == sop and not UID(t).is_compressed for a, t in accepted):
         return ds
-    ds.decompress()  # in place: each send reads its files afresh. JPEG YBR_FULL_422 comes back as RGB
+    # in place: each send reads its files afresh. JPEG YBR_FULL_422 comes back as RGB. Same instance, other
+    # encoding: the SOP Instance UID stays (pydicom would make a new one, and a resend would then duplicate)
+    ds.decompress(generate_instance_uid=False)
     return ds
 
 
@@ -116,7 +167,7 @@ class StowSender:
     def _client(self):
         return dicomweb_client(self.dest.url, self.dest.username, self.dest.password, self.dest.token)
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         import requests
 
         datasets = _read(files)
@@ -138,13 +189,13 @@ class FolderSender:
     def __init__(self, dest: Destination) -> None:
         self.name, self.root = dest.name, Path(dest.path)
 
-    def send(self, files: list[Path], context: "ResultContext | None" = None) -> list[str]:
+    def send(self, files: list[Path], context: ResultContext | None = None) -> list[str]:
         self.root.mkdir(parents=True, exist_ok=True)
         uids = []
         for f in files:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            meta = read_file_meta_info(f)  # the file meta names the instance: the dataset is not parsed
             shutil.copy2(f, self.root / f.name)
-            uids.append(str(ds.SOPInstanceUID))
+            uids.append(str(meta.MediaStorageSOPInstanceUID))
         return uids
 
 

@@ -1,0 +1,427 @@
+"""End-to-end throughput, latency and CPU per CXR of the real node, beside the bare decode + model loop.
+
+A private Orthanc is the PACS; ``triage-node up`` (private Redis, Celery workers, the model) sends its results there
+by C-STORE; this script C-STOREs unique copies of the RSNA samples to the node over one association, and reports:
+
+* bare loop: ``pipeline.analyze`` over the same files in this process (decode + model, one CXR at a time);
+* sustained: a burst of ``--n`` instances, first C-STORE -> last result stored in Orthanc (counted by its
+  /statistics), results/s and the ratio to the bare loop;
+* paced: ``--paced`` instances at ``--rate`` per second (below capacity), C-STORE start -> the SR seen in Orthanc's
+  /changes (polled every 10 ms), percentiles;
+* CPU ms per CXR: by node process (receiver, infer worker, report worker, Redis; from /proc over the burst) and by
+  stage (decode, model, SR, overlay, GSPS, write, preview, build total, send; ``time.process_time`` around the same
+  functions, one instance at a time, in a separate process running the same code); peak RSS per node process.
+
+``--baseline DIR`` runs the whole node measurement a second time on another checkout of the code (e.g. main, from
+``git archive``) in the same run, and prints both with ratios. Figures are only worth something on a quiet machine.
+
+    .venv/bin/python bench/e2e.py --n 200 --rate 1 --paced 30
+    .venv/bin/python bench/e2e.py --n 200 --baseline /tmp/main-copy      # before / after in one run
+    .venv/bin/python bench/e2e.py --n 3 --paced 2 --bare 3               # smoke test (tests/test_bench_e2e.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from load import free_port, pct, stop_node, write_config  # bench/load.py
+
+SHARED = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "cxr_samples" / "rsna_dicom"
+OUT = ROOT / "test-artifacts" / "performance"
+STAGE_SCRIPT = Path(__file__).resolve().parent / "e2e_stages.py"
+
+
+T_START = time.time()
+
+
+def phase(text: str) -> None:
+    print(f"[{time.time() - T_START:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def sources() -> list[Path]:
+    files = sorted(SHARED.glob("*.dcm")) or sorted((ROOT / "sample_dicom").glob("*.dcm"))
+    if not files:
+        raise SystemExit(f"no RSNA samples in {SHARED} or sample_dicom/")
+    return files
+
+
+def make_instances(n: int, out: Path, prefix: str) -> list[Path]:
+    """n unique instances (new Study/Series/SOP UIDs) from the RSNA samples."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    srcs = [pydicom.dcmread(p) for p in sources()]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = srcs[i % len(srcs)]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        paths.append(out / f"{prefix}{i:05d}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+# -- /proc accounting ------------------------------------------------------------------------------------------------
+def _role(cmdline: str) -> str:
+    if "redis-server" in cmdline:
+        return "redis"
+    if "-Q infer" in cmdline:
+        return "infer_worker"
+    if "-Q report" in cmdline:
+        return "report_worker"
+    if "triage_node.cli" in cmdline:
+        return "receiver"
+    return "other"
+
+
+def node_processes(pgid: int) -> dict[int, str]:
+    """pid -> role of every live process in the node's process group."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) != pgid:  # field 5: pgrp
+                continue
+            found[int(d.name)] = _role((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_by_role(procs: dict[int, str], extra: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, role in procs.items():
+        out[role] = out.get(role, 0.0) + cpu_s(pid)
+    for role, pid in extra.items():
+        out[role] = cpu_s(pid)
+    return out
+
+
+# -- Orthanc watching ------------------------------------------------------------------------------------------------
+class SrWatcher(threading.Thread):
+    """Polls Orthanc's /changes every ``interval`` s and notes when each SOP Instance UID of interest is stored."""
+
+    def __init__(self, pacs, wanted: dict[str, str], interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        import requests
+
+        self.pacs, self.wanted, self.interval = pacs, wanted, interval  # wanted: SR SOP UID -> source SOP UID
+        self.session = requests.Session()
+        self.seen: dict[str, float] = {}  # source SOP UID -> time the SR was seen
+        self.stop = threading.Event()
+        self.since = int(self.session.get(f"{pacs.url}/changes?last", timeout=10).json().get("Last", 0))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                got = self.session.get(f"{self.pacs.url}/changes?since={self.since}&limit=200", timeout=10).json()
+            except Exception:  # noqa: BLE001 - a missed poll is retried
+                time.sleep(self.interval)
+                continue
+            now = time.time()
+            for ch in got.get("Changes", []):
+                if ch.get("ChangeType") != "NewInstance":
+                    continue
+                tags = self.session.get(f"{self.pacs.url}/instances/{ch['ID']}", timeout=10).json()
+                src = self.wanted.get(tags.get("MainDicomTags", {}).get("SOPInstanceUID", ""))
+                if src and src not in self.seen:
+                    self.seen[src] = now
+            self.since = got.get("Last", self.since)
+            if not got.get("Done", True):
+                continue
+            time.sleep(self.interval)
+
+
+def count_instances(pacs) -> int:
+    import requests
+
+    return int(requests.get(f"{pacs.url}/statistics", timeout=10).json()["CountInstances"])
+
+
+# -- sending ---------------------------------------------------------------------------------------------------------
+class Scu:
+    """The PACS side: C-STOREs the files as stored, on one association (a new one when the node closed it)."""
+
+    def __init__(self, port: int) -> None:
+        import pydicom
+        from pynetdicom import AE, _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True  # files go as stored: the bench's own CPU stays small
+        first = pydicom.dcmread(sources()[0], stop_before_pixels=True)
+        self.port = port
+        self.ae = AE(ae_title="BENCHSCU")
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 120
+        self.ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
+        self.assoc = None
+
+    def connect(self) -> None:
+        if self.assoc is None or not self.assoc.is_established:  # the node closes an association idle > 60 s
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGE")
+            if not self.assoc.is_established:
+                raise SystemExit("the node refused the association")
+
+    def store(self, path: Path) -> None:
+        self.connect()
+        status = self.assoc.send_c_store(path)
+        if not status or int(status.Status) != 0:
+            raise SystemExit(f"C-STORE of {path.name} failed: {status}")
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+
+def sop_uid(path: Path) -> str:
+    from pydicom.filereader import read_file_meta_info
+
+    return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+
+
+# -- one node run ----------------------------------------------------------------------------------------------------
+def start_node(work: Path, code: Path, model: str, pacs) -> tuple[subprocess.Popen, dict, int]:
+    from triage_node.services import wait_port
+
+    port = free_port()
+    cfg = {
+        "audit_log": str(work / "audit.jsonl"), "log_level": "WARNING",
+        "receiver": {"ae_title": "TRIAGE", "port": port, "allowed_calling_aets": ["BENCHSCU"], "max_associations": 4},
+        "spool": {"directory": str(work / "spool")},
+        "broker": {"url": ""},
+        "model": {"path": model},
+        "outputs": {"sr": True, "sc": True, "gsps": False, "archive_dir": str(work / "results")},
+        "retry": {"max_attempts": 5, "backoff_base_s": 0.5, "backoff_max_s": 5.0,
+                  "dead_letter_dir": str(work / "dead-letter")},
+        "web": {"enabled": False},
+        "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port,
+                          "ae_title": "ORTHANC", "calling_ae_title": "TRIAGE", "timeout": 30.0}],
+    }
+    write_config(work / "node.toml", cfg)
+    env = dict(os.environ, PYTHONPATH=str(code))
+    with open(work / "node.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(work / "node.toml")],
+                                cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not wait_port("127.0.0.1", port, 120):
+        stop_node(proc)
+        raise SystemExit("node did not start:\n" + (work / "node.log").read_text()[-3000:])
+    return proc, cfg, port
+
+
+def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
+    from triage_node.audit import read as read_audit
+    from triage_node.encoding.uids import derive_uid
+    from triage_node.localpacs import LocalOrthanc
+
+    work.mkdir(parents=True)
+    warm = make_instances(1, work / "in", "warm")
+    burst = make_instances(args.n, work / "in", "burst")
+    paced = make_instances(args.paced, work / "in", "paced")
+    pacs = LocalOrthanc(work / "orthanc").start()
+    node, cfg, port = start_node(work, code, args.model, pacs)
+    phase(f"{label}: node up on {code}")
+    try:
+        every = warm + burst + paced
+        wanted = {derive_uid(sop_uid(p), version, "sr"): sop_uid(p) for p in every}
+        watcher = SrWatcher(pacs, wanted)
+        watcher.start()
+        scu = Scu(port)
+        for p in warm:  # workers load torch and the model on their first task: not part of the figures
+            scu.store(p)
+        deadline = time.time() + 900  # minutes when the machine is busy
+        while not all(sop_uid(p) in watcher.seen for p in warm) and time.time() < deadline:
+            time.sleep(0.05)
+        if time.time() >= deadline:
+            raise SystemExit("warm-up results never reached Orthanc:\n" + (work / "node.log").read_text()[-3000:])
+        phase(f"{label}: warm-up result in Orthanc; burst of {args.n}")
+        time.sleep(1.0)
+        outputs_per_result = 2  # SR + SC
+        base = count_instances(pacs)
+        pgid = node.pid
+        procs = node_processes(pgid)
+        extra = {"orthanc": pacs.proc.pid}
+        cpu0 = cpu_by_role(procs, extra)
+        scu.connect()
+        t0 = time.time()
+        for p in burst:
+            scu.store(p)
+        t_sent = time.time() - t0
+        deadline = time.time() + 120 + 10 * args.n
+        while count_instances(pacs) < base + outputs_per_result * args.n and time.time() < deadline:
+            time.sleep(0.1)
+        t_done = time.time() - t0
+        cpu1 = cpu_by_role(procs, extra)
+        complete = count_instances(pacs) >= base + outputs_per_result * args.n
+        phase(f"{label}: burst done in {t_done:.1f} s; {args.paced} paced at {args.rate}/s")
+        # paced: one C-STORE every 1/rate s on the same association, latency to the SR in Orthanc
+        start: dict[str, float] = {}
+        scu.connect()
+        nxt = time.time()
+        for p in paced:
+            time.sleep(max(0.0, nxt - time.time()))
+            start[sop_uid(p)] = time.time()
+            scu.store(p)
+            nxt += 1.0 / args.rate
+        deadline = time.time() + 120 + 10 * args.paced
+        while not all(u in watcher.seen for u in start) and time.time() < deadline:
+            time.sleep(0.05)
+        watcher.stop.set()
+        scu.close()
+        latencies = [watcher.seen[u] - t for u, t in start.items() if u in watcher.seen]
+        rss: dict[str, float] = {}
+        for pid, role in node_processes(pgid).items():
+            rss[role] = max(rss.get(role, 0.0), peak_rss_mb(pid))
+        entries = read_audit(Path(cfg["audit_log"]))
+    finally:
+        stop_node(node)
+        pacs.stop()
+    cpu_ms = {role: round((cpu1[role] - cpu0.get(role, 0.0)) * 1000 / args.n, 1) for role in cpu1}
+    node_total = sum(v for k, v in cpu_ms.items() if k != "orthanc")
+    return {
+        "code": str(code), "label": label,
+        "sustained": {"n": args.n, "complete": complete, "ingest_s": round(t_sent, 2), "wall_s": round(t_done, 2),
+                      "results_per_s": round(args.n / t_done, 2)},
+        "paced": {"n": len(start), "rate_per_s": args.rate, "results": len(latencies),
+                  "latency_s": {q: pct(latencies, int(q[1:])) for q in ("p50", "p90", "p95", "p99")}
+                  | {"max": round(max(latencies), 3) if latencies else None}},
+        "cpu_ms_per_cxr_by_process": cpu_ms | {"node_total": round(node_total, 1)},
+        "peak_rss_mb": rss | {"node_total": round(sum(rss.values()), 1)},
+        "dead_lettered_or_failed": sum(1 for e in entries if e.get("event") in ("dead_lettered", "failed")),
+    }
+
+
+def stage_profile(code: Path, model: str, files: list[Path], work: Path) -> dict:
+    """CPU ms per stage on ``code``, in a separate process (the same functions the workers call)."""
+    from triage_node.localpacs import LocalOrthanc
+
+    pacs = LocalOrthanc(work / "orthanc-stages").start()
+    try:
+        env = dict(os.environ, PYTHONPATH=str(code))
+        res = subprocess.run([sys.executable, str(STAGE_SCRIPT), "--model", model, "--port", str(pacs.dicom_port),
+                              "--out", str(work / "stages")] + [str(f) for f in files],
+                             cwd=code, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    finally:
+        pacs.stop()
+    if res.returncode != 0:
+        raise SystemExit("stage profile failed:\n" + res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bare_loop(model: str, files: list[Path]) -> dict:
+    """decode + model, one CXR at a time, in this process (the baseline the node is compared with)."""
+    import dataclasses
+    import logging
+
+    from triage_node import config, dicom_io, pipeline
+
+    logging.disable(logging.WARNING)
+    cfg = config.Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    m = pipeline.get_model(cfg)
+    for f in files[:2]:
+        pipeline.analyze(f, cfg, model=m)
+    t0, c0 = time.time(), time.process_time()
+    preds = [pipeline.analyze(f, cfg, model=m) for f in files]
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    c0 = time.process_time()
+    for f in files:  # the decode part on its own
+        dicom_io.pixels(dicom_io.read(f))
+    decode = time.process_time() - c0
+    logging.disable(logging.NOTSET)
+    return {"n": len(files), "cxr_per_s": round(len(files) / wall, 2), "cpu_ms_per_cxr": round(cpu * 1000 / len(files), 1),
+            "decode_cpu_ms_per_cxr": round(decode * 1000 / len(files), 1),
+            "model": preds[0].model.label, "version": preds[0].model.version}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="burst size (default 200)")
+    ap.add_argument("--rate", type=float, default=1.0, help="paced C-STOREs per second (default 1)")
+    ap.add_argument("--paced", type=int, default=30, help="paced instances (default 30)")
+    ap.add_argument("--bare", type=int, default=50, help="instances in the bare decode + model loop (default 50)")
+    ap.add_argument("--stages", type=int, default=10, help="instances in the per-stage CPU profile (default 10)")
+    ap.add_argument("--model", default=str(ROOT / "models" / "demo"), help="model package, or 'untrained'")
+    ap.add_argument("--baseline", type=Path, help="another checkout of the code to measure the same way")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    model = args.model if args.model == "untrained" else str(Path(args.model).resolve())
+    args.model = model
+    work = Path(tempfile.mkdtemp(prefix="triage-e2e-"))
+    busy = Path("/work/cpu-busy.lock").exists()
+    try:
+        bare_files = make_instances(args.bare, work / "bare", "bare")
+        phase(f"bare loop over {args.bare}")
+        bare = bare_loop(model, bare_files)
+        runs = {}
+        for label, code in ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("current", ROOT)]:
+            r = run_node(args, code, label, bare["version"], work / label)
+            phase(f"{label}: stage profile over {args.stages}")
+            r["cpu_ms_per_cxr_by_stage"] = stage_profile(code, model, bare_files[:args.stages], work / label)
+            node_total = r["cpu_ms_per_cxr_by_process"]["node_total"]
+            # what the node spends on top of the bare loop's decode + model, and everything but the model
+            r["added_cpu_ms_per_cxr"] = round(node_total - bare["cpu_ms_per_cxr"], 1)
+            r["non_model_cpu_ms_per_cxr"] = round(r["added_cpu_ms_per_cxr"] + bare["decode_cpu_ms_per_cxr"], 1)
+            r["sustained"]["ratio_to_bare"] = round(r["sustained"]["results_per_s"] / bare["cxr_per_s"], 2)
+            runs[label] = r
+        res = {"suite": "e2e", "bare": bare, **runs, "cpus": os.cpu_count(),
+               "machine_busy": busy, "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        if "baseline" in runs:
+            b, c = runs["baseline"], runs["current"]
+            res["after_over_before"] = {
+                "results_per_s": round(c["sustained"]["results_per_s"] / b["sustained"]["results_per_s"], 2),
+                "non_model_cpu": round(c["non_model_cpu_ms_per_cxr"] / max(b["non_model_cpu_ms_per_cxr"], 1e-9), 2),
+                "paced_p95": round((c["paced"]["latency_s"]["p95"] or 0) / max(b["paced"]["latency_s"]["p95"] or 1e-9,
+                                                                               1e-9), 2),
+            }
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "e2e.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        if busy:
+            print("WARNING: /work/cpu-busy.lock exists: the machine is shared, these timings are not figures")
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""CPU ms per CXR by stage, for bench/e2e.py: run with PYTHONPATH set to the checkout being measured.
+
+Each stage is timed with ``time.process_time`` (all threads of this process: pynetdicom's send runs in its own
+threads) around the functions the workers call, one instance at a time, after one warm-up instance. Prints one JSON
+line: the mean per stage. Works on checkouts from before the result-building changes too (then ``build`` decodes
+the source again and the preview decodes the SC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--port", type=int, required=True, help="Orthanc DICOM port (the send stage)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("files", nargs="+", type=Path)
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+
+    import pydicom
+
+    from triage_node import config, dicom_io, pipeline
+    from triage_node.encoding.pr import build_gsps
+    from triage_node.encoding.sanitize import clean_source
+    from triage_node.encoding.sc import build_overlay, render_overlay
+    from triage_node.encoding.sr import build_sr
+    from triage_node.transport.senders import CStoreSender
+
+    cfg = config.Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model),
+                              outputs=dataclasses.replace(cfg.outputs, archive_dir=str(args.out / "archive")))
+    dest = config.Destination(name="pacs", kind="dicom", host="127.0.0.1", port=args.port, ae_title="ORTHANC",
+                              calling_ae_title="TRIAGE", timeout=30.0)
+    model = pipeline.get_model(cfg)
+    caches = "display_to" in inspect.signature(pipeline.analyze).parameters
+    totals: dict[str, float] = {}
+
+    def timed(name: str, fn, *a, **kw):
+        c0 = time.process_time()
+        out = fn(*a, **kw)
+        totals[name] = totals.get(name, 0.0) + time.process_time() - c0
+        return out
+
+    for i, f in enumerate([args.files[0]] + list(args.files)):
+        if i == 1:
+            totals.clear()  # the first instance was the warm-up
+        # the node's own path: infer worker (decode + model), report worker (build, send)
+        box = args.out / f"box{i}"
+        ds = timed("decode", dicom_io.read, f)
+        img = timed("decode", dicom_io.pixels, ds)
+        pred = timed("model", lambda im: model.predict([im])[0], img)
+        if caches:  # what the infer worker adds: the 8-bit rendering left for the report worker
+            timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
+                                                                                       dicom_io.display(im)))
+        files = timed("build_total", pipeline.build, f, pred, cfg, box)
+        timed("send", CStoreSender(dest).send, files)
+        # the parts of build, on their own
+        header = pydicom.dcmread(f, stop_before_pixels=True)
+        display = dicom_io.display(img)
+        cleaned, _ = timed("clean_source", clean_source, header)
+        timed("sr", build_sr, cleaned, pred)
+        overlay = timed("overlay_render", render_overlay, display, pred)
+        sc = timed("overlay_render_encode", build_overlay, cleaned, display, pred)
+        timed("gsps_not_configured", build_gsps, cleaned, pred)
+        sr = build_sr(cleaned, pred)
+        timed("write", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)
+        timed("write", sc.save_as, args.out / f"sc{i}.dcm", enforce_file_format=True)
+        try:
+            timed("preview", pipeline.write_preview, overlay, args.out / f"p{i}.png")
+        except AttributeError:  # older code: the preview is made from the SC dataset (decoding it)
+            timed("preview", pipeline.write_preview, sc, args.out / f"p{i}.png")
+    n = len(args.files)
+    res = {k: round(v * 1000 / n, 1) for k, v in totals.items()}
+    res["overlay_encode"] = round(res.pop("overlay_render_encode") - res["overlay_render"], 1)
+    res["n"] = n
+    res["display_cache"] = caches
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

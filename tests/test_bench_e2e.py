@@ -1,0 +1,38 @@
+"""Smoke test of bench/e2e.py: tiny N, real node, real Orthanc; checks the report's fields, never its timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    from tests.conftest import require
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_e2e_bench_reports_every_figure(tmp_path):
+    require("Orthanc", "redis-server")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--n", "2", "--paced", "2", "--rate", "2",
+                          "--bare", "2", "--stages", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    report = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert report["bare"]["cxr_per_s"] > 0 and report["bare"]["n"] == 2
+    run = report["current"]
+    assert run["sustained"]["complete"] is True and run["sustained"]["n"] == 2
+    assert run["sustained"]["results_per_s"] > 0 and "ratio_to_bare" in run["sustained"]
+    paced = run["paced"]
+    assert paced["n"] == 2 and {"p50", "p90", "p95", "p99", "max"} <= set(paced["latency_s"])
+    assert paced["results"] == 0 or paced["latency_s"]["p95"] > 0  # arrival within the wait is a timing matter
+    assert {"receiver", "infer_worker", "report_worker", "redis", "node_total"} <= set(run["cpu_ms_per_cxr_by_process"])
+    stages = run["cpu_ms_per_cxr_by_stage"]
+    assert {"decode", "model", "sr", "overlay_render", "overlay_encode", "gsps_not_configured", "write", "preview",
+            "build_total", "send"} <= set(stages)
+    assert run["peak_rss_mb"]["infer_worker"] > 0 and run["peak_rss_mb"]["report_worker"] > 0
+    assert "non_model_cpu_ms_per_cxr" in run and run["dead_lettered_or_failed"] == 0

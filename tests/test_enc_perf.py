@@ -1,0 +1,156 @@
+"""The shortcuts that keep result building cheap write the same outputs as the long way round.
+
+No timing here (speed is measured by bench/e2e.py): each test fails if a shortcut changes what is written or sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from triage_node import config, dicom_io, pipeline
+from triage_node.config import Destination
+from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.sr import build_sr
+from triage_node.transport.pool import POOL
+from triage_node.transport.senders import CStoreSender
+
+try:
+    from tests.test_enc_common import BOXES, RSNA, prediction, synthetic_xray
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from test_enc_common import BOXES, RSNA, prediction, synthetic_xray
+
+#: Set at construction time (highdicom stamps "now"; also each Contribution DateTime): not part of what a shortcut
+#: may change.
+_CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "DateOfSecondaryCapture",
+          "TimeOfSecondaryCapture")
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    for kw in _CLOCK:
+        if kw in ds:
+            setattr(ds, kw, "")
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = ""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("boxes", [BOXES, ()], ids=["boxes", "nothing-found"])
+@pytest.mark.parametrize("source", [pytest.param("rsna", id="rsna"), pytest.param("cr", id="cr-16bit")])
+def test_sr_without_tree_checks_writes_the_same_bytes(source, boxes):
+    ds = pydicom.dcmread(RSNA[0]) if source == "rsna" else synthetic_xray("cr")
+    pred = prediction(boxes=boxes)
+    fast = build_sr(ds, pred)
+    checked = build_sr(ds, pred, check_tree=True)
+    assert len(fast.ContentSequence) >= 4  # the tree is there, not just the shell
+    assert _bytes(fast) == _bytes(checked)
+
+
+def test_clean_source_returns_its_own_result_unchanged_and_copies_anything_else():
+    ds = pydicom.dcmread(RSNA[0], stop_before_pixels=True)
+    cleaned, changed = clean_source(ds)
+    assert changed and cleaned is not ds
+    again, changed_again = clean_source(cleaned)
+    assert again is cleaned and changed_again == []
+    copy_of_clean = pydicom.Dataset(cleaned)  # another object with the same content is cleaned (copied) again
+    assert clean_source(copy_of_clean)[0] is not copy_of_clean
+
+
+def _cfg(tmp: Path, archive: bool = True) -> config.Config:
+    cfg = config.Config()
+    outputs = dataclasses.replace(cfg.outputs, archive_dir=str(tmp / "archive") if archive else "")
+    return dataclasses.replace(cfg, outputs=outputs)
+
+
+def test_build_from_the_cached_display_equals_build_from_the_source(tmp_path):
+    cfg = _cfg(tmp_path)
+    pred = prediction(boxes=BOXES)
+    plain = pipeline.build(RSNA[1], pred, cfg, tmp_path / "plain")
+    box = tmp_path / "cached"
+    pipeline.analyze(RSNA[1], cfg, predict=lambda _img: pred, display_to=box / pipeline.DISPLAY_CACHE)
+    cached_display = np.load(box / pipeline.DISPLAY_CACHE)
+    ds = pydicom.dcmread(RSNA[1])
+    np.testing.assert_array_equal(cached_display, dicom_io.display(dicom_io.pixels(ds)))
+    cached = pipeline.build(RSNA[1], pred, cfg, box)
+    assert not (box / pipeline.DISPLAY_CACHE).exists()  # consumed: never archived nor sent
+    assert [f.name for f in plain] == [f.name for f in cached]
+    for a, b in zip(plain, cached):
+        da, db = pydicom.dcmread(a), pydicom.dcmread(b)
+        assert _bytes(da) == _bytes(db)
+    assert (box / "preview.png").exists() and (tmp_path / "plain" / "preview.png").exists()
+    assert json.loads((box / "prediction.json").read_text()) == pred.to_json()
+
+
+def test_a_stale_or_broken_display_cache_is_ignored(tmp_path):
+    cfg = _cfg(tmp_path, archive=False)
+    pred = prediction(boxes=BOXES)
+    reference = pipeline.build(RSNA[2], pred, cfg, tmp_path / "ref")
+    for name, content in (("wrong-size", np.zeros((10, 10), np.uint8)), ("garbage", b"not a numpy file")):
+        box = tmp_path / name
+        box.mkdir()
+        if isinstance(content, bytes):
+            (box / pipeline.DISPLAY_CACHE).write_bytes(content)
+        else:
+            np.save(box / pipeline.DISPLAY_CACHE, content)
+        files = pipeline.build(RSNA[2], pred, cfg, box)
+        sc = next(f for f in files if f.name.startswith("sc-"))
+        ref_sc = next(f for f in reference if f.name.startswith("sc-"))
+        np.testing.assert_array_equal(pydicom.dcmread(sc).pixel_array, pydicom.dcmread(ref_sc).pixel_array)
+        assert not (box / "preview.png").exists()  # no archive: no preview to keep
+
+
+def _counting_scp():
+    """A real pynetdicom Storage SCP that counts associations and keeps what it stored."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    got: list[str] = []
+    raw: dict[str, bytes] = {}
+    opened: list[int] = []
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    from pydicom.uid import JPEGLSLossless
+    for cx in ae.supported_contexts:
+        cx.transfer_syntax = list(cx.transfer_syntax) + [JPEGLSLossless]
+
+    def on_store(event):
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        raw[got[-1]] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, lambda event: opened.append(1))]
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    return server, got, raw, opened
+
+
+def test_cstore_reuses_one_association_and_replaces_one_the_peer_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(POOL, "idle_s", 60.0)  # reuse itself is under test, not how long an idle one is kept
+    files = pipeline.build(RSNA[0], prediction(boxes=BOXES), _cfg(tmp_path, archive=False), tmp_path / "out")
+    server, got, raw, opened = _counting_scp()
+    try:
+        dest = Destination(name="pool-test", kind="dicom", host="127.0.0.1", port=server.socket.getsockname()[1],
+                           ae_title="PACS", timeout=20.0)
+        uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+        assert CStoreSender(dest).send(files) == uids
+        assert CStoreSender(dest).send(files) == uids
+        assert len(opened) == 1 and got == uids + uids  # one association, reused by the second result
+        for assoc in server.active_associations:  # the peer drops the idle association
+            assoc.abort()
+        assert CStoreSender(dest).send(files) == uids
+        assert len(opened) == 2 and got == uids * 3  # replaced by a fresh one; nothing lost
+    finally:
+        POOL.close_all()
+        server.shutdown()
+    from pynetdicom.dsutils import split_dataset
+
+    for f, uid in zip(files, uids):  # the files went out as stored, byte for byte (no decode and re-encode)
+        _meta, offset = split_dataset(f)
+        assert raw[uid] == f.read_bytes()[offset:]
