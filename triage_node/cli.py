@@ -46,10 +46,9 @@ def _spool(cfg):
 
 
 def _submitter(cfg):
-    from .queue import make_app, submit
+    from .enqueue import make_submitter
 
-    app = make_app(cfg, name="receiver")
-    return lambda path, sop, t0: submit(app, path, sop, t0)
+    return make_submitter(cfg)
 
 
 def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, reason: str = "restart",
@@ -109,7 +108,6 @@ def start_dicomweb(cfg, ingest, spool) -> list:
 def cmd_up(args) -> int:
     """Receiver + workers (+ a private Redis when no broker is configured) on this machine."""
     from .services import PrivateRedis, child_env, start_workers, stop_all
-    from .transport import scp
 
     cfg = _load(args)
     if cfg.web.enabled:
@@ -130,7 +128,7 @@ def cmd_up(args) -> int:
     submit_fn = _submitter(cfg)
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
               include_unacked=not private)
-    server = scp.start(cfg, spool, submit_fn, audit, block=False)
+    server, receivers = start_receivers(cfg, args, spool, submit_fn, audit, env, log_dir)
     extras = start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,6 +155,8 @@ def cmd_up(args) -> int:
                 except Exception as exc:  # broker still down: try again next period
                     log.warning("periodic reconcile failed: %s", exc)
                 next_sweep = time.time() + cfg.broker.visibility_timeout
+            if receivers:
+                receivers.check()
             dead = [w for w in workers if w.poll() is not None]
             if dead:
                 log.error("a worker exited (code %s); restarting workers", dead[0].returncode)
@@ -169,19 +169,68 @@ def cmd_up(args) -> int:
         for extra in extras:
             extra.stop()
         server.shutdown()
+        if receivers:
+            receivers.stop()
         stop_all(workers)
         if redis:
             redis.stop()
     return 0
 
 
+def start_receivers(cfg, args, spool, submit_fn, audit, env: dict[str, str], log_dir: Path | None):
+    """The receiver in this process, plus ``receiver.processes - 1`` receiver processes on the same port.
+
+    Returns (the in-process server, the ReceiverPool or None)."""
+    from .services import ReceiverPool
+    from .transport import scp
+    from .transport.scp_server import listen_socket
+
+    rc = cfg.receiver
+    sock = listen_socket(rc.bind, rc.port, reuse_port=rc.balance == "reuseport")
+    pool = None
+    if rc.processes > 1:
+        env = dict(env, TRIAGE_PORT=str(sock.getsockname()[1]), TRIAGE_BROKER_URL=cfg.broker.url)
+        config_path = str(Path(args.config).resolve()) if getattr(args, "config", None) else None
+        pool = ReceiverPool(rc.processes - 1, env, config_path, sock if rc.balance == "shared" else None,
+                            log_dir).start()
+    server = scp.start(cfg, spool, submit_fn, audit, block=False, sock=sock)
+    return server, pool
+
+
 def cmd_serve(args) -> int:
+    """The C-STORE receiver only (``receiver.processes`` of them on one port); ``--child``: one of them."""
+    import socket
+
+    from .services import child_env
     from .transport import scp
 
     cfg = _load(args)
     spool, audit = _spool(cfg), Audit(cfg.audit_log)
-    scp.start(cfg, spool, _submitter(cfg), audit, block=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.child:
+        sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+        server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
+    else:
+        server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
+    try:
+        while not stop.wait(1.0):
+            if pool:
+                pool.check()
+    finally:
+        server.shutdown()
+        _drain(server, 5.0)
+        if pool:
+            pool.stop()
     return 0
+
+
+def _drain(server, timeout: float) -> None:
+    """Give associations in progress up to ``timeout`` s to finish (their senders get their responses)."""
+    deadline = time.time() + timeout
+    while server.active_associations and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def cmd_worker(args) -> int:
@@ -278,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "the C-STORE receiver only")
     sp.add_argument("--broker")
     sp.add_argument("--port", type=int)
+    sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one receiver of a pool
+    sp.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # the pool's shared listening socket
     sp = add("worker", cmd_worker, "a Celery worker for one queue")
     sp.add_argument("--broker")
     sp.add_argument("--queue", choices=["infer", "report"], default="infer")

@@ -111,11 +111,12 @@ class Ingest:
             return self._count(Outcome(SUCCESS))
         try:
             task_id = self.submit(str(path), sop_instance_uid, t0)
-        except SpoolError as exc:
+        except Exception as exc:  # SpoolError (broker down or paused), or anything unforeseen: never acknowledge
             try:
                 path.unlink()  # not acknowledged, so the sender keeps (and retries) it: strand nothing
             except FileNotFoundError:
                 pass
-            return refuse(OUT_OF_RESOURCES, str(exc))
+            reason = str(exc) if isinstance(exc, SpoolError) else f"enqueue failed: {type(exc).__name__}"
+            return refuse(OUT_OF_RESOURCES, reason)
         self.audit.record("received", task_id=task_id, ms=round((time.time() - t0) * 1000, 1), **extra, **base)
         return self._count(Outcome(SUCCESS))
