@@ -51,11 +51,33 @@ class ReceiverSocket(AssociationSocket):
         return buf
 
 
+def _closing_aware_receive(dul: Any) -> Any:
+    """``dul.receive_pdu`` that stops waiting for the A-ASSOCIATE-RQ once the peer has closed the connection.
+
+    pynetdicom's acceptor waits the whole ``acse_timeout`` for the request even when the DUL has already seen the
+    connection close (Sta2 -> Sta1, its thread ends), so a peer that connects and hangs up held a slot for that long."""
+    original = dul.receive_pdu
+
+    def receive_pdu(wait: bool = False, timeout: float | None = None) -> Any:
+        if not wait or timeout is None:
+            return original(wait, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            primitive = original(True, min(0.1, max(deadline - time.monotonic(), 0.0)))
+            sock = dul.socket.socket if dul.socket else None
+            gone = not dul.is_alive() or sock is None or sock.fileno() == -1
+            if primitive is not None or time.monotonic() >= deadline or gone:
+                return primitive
+
+    return receive_pdu
+
+
 class ReceiverRequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = ReceiverSocket  # same object, recv() replaced (a subclass adding no state)
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
+        assoc.dul.receive_pdu = _closing_aware_receive(assoc.dul)
         return assoc
 
 
