@@ -21,6 +21,9 @@ from .errors import SpoolError
 from .queue import ANALYZE_TASK, make_app, submit
 
 log = logging.getLogger(__name__)
+#: Redis key prefix of the "a task for this SOP Instance UID was queued" markers, and their lifetime.
+MARKER_PREFIX = "triage:queued:"
+MARKER_TTL_S = 86400
 
 
 def is_redis(url: str) -> bool:
@@ -63,12 +66,25 @@ class RedisSubmitter:
         return task_id, json.dumps(msg).encode()
 
     def __call__(self, path: str, sop_instance_uid: str, received_at: float) -> str:
+        """Queue the task and, in the same transaction, a marker saying a task for this instance was queued."""
         task_id, msg = self.message(path, sop_instance_uid, received_at)
         try:
-            self.client.lpush(self.queue, msg)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(self.queue, msg)
+            pipe.set(MARKER_PREFIX + sop_instance_uid, task_id, ex=MARKER_TTL_S)
+            pipe.execute()
         except Exception as exc:  # ConnectionError, TimeoutError, AuthenticationError, ResponseError (OOM)...
             raise SpoolError(f"broker unavailable: {type(exc).__name__}") from exc
         return task_id
+
+    def is_queued(self, sop_instance_uid: str) -> bool:
+        """Whether a task for this instance was queued (within the marker's lifetime). A file already in the spool
+        without one was left by a receiver that died between the spool write and the enqueue: a resent copy must
+        be queued, not treated as a duplicate. Raises SpoolError when the broker cannot be read."""
+        try:
+            return bool(self.client.exists(MARKER_PREFIX + sop_instance_uid))
+        except Exception as exc:
+            raise SpoolError(f"broker unavailable: {type(exc).__name__}") from exc
 
 
 def make_submitter(cfg: Config):

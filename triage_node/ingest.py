@@ -105,6 +105,12 @@ class Ingest:
             return refuse(CANNOT_UNDERSTAND, f"dataset cannot be encoded: {type(exc).__name__}")
         extra = {"study_instance_uid": study, "accession": str(ds.get("AccessionNumber", "") or ""),
                  "transfer_syntax": transfer_syntax}
+        is_queued = getattr(self.submit, "is_queued", None)
+        if pending and is_queued is not None:
+            try:
+                pending = is_queued(sop_instance_uid)  # else: spooled by a receiver that died before enqueueing
+            except SpoolError as exc:
+                return refuse(OUT_OF_RESOURCES, str(exc))
         if pending:
             # Already spooled and queued: the bytes were replaced; the queued task picks up the newest copy.
             self.audit.record("received", duplicate=True, ms=round((time.time() - t0) * 1000, 1), **extra, **base)
