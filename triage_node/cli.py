@@ -233,6 +233,41 @@ def _drain(server, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def cmd_backfill(args) -> int:
+    """Re-analyse an archive through QIDO-RS/WADO-RS into this node's spool and queue (see backfill.py)."""
+    from .backfill import Backfill, DoneSet
+    from .ingest import Ingest
+
+    cfg = _load(args)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    b = cfg.backfill
+    b = replace(b, **{k: v for k, v in {
+        "url": args.url, "modalities": tuple(args.modality) if args.modality else None,
+        "body_parts": tuple(args.body_part) if args.body_part else None, "concurrency": args.concurrency,
+        "rate_limit": args.rate, "state": args.state}.items() if v is not None})
+    if not b.url:
+        raise TriageError("backfill: no archive URL (--url or [backfill] url)")
+    if not cfg.broker.url:  # beside `triage-node up` with its private Redis
+        url_file = Path(cfg.spool.directory).parent / "redis" / "url"
+        if not url_file.exists():
+            raise TriageError("backfill: no broker (--broker, [broker] url, or a running `triage-node up`)")
+        cfg = replace(cfg, broker=replace(cfg.broker, url=url_file.read_text().strip()))
+    spool, audit = _spool(cfg), Audit(cfg.audit_log)
+    done = DoneSet(b.state or Path(cfg.spool.directory) / "backfill.sqlite")
+    date_range = f"{args.date_from or ''}-{args.date_to or ''}" if (args.date_from or args.date_to) else ""
+    job = Backfill(b, Ingest(cfg, spool, _submitter(cfg), audit), done, date_range=date_range, limit=args.limit,
+                   max_backlog=args.max_backlog, progress=not args.no_progress)
+    audit.record("backfill_started", url=b.url, dates=date_range, modalities=list(b.modalities))
+    summary = job.run()
+    audit.record("backfill_finished", studies=summary.studies, found=summary.found,
+                 already_done=summary.already_done, wall_s=round(summary.wall_s, 2), requests=summary.requests,
+                 interrupted=summary.interrupted, **summary.outcomes)
+    for line in summary.lines(b.rate_limit):
+        print(line, flush=True)
+    failed = summary.outcomes.get("error", 0) + summary.outcomes.get("deferred", 0)
+    return 130 if summary.interrupted and args.limit is None else 1 if failed else 0
+
+
 def cmd_worker(args) -> int:
     import os
 
@@ -329,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int)
     sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one receiver of a pool
     sp.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # the pool's shared listening socket
+    sp = add("backfill", cmd_backfill, "re-analyse an archive through DICOMweb (QIDO-RS + WADO-RS)")
+    sp.add_argument("--url", help="DICOMweb base URL of the archive")
+    sp.add_argument("--broker")
+    sp.add_argument("--from", dest="date_from", help="first StudyDate, YYYYMMDD")
+    sp.add_argument("--to", dest="date_to", help="last StudyDate, YYYYMMDD")
+    sp.add_argument("--modality", action="append", help="CR, DX, ... (repeatable; default [backfill] modalities)")
+    sp.add_argument("--body-part", action="append", help="series BodyPartExamined to take (repeatable)")
+    sp.add_argument("--concurrency", type=int, help="parallel retrievals")
+    sp.add_argument("--rate", type=float, help="DICOMweb requests per second at most (0 = no limit)")
+    sp.add_argument("--max-backlog", type=int, default=500, help="pause while the queue holds more tasks (0 = off)")
+    sp.add_argument("--limit", type=int, help="stop after handing this many instances to the node")
+    sp.add_argument("--state", help="done-set file (default <spool>/backfill.sqlite)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp = add("worker", cmd_worker, "a Celery worker for one queue")
     sp.add_argument("--broker")
     sp.add_argument("--queue", choices=["infer", "report"], default="infer")

@@ -208,6 +208,26 @@ class PullConfig:
 
 
 @dataclass(frozen=True)
+class BackfillConfig:
+    """``triage-node backfill``: re-analyse an archive through QIDO-RS + WADO-RS (each option has a CLI flag)."""
+
+    url: str = ""  # DICOMweb base URL of the archive
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    modalities: tuple[str, ...] = ("CR", "DX")
+    #: Series-level BodyPartExamined values to take; empty = any (the ingest gate still applies its own rules).
+    body_parts: tuple[str, ...] = ()
+    #: Retrieve + ingest in parallel (bounded; the queue of pending work is at most twice this).
+    concurrency: int = 4
+    #: At most this many DICOMweb requests per second to the archive (0 = no limit).
+    rate_limit: float = 20.0
+    page_size: int = 100
+    #: Done-set (sqlite); empty = ``<spool directory>/backfill.sqlite``.
+    state: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -220,6 +240,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
     pull: PullConfig = field(default_factory=PullConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     audit_log: str = "var/audit.jsonl"
     log_level: str = "INFO"
 
@@ -244,6 +265,7 @@ _SECTIONS = {
     "web": WebConfig,
     "dicomweb": DicomwebIngestConfig,
     "pull": PullConfig,
+    "backfill": BackfillConfig,
 }
 
 

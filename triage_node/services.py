@@ -58,9 +58,11 @@ class PrivateRedis:
             self.stop()
             raise RuntimeError(f"private redis-server did not start (see {self.dir / 'redis.log'})")
         log.info("private redis-server on 127.0.0.1:%d (data in %s)", self.port, self.dir)
+        (self.dir / "url").write_text(self.url)  # for `triage-node backfill` beside `triage-node up`
         return self
 
     def stop(self) -> None:
+        (self.dir / "url").unlink(missing_ok=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
