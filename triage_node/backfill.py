@@ -19,10 +19,11 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import BackfillConfig
 from .ingest import OUT_OF_RESOURCES, Ingest
@@ -99,11 +100,12 @@ class Summary:
     def lines(self, rate_limit: float) -> list[str]:
         wall = max(self.wall_s, 1e-9)
         out = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) or "nothing new"
-        return [f"backfill{' (interrupted)' if self.interrupted else ''}: {self.found} instance(s) in "
-                f"{self.studies} study(ies); {self.already_done} already done; {out}",
-                f"backfill: {self.handled} in {self.wall_s:.1f} s = {self.handled / wall:.1f} inst/s, "
-                f"{self.bytes / wall / 1e6:.1f} MB/s, {self.requests} DICOMweb requests "
-                f"({self.requests / wall:.1f}/s, limit {rate_limit:g}/s)"]
+        first = (f"backfill{' (interrupted)' if self.interrupted else ''}: {self.found} instance(s) in "
+                 f"{self.studies} study(ies); {self.already_done} already done; {out}")
+        second = (f"backfill: {self.handled} in {self.wall_s:.1f} s = {self.handled / wall:.1f} inst/s, "
+                  f"{self.bytes / wall / 1e6:.1f} MB/s, {self.requests} DICOMweb requests "
+                  f"({self.requests / wall:.1f}/s, limit {rate_limit:g}/s)")
+        return [first, second]
 
 
 class Backfill:
@@ -205,7 +207,7 @@ class Backfill:
     def _finished(self, fut: Future, bar: Any) -> None:
         try:
             outcome = fut.result()
-        except Exception as exc:  # the archive refused or dropped one retrieval: the next run retries it
+        except Exception as exc:  # noqa: BLE001 - the archive refused or dropped one retrieval: the next run retries it
             log.warning("backfill: retrieve failed: %s", type(exc).__name__)
             outcome = "error"
         with self.lock:
@@ -215,7 +217,7 @@ class Backfill:
 
     # -- the run -------------------------------------------------------------------------------------------------
     def run(self) -> Summary:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
 
         t0 = time.monotonic()
         bar = tqdm(total=0, unit="inst", disable=not self.progress, dynamic_ncols=True)

@@ -133,16 +133,14 @@ class ReceiverPool:
 
     def _spawn(self) -> subprocess.Popen:
         fd = self.sock.fileno() if self.sock is not None else None
-        out = open(self.log_dir / "receivers.log", "ab") if self.log_dir else None
-        try:
-            return subprocess.Popen(receiver_command(self.config_path, fd), env=self.env,
-                                    pass_fds=(fd,) if fd is not None else (), stdout=out or None,
-                                    stderr=subprocess.STDOUT if out else None)
-        finally:
-            if out:
-                out.close()
+        cmd = receiver_command(self.config_path, fd)
+        fds = (fd,) if fd is not None else ()
+        if not self.log_dir:
+            return subprocess.Popen(cmd, env=self.env, pass_fds=fds)
+        with open(self.log_dir / "receivers.log", "ab") as out:
+            return subprocess.Popen(cmd, env=self.env, pass_fds=fds, stdout=out, stderr=subprocess.STDOUT)
 
-    def start(self) -> "ReceiverPool":
+    def start(self) -> ReceiverPool:
         self.procs = [self._spawn() for _ in range(self.count)]
         return self
 

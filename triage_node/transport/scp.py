@@ -11,32 +11,47 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
 from ..audit import Audit
 from ..config import Config
 from ..dicom_io import ACCEPTED_SOP_CLASSES, check_eligible
-from ..ingest import (CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS,
-                      Ingest, Submit)
+from ..ingest import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    Ingest,
+    Submit,
+)
 from ..spool import Spool
 from .scp_server import ReceiverServer, listen_socket
 from .tls import server_context
@@ -77,16 +92,16 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
 
 def handle_store(event: evt.Event, ingest: Ingest) -> int | Dataset:
     """Spool + enqueue one instance; every outcome is a DIMSE status plus an audit line with its reason."""
-    req = event.request
+    req = cast(C_STORE, event.request)
     try:
         ds = event.dataset  # parses the header lazily; pixel data stays encoded bytes
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parse failure is refused with a reason by the gate
         ds = None
     sop_class, sop_instance = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID or "")
     ts = str(event.context.transfer_syntax)
 
     def encoded() -> bytes:
-        return file_meta_bytes(sop_class, sop_instance, ts) + req.DataSet.getbuffer()
+        return file_meta_bytes(sop_class, sop_instance, ts) + cast(BytesIO, req.DataSet).getbuffer()
 
     origin = {"calling_ae": event.assoc.requestor.ae_title, "channel": "dimse"}
     outcome = ingest.accept(ds, encoded, sop_class, sop_instance, origin, ts)
@@ -129,7 +144,7 @@ def _warm_up(cfg: Config) -> None:
     ds.SOPClassUID = ACCEPTED_SOP_CLASSES[0]
     try:
         check_eligible(ds, cfg.eligibility)
-    except Exception:  # noqa: S110 - only the imports matter
+    except Exception:  # noqa: BLE001, S110 - only the imports matter
         pass
 
 
@@ -139,7 +154,7 @@ def start(cfg: Config, spool: Spool, submit: Submit, audit: Audit, block: bool =
     to ``cfg.receiver.bind:port``. Returns the server (``block=False``) or blocks until it is shut down."""
     rc = cfg.receiver
     ingest = Ingest(cfg, spool, submit, audit)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_assoc, [audit]),
@@ -156,7 +171,7 @@ def start(cfg: Config, spool: Spool, submit: Submit, audit: Audit, block: bool =
     server = ae.make_server((rc.bind, rc.port), ssl_context=ssl_context, evt_handlers=handlers,
                             server_class=ReceiverServer, sock=sock, idle_timeout=rc.network_timeout,
                             max_per_address=rc.max_associations_per_address, on_refused=refused)
-    server.ingest = ingest
+    server.ingest = ingest  # type: ignore[attr-defined]
     ae._servers.append(server)
     log.info("receiver %s listening on %s:%d%s", rc.ae_title, rc.bind, server.server_address[1],
              " (DICOM TLS)" if ssl_context else "")

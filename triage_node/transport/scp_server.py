@@ -24,7 +24,11 @@ import socket
 import time
 from typing import Any
 
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 log = logging.getLogger(__name__)
 #: Seconds between DUL reactor polls (pynetdicom's default is 1 ms, a third of a C-STORE's time on loopback).
@@ -77,7 +81,7 @@ class ReceiverRequestHandler(RequestHandler):
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = ReceiverSocket  # same object, recv() replaced (a subclass adding no state)
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
-        assoc.dul.receive_pdu = _closing_aware_receive(assoc.dul)
+        setattr(assoc.dul, "receive_pdu", _closing_aware_receive(assoc.dul))  # noqa: B010 - instance override
         return assoc
 
 
@@ -111,8 +115,13 @@ class ReceiverServer(ThreadedAssociationServer):
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=ReceiverRequestHandler)
 
+    @property
+    def listener(self) -> socket.socket:
+        return self._listen
+
     def server_bind(self) -> None:
-        self.socket.close()  # the one TCPServer created; ours is already bound and listening
+        if self.socket is not None:
+            self.socket.close()  # the one TCPServer created; ours is already bound and listening
         self.socket = self._listen
         self.server_address = self.socket.getsockname()
 
@@ -127,14 +136,14 @@ class ReceiverServer(ThreadedAssociationServer):
         deadline = time.monotonic() + min(self.busy_defer_s * busy, 0.02)
         while time.monotonic() < deadline:
             time.sleep(self.busy_defer_s / 4)
-            if not select.select([self.socket], [], [], 0)[0]:
+            if not select.select([self.listener], [], [], 0)[0]:
                 return True
         return False
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         if self._taken_by_another():
             raise BlockingIOError("taken by another receiver process")
-        client, address = self.socket.accept()  # BlockingIOError (an OSError) when another process was quicker
+        client, address = self.listener.accept()  # BlockingIOError (an OSError) when another process was quicker
         client.setblocking(True)
         client.settimeout(self.idle_timeout)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,6 +165,6 @@ class ReceiverServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         try:
-            self.socket.close()  # never shutdown(): the listening socket may be shared with other processes
+            self.listener.close()  # never shutdown(): the listening socket may be shared with other processes
         except OSError:
             pass
