@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from triage_node.services import PrivateRedis, free_port, wait_port  # noqa: E402
+from triage_node.services import PrivateRedis, free_port, wait_port
 
 ANCHOR = ROOT.parent / "shared" / "tools" / "ingest_anchor.sh"
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                              env={"ASSOC": str(args.assoc), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
                              capture_output=True, text=True, check=True).stdout
         print(out, end="")
-        rates = {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) \(\d+ assoc\): .* = ([\d.]+) inst/s", out, re.M)}
+        rates = {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) \(\d+ assoc\): .* = ([\d.]+) inst/s", out, re.MULTILINE)}
         spooled = len(list((work / "spool" / "instances").glob("*.dcm")))
         import redis as redis_mod
 
