@@ -25,7 +25,7 @@ def _frames(n: int) -> list[bytes]:
 
     files = sorted(RSNA.glob("*.dcm"))
     if not files:
-        from triage_node import synth
+        from triage_node.training import synth
 
         tmp = Path(tempfile.mkdtemp())
         synth.write_dataset(tmp, 4, seed=0)

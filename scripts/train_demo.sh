@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# The exact commands that produced models/demo (CPU, 1 torch thread, nice; ~35 min on 2 cores).
-# Gate: real Kermany pediatric CXRs (+ the synthetic detector images); detector: synthetic RSNA-format DICOMs.
+# The exact commands that produced models/demo (0.2.0-demo) on this 2-core CPU machine (~60 min in all).
+# Every stage checkpoints each epoch and resumes when re-run (delete var/<stage> to start it afresh).
+#   1. pretrain the classifier on the Kermany pediatric films (image-level, split by id_prefix)
+#   2. train on the NIH adult films (primary source; split by nih_patient_id, every boxed patient held out in
+#      test) mixed with Kermany at weight 0.3, starting from stage 1; operating point: sensitivity 0.90 on val
+#   3. ablation: the same stage 2 from random weights, NIH only (no pretraining, no Kermany)
+#   4. evaluate on the held-out test split, the 10 real RSNA samples and the Kermany held-out groups
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-SHARED=${SHARED:-../shared}
+DATA=${SHARED:-../shared}/data
+NIH=$DATA/nih_adult
+KER=$DATA/kermany_224
+COMMON=(--size 256 --batch-size 32 --threads 2 --seed 0 --no-progress)
 
-# 1. synthetic RSNA-format data (DICOM SC/CR/JPEG Baseline 1024x1024 + stage_2_train_labels.csv)
-nice $PY -m triage_node.synth --n 1000 --seed 1 --out .data/synth_train
-nice $PY -m triage_node.synth --n 300 --seed 2 --out .data/synth_test   # held out, never seen in training
+$PY -m triage_node.cli train --image-labels "$KER/labels.csv" --epochs 3 --max-minutes 24 --lr 2e-3 \
+  --checkpoint-dir var/pretrain "${COMMON[@]}"
 
-# 2. train gate + detector, choose thresholds on the patient-level validation split, write the package
-nice $PY -m triage_node.inference.train \
-  --labels .data/synth_train/stage_2_train_labels.csv --images .data/synth_train/images --val-frac 0.2 \
-  --gate-data "$SHARED/data/kermany_224" --gate-epochs 6 --gate-with-detection-data \
-  --arch fcos_mnv3l_fpn64 --input-size 512 --epochs 5 --batch-size 4 --lr 1e-3 --patience 3 --max-minutes 21 --positive-fraction 0.5 \
-  --threads 1 --seed 0 --name cxr-triage-demo --version 0.1.0-demo --out models/demo \
-  --checkpoint-dir .data/demo.ckpt
+$PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --image-labels "$KER/labels.csv:0.3" \
+  --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain/checkpoint.pt --epochs 16 --patience 6 \
+  --lr 1e-3 --tta --checkpoint-dir var/main --out models/demo "${COMMON[@]}"
 
-# 3. evaluate: held-out synthetic set and the 10 real RSNA samples
-nice $PY -m triage_node.inference.evaluate --model models/demo --threads 1 \
-  --labels .data/synth_test/stage_2_train_labels.csv --images .data/synth_test/images --out .data/eval_synth_test
-nice $PY -m triage_node.inference.evaluate --model models/demo --threads 1 \
-  --labels "$SHARED/data/cxr_samples/rsna_dicom/labels.csv" --images "$SHARED/data/cxr_samples/rsna_dicom" \
-  --out .data/eval_rsna10
-nice $PY -m triage_node.inference.evaluate --model models/demo --threads 1 \
-  --image-labels "$SHARED/data/cxr_samples/kermany_pediatric/labels.csv" --out .data/eval_kermany12
+$PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --holdout-boxed \
+  --epochs 16 --patience 6 --lr 2e-3 --checkpoint-dir var/ablation-scratch "${COMMON[@]}"
+
+for side in val test; do
+  $PY -m triage_node.cli evaluate --model models/demo --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
+    --split "var/main/split.json:$side" --out "var/eval/nih-$side"
+done
+$PY -m triage_node.cli evaluate --model models/demo --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
+  --images "$DATA/cxr_samples/rsna_dicom" --out var/eval/rsna10
+$PY -m triage_node.cli evaluate --model models/demo --image-labels "$KER/labels.csv" \
+  --split "var/main/split.json:test" --out var/eval/kermany-test

@@ -33,7 +33,7 @@ def test_jpeg_frame_decode_matches_pydicom():
 
 
 def test_percentile_window_matches_cpu_path():
-    from triage_node.inference.data import window
+    from triage_node.training.data import window
 
     a = np.random.default_rng(0).integers(20, 200, (64, 64)).astype(np.float32)
     got = percentile_window(torch.from_numpy(a)[None, None], stride=1)[0, 0].numpy()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import shared_data
-from triage_node.inference import evaluate
+from triage_node.training import evaluate_boxes as evaluate
 from triage_node.inference.model import untrained_model
 from triage_node.inference.prior import LungPrior
 from triage_node.inference.types import Prediction

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from triage_node.inference.metric import THRESHOLDS, average_precision, image_score, iou_matrix, rsna_score
+from triage_node.training.metric import THRESHOLDS, average_precision, image_score, iou_matrix, rsna_score
 
 
 def box_with_iou(iou: float, w: float = 100.0) -> list[float]:

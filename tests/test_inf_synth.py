@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from triage_node import synth
-from triage_node.inference.data import read_rsna_labels
+from triage_node.training import synth
+from triage_node.training.data import read_rsna_labels
 
 
 def test_writes_rsna_like_dicom_and_labels(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import shared_data
-from triage_node.inference import data as D
-from triage_node.inference import train as T
+from triage_node.training import data as D
+from triage_node.training import detector_train as T
 from triage_node.inference.detector import build_detector
 from triage_node.inference.model import load_model
 

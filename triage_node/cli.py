@@ -345,6 +345,16 @@ def _delegate(module: str):
     return run
 
 
+# Subcommands with their own torchvision-style parsers (argparse.REMAINDER would swallow their --options).
+_DELEGATED = {
+    "train": ("triage_node.training.classifier_train", "train the classifier + CAM localiser on image-level CSVs"),
+    "evaluate": ("triage_node.training.evaluate", "AUC (bootstrap CI), operating point, per view, localisation"),
+    "train-detector": ("triage_node.training.detector_train", "train the FCOS detector on RSNA-format boxes"),
+    "evaluate-boxes": ("triage_node.training.evaluate_boxes", "RSNA metric / mAP ablation on RSNA-format boxes"),
+    "synth": ("triage_node.training.synth", "write synthetic RSNA-format DICOM data"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triage-node", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -393,17 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--older-than", type=float, default=0.0)
     sp = add("status", cmd_status, "summary of the audit log, spool and dead letters")
     sp.add_argument("--last", type=float, default=3600.0, help="window in seconds")
-    for name, module, help_ in (("train", "triage_node.inference.train", "train a model package"),
-                                ("evaluate", "triage_node.inference.evaluate", "evaluate a model package"),
-                                ("synth", "triage_node.synth", "write synthetic RSNA-format DICOM data")):
+    for name, (module, help_) in _DELEGATED.items():
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=_delegate(module))
     return p
 
 
-_DELEGATED = {"train": "triage_node.inference.train", "evaluate": "triage_node.inference.evaluate",
-              "synth": "triage_node.synth"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:  # their own parsers (argparse.REMAINDER would swallow --options)
         import importlib
 
-        mod = importlib.import_module(_DELEGATED[argv[0]])
+        mod = importlib.import_module(_DELEGATED[argv[0]][0])
         return int(mod.main(mod.get_args_parser().parse_args(argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     try:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from triage_node.errors import ModelError
+from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, boxes_from_cam, build_classifier
 from triage_node.inference.detector import DEFAULT_ARCH, LABEL, build_detector
 from triage_node.inference.gate import GATE_ARCH, GATE_SIZE, build_gate
 from triage_node.inference.preprocess import resize_batch, to_batch
@@ -25,6 +26,11 @@ from triage_node.inference.types import Detection, ModelInfo, Prediction
 log = logging.getLogger(__name__)
 FORMAT = 1
 WEIGHT_FILES = ("detector.safetensors", "gate.safetensors", "prior.safetensors")
+CAM = "cam"  # detector architecture name: boxes from the gate's class-activation map, no detector weights
+
+
+def weight_files(detector_arch: str) -> tuple[str, ...]:
+    return tuple(f for f in WEIGHT_FILES if not (detector_arch == CAM and f == "detector.safetensors"))
 
 
 @dataclass
@@ -46,12 +52,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TriageModel:
-    """Gate (image-level probability) + detector (boxes) + lung prior (suppress boxes outside the lungs)."""
+    """Gate (image-level probability) + detector (boxes) + lung prior (suppress boxes outside the lungs).
 
-    def __init__(self, detector: torch.nn.Module, gate: torch.nn.Module, prior: LungPrior, info: ModelInfo,
+    With ``detector=None`` (architecture ``cam``) the boxes come from the gate's own class-activation map
+    (``classifier.boxes_from_cam``), weighted by the lung prior; ``tta`` averages the image and its mirror.
+    """
+
+    def __init__(self, detector: torch.nn.Module | None, gate: torch.nn.Module, prior: LungPrior, info: ModelInfo,
                  threshold: float = 0.5, box_threshold: float = 0.2, input_size: int = 512,
                  gate_size: int = GATE_SIZE, detector_arch: str = DEFAULT_ARCH, gate_arch: str = GATE_ARCH,
-                 device: str = "auto", batch_size: int | None = None, meta: dict | None = None) -> None:
+                 device: str = "auto", batch_size: int | None = None, meta: dict | None = None,
+                 tta: bool = False, cam_threshold: float = 0.5, max_boxes: int = 3) -> None:
         self.device = resolve_device(device)
         self.detector, self.gate, self.prior, self.info = detector, gate, prior, info
         self.threshold, self.box_threshold = float(threshold), float(box_threshold)
@@ -60,14 +71,19 @@ class TriageModel:
         # on CPU batching measured slower per image (0.10 s at 4 vs 0.045 s at 1, 2 threads): batch 1 there
         self.batch_size = batch_size or (32 if self.device.type == "cuda" else 1)
         self.meta = meta or {}
+        self.tta, self.cam_threshold, self.max_boxes = bool(tta), float(cam_threshold), int(max_boxes)
+        if detector is None and not isinstance(gate, CamClassifier):
+            raise ModelError("a model without a detector needs a class-activation-map classifier as its gate")
         # fp16 rather than bf16 by default: FCOS decodes boxes inside the autocast region, and bf16's 8-bit
         # mantissa would cost several pixels of box precision at 512 px.
         self.amp_dtype = torch.float16
-        self.detector.eval().to(self.device)
         self.gate.eval().to(self.device)
+        if self.detector is not None:
+            self.detector.eval().to(self.device)
         if self.device.type == "cuda":
-            self.detector.to(memory_format=torch.channels_last)
             self.gate.to(memory_format=torch.channels_last)
+            if self.detector is not None:
+                self.detector.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------------------------------- inference
     def _autocast(self):
@@ -80,6 +96,8 @@ class TriageModel:
                        run_detector: Sequence[bool] | None = None) -> list[RawOutput]:
         """Run gate and detector on a preprocessed N x 1 x S x S batch (S = input_size) on the model's device."""
         timings = timings if timings is not None else {}
+        if self.detector is None:
+            return self._analyze_cam(x, shapes, timings, run_detector)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         with self._autocast():
@@ -110,6 +128,35 @@ class TriageModel:
             res.append(RawOutput(b, s, self.prior.box_means(b, cols, rows), float(probs[i]), rows, cols))
         t3 = time.perf_counter()
         for k, v in (("gate", t1 - t0), ("detector", t2 - t1), ("postprocess", t3 - t2)):
+            timings[k] = timings.get(k, 0.0) + 1000 * v
+        return res
+
+    def _analyze_cam(self, x: torch.Tensor, shapes: Sequence[tuple[int, int]], timings: dict,
+                     run_detector: Sequence[bool] | None) -> list[RawOutput]:
+        """One classifier pass gives the probability and the activation map; boxes are read from the map."""
+        assert isinstance(self.gate, CamClassifier)
+        t0 = time.perf_counter()
+        with self._autocast():
+            g = resize_batch(x, self.gate_size)
+            if self.device.type == "cuda":
+                g = g.contiguous(memory_format=torch.channels_last)
+            logits, cams = self.gate.forward_cam(g)
+            if self.tta:
+                lf, cf = self.gate.forward_cam(g.flip(-1))
+                logits, cams = (logits + lf) / 2, (cams + cf.flip(-1)) / 2
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        cams_np = cams.float().cpu().numpy()
+        t1 = time.perf_counter()
+        res = []
+        for i, (rows, cols) in enumerate(shapes):
+            b, s = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+            if (run_detector is None or run_detector[i]) or probs[i] >= self.threshold:
+                b, s = boxes_from_cam(cams_np[i], self.prior.heat, self.cam_threshold, self.max_boxes)
+                b = b * np.array([cols, rows, cols, rows], np.float32)
+                s = s * float(probs[i])
+            res.append(RawOutput(b, s, self.prior.box_means(b, cols, rows), float(probs[i]), rows, cols))
+        t2 = time.perf_counter()
+        for k, v in (("gate", t1 - t0), ("detector", 0.0), ("postprocess", t2 - t1)):
             timings[k] = timings.get(k, 0.0) + 1000 * v
         return res
 
@@ -171,6 +218,8 @@ class TriageModel:
             "input_size": self.input_size,
             "gate_input_size": self.gate_size,
             "thresholds": {"gate": self.threshold, "box_score": self.box_threshold, "prior": self.prior.settings()},
+            "localiser": {"cam_threshold": self.cam_threshold, "max_boxes": self.max_boxes},
+            "tta": ["hflip"] if self.tta else [],
         }
 
 
@@ -192,11 +241,13 @@ def save_package(model: TriageModel, path: str | os.PathLike, extra: dict | None
     """Write a model package: fp16 safetensors weights, model.json with checksums, MODEL_CARD.md."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(_half(model.detector.state_dict()), d / "detector.safetensors")
+    if model.detector is not None:
+        save_file(_half(model.detector.state_dict()), d / "detector.safetensors")
     save_file(_half(model.gate.state_dict()), d / "gate.safetensors")
     save_file({"heat": torch.from_numpy(model.prior.heat.copy())}, d / "prior.safetensors")
     cfg = model.config() | (extra or {})
-    cfg["files"] = {f: {"sha256": _sha256(d / f), "bytes": (d / f).stat().st_size} for f in WEIGHT_FILES}
+    cfg["files"] = {f: {"sha256": _sha256(d / f), "bytes": (d / f).stat().st_size}
+                    for f in weight_files(model.detector_arch)}
     (d / "model.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if card is not None:
         (d / "MODEL_CARD.md").write_text(card)
@@ -222,7 +273,7 @@ def verify_package(path: str | os.PathLike) -> dict:
         raise ModelError(f"model package {d}: model.json lacks {e}") from None
     if cfg.get("format") != FORMAT:
         raise ModelError(f"model package {d}: unsupported format {cfg.get('format')!r} (expected {FORMAT})")
-    for f in WEIGHT_FILES:
+    for f in weight_files(str((cfg.get("architecture") or {}).get("detector", ""))):
         if f not in files:
             raise ModelError(f"model package {d}: model.json lists no checksum for {f}")
     for f, entry in files.items():
@@ -250,12 +301,14 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
     cfg = verify_package(d)
     try:
         arch, th = cfg["architecture"], cfg["thresholds"]
-        detector = build_detector(arch["detector"], int(cfg["input_size"]))
-        gate = build_gate(arch["gate"])
+        detector = None if arch["detector"] == CAM else build_detector(arch["detector"], int(cfg["input_size"]))
+        gate = build_classifier(arch["gate"]) if arch["gate"] in CAM_ARCHS else build_gate(arch["gate"])
         ps = th["prior"]
+        loc = cfg.get("localiser") or {}
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"model package {d}: incompatible model.json ({e})") from None
-    _load_state(detector, d / "detector.safetensors")
+    if detector is not None:
+        _load_state(detector, d / "detector.safetensors")
     _load_state(gate, d / "gate.safetensors")
     try:
         heat = load_file(str(d / "prior.safetensors"))["heat"].numpy()
@@ -268,7 +321,8 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
     return TriageModel(detector, gate, LungPrior(heat, ps.get("min_mean", 0.15), ps.get("power", 0.0)), info,
                        threshold=th["gate"], box_threshold=th["box_score"], input_size=int(cfg["input_size"]),
                        gate_size=int(cfg.get("gate_input_size", GATE_SIZE)), detector_arch=arch["detector"],
-                       gate_arch=arch["gate"], device=device, meta=cfg)
+                       gate_arch=arch["gate"], device=device, meta=cfg, tta="hflip" in (cfg.get("tta") or []),
+                       cam_threshold=float(loc.get("cam_threshold", 0.5)), max_boxes=int(loc.get("max_boxes", 3)))
 
 
 def arch_summary(detector_arch: str, gate_arch: str, input_size: int) -> str:

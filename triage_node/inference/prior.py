@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+STATS_PATH = Path(__file__).resolve().parent.parent / "data" / "rsna_box_stats.json"
 
 
 class LungPrior:
@@ -19,11 +24,9 @@ class LungPrior:
         self._integral = np.pad(self.heat.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
     @classmethod
-    def from_box_stats(cls, stats: dict | None = None, **kw) -> "LungPrior":
+    def from_box_stats(cls, stats: dict | None = None, **kw) -> LungPrior:
         if stats is None:
-            from triage_node.synth import load_box_stats
-
-            stats = load_box_stats()
+            stats = json.loads(STATS_PATH.read_text())
         return cls(np.array(stats["coverage"], np.float32), **kw)
 
     def box_means(self, boxes_xyxy: np.ndarray, width: float, height: float) -> np.ndarray:

@@ -62,7 +62,7 @@ class Prediction:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Prediction":
+    def from_json(cls, d: dict[str, Any]) -> Prediction:
         return cls(
             probability=float(d["probability"]),
             threshold=float(d["threshold"]),

@@ -25,7 +25,7 @@ class Sample:
     label: int
 
 
-def read_rsna_labels(path: str | Path) -> "OrderedDict[str, np.ndarray]":
+def read_rsna_labels(path: str | Path) -> OrderedDict[str, np.ndarray]:
     """``patientId,x,y,width,height,Target`` -> {patientId: xywh boxes (n, 4)}; negatives map to (0, 4)."""
     out: OrderedDict[str, list] = OrderedDict()
     with open(path, newline="") as f:
@@ -36,7 +36,7 @@ def read_rsna_labels(path: str | Path) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, np.array(v, np.float32).reshape(-1, 4)) for k, v in out.items())
 
 
-def read_converted_csv(path: str | Path) -> "OrderedDict[str, np.ndarray]":
+def read_converted_csv(path: str | Path) -> OrderedDict[str, np.ndarray]:
     """``image_name,xmin,ymin,xmax,ymax,class_name`` (empty class = negative) -> {image_name: xywh boxes}."""
     out: OrderedDict[str, list] = OrderedDict()
     with open(path, newline="") as f:
@@ -48,7 +48,7 @@ def read_converted_csv(path: str | Path) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, np.array(v, np.float32).reshape(-1, 4)) for k, v in out.items())
 
 
-def read_labels(path: str | Path) -> "OrderedDict[str, np.ndarray]":
+def read_labels(path: str | Path) -> OrderedDict[str, np.ndarray]:
     """Either box format, detected from the header."""
     with open(path, newline="") as f:
         header = next(csv.reader(f))
@@ -125,7 +125,7 @@ def to_uint8(img: np.ndarray, size: int) -> np.ndarray:
     return np.array(im)
 
 
-def load_detection_samples(labels: "OrderedDict[str, np.ndarray]", keys: list[str], images_dir: str | Path,
+def load_detection_samples(labels: OrderedDict[str, np.ndarray], keys: list[str], images_dir: str | Path,
                            size: int) -> list[Sample]:
     """Decode images, squash to ``size`` x ``size`` and scale their boxes accordingly."""
     out = []
@@ -139,7 +139,7 @@ def load_detection_samples(labels: "OrderedDict[str, np.ndarray]", keys: list[st
 
 def synthetic_samples(n: int, size: int, seed: int, positive_ratio: float | None = None) -> list[Sample]:
     """In-memory synthetic cases at ``size`` px, windowed like dicom_io.pixels (fast path for tests)."""
-    from triage_node.synth import generate, load_box_stats
+    from triage_node.training.synth import generate, load_box_stats
 
     stats = load_box_stats() if positive_ratio is None else load_box_stats() | {"positive_ratio": positive_ratio}
     return [Sample(f"synth-{seed}-{i}", to_uint8(window(c.image), size), c.boxes.astype(np.float32), int(c.positive))

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from triage_node.inference import data as D
 from triage_node.inference.gate import GATE_SIZE, roc_auc
+from triage_node.training import data as D
 
 
 def _tqdm(it, **kw):

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
-STATS_PATH = Path(__file__).parent / "data" / "rsna_box_stats.json"
+STATS_PATH = Path(__file__).resolve().parent.parent / "data" / "rsna_box_stats.json"
 RSNA_SIZE = 1024
 
 
@@ -224,7 +224,7 @@ def to_dicom(case: SynthCase, patient_id: str, seed_key: str, quality: int = 95)
     """Wrap a case as an RSNA-like DICOM dataset (SC, CR, JPEG Baseline, MONOCHROME2, 8 bit)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
     buf = io.BytesIO()
     Image.fromarray(case.image, mode="L").save(buf, format="JPEG", quality=quality)
@@ -253,7 +253,7 @@ def to_dicom(case: SynthCase, patient_id: str, seed_key: str, quality: int = 95)
     ds.PixelSpacing = [0.168, 0.168]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
-    ds.ImageComments = "SYNTHETIC image (triage_node.synth), not a patient"
+    ds.ImageComments = "SYNTHETIC image (triage_node.training.synth), not a patient"
     ds.PixelData = encapsulate([buf.getvalue()])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True

@@ -70,7 +70,7 @@ def average_precision(gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], sc
     """Dataset-level AP at one IoU (all-point interpolation, VOC style). Returns (AP, precision, recall)."""
     n_gt = sum(len(np.asarray(g).reshape(-1, 4)) for g in gts)
     recs = []  # (score, image, pred index)
-    for k, (p, s) in enumerate(zip(preds, scores)):
+    for k, s in enumerate(scores):
         recs += [(float(sc), k, i) for i, sc in enumerate(np.asarray(s).reshape(-1))]
     recs.sort(key=lambda r: -r[0])
     used = [np.zeros(len(np.asarray(g).reshape(-1, 4)), bool) for g in gts]

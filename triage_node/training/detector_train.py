@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from triage_node.inference import data as D
 from triage_node.inference.detector import ARCHITECTURES, DEFAULT_ARCH, LABEL, build_detector
 from triage_node.inference.gate import GATE_ARCH, GATE_SIZE, build_gate, youden_threshold
-from triage_node.inference.gate_train import gate_metrics, gate_probs, jitter, train_gate
-from triage_node.inference.metric import rsna_score
 from triage_node.inference.model import TriageModel, arch_summary, load_model, save_package
 from triage_node.inference.prior import LungPrior
 from triage_node.inference.types import ModelInfo
+from triage_node.training import data as D
+from triage_node.training.gate_train import gate_metrics, gate_probs, jitter, train_gate
+from triage_node.training.metric import rsna_score
 
 log = logging.getLogger(__name__)
 BOX_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 17))

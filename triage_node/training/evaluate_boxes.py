@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triage_node.inference import data as D
 from triage_node.inference.gate import roc_auc
-from triage_node.inference.metric import average_precision, rsna_score, sens_spec
 from triage_node.inference.model import RawOutput, TriageModel, load_model, untrained_model
+from triage_node.training import data as D
+from triage_node.training.metric import average_precision, rsna_score, sens_spec
 
 log = logging.getLogger(__name__)
 CONFIGS = {"detector": (False, False), "detector+gate": (True, False), "detector+prior": (False, True),

@@ -1,0 +1,190 @@
+"""Training and evaluating the classifier + CAM localiser on REAL films (NIH adult DICOMs from ../shared)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_data
+
+from triage_node.inference.classifier import boxes_from_cam, build_classifier
+from triage_node.inference.gate import roc_auc
+from triage_node.inference.model import load_model
+from triage_node.training import classifier_train as CT
+from triage_node.training import evaluate as E
+from triage_node.training import images as I
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _subset_csv(tmp_path: Path, n: int = 24) -> Path:
+    """A labels CSV over the first n/2 positive and n/2 negative shared NIH films (paths absolute)."""
+    src = shared_data("nih_adult", "labels.csv")
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
+    out = tmp_path / "labels.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in pick:
+            w.writerow(r | {"path": str(src.parent / r["path"])})
+    return out
+
+
+def test_group_split_never_leaks_a_patient_and_holds_out_boxed():
+    src = I.read_source(str(shared_data("nih_adult", "labels.csv")))
+    boxed = set(I.read_boxes(shared_data("nih_adult", "boxes.csv")))
+    force = {g for g, k in zip(src.groups, src.keys) if k in boxed}
+    assert len(set(src.groups)) < len(src), "the NIH pool has patients with several films: the test needs them"
+    for seed in (0, 1, 2):
+        tr, va, te = I.group_split(src.groups, (0.15, 0.15), seed, force)
+        assert len(tr) + len(va) + len(te) == len(src)
+        sides = [{src.groups[i] for i in part} for part in (tr, va, te)]
+        assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+        assert {src.keys[i] for i in te} >= boxed  # every boxed film is in the test split
+        # the split depends on the groups, not on row order
+        perm = np.random.default_rng(seed).permutation(len(src))
+        tr2, _, _ = I.group_split([src.groups[i] for i in perm], (0.15, 0.15), seed, force)
+        assert {src.keys[perm[i]] for i in tr2} == {src.keys[i] for i in tr}
+
+
+def test_a_few_steps_on_real_films_lower_the_loss_and_beat_untrained(tmp_path):
+    src = I.load_images(I.read_source(str(_subset_csv(tmp_path, 24))), 64, tmp_path / "cache", progress=False)
+    torch.manual_seed(0)
+    untrained = build_classifier("resnet18")
+    base = roc_auc(src.labels, CT.predict_probs(untrained, src.images))
+    torch.manual_seed(0)
+    model = build_classifier("resnet18")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = CT.to_float(src.images), torch.from_numpy(src.labels.astype(np.float32))
+    losses = []
+    model.train()
+    for _ in range(25):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    trained = roc_auc(src.labels, CT.predict_probs(model, src.images))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert trained > max(base, 0.5) + 0.2, (trained, base)
+
+
+def test_cam_is_exact_decomposition_of_the_logit():
+    torch.manual_seed(0)
+    m = build_classifier("resnet18").eval()
+    x = torch.rand(2, 1, 128, 128)
+    with torch.inference_mode():
+        logits, cam = m.forward_cam(x)
+        assert torch.allclose(logits, m(x), atol=1e-4)
+    assert cam.shape == (2, 4, 4)
+
+
+def test_boxes_from_cam_follow_the_activation_inside_the_lungs():
+    lung = np.zeros((64, 64), np.float32)
+    lung[8:56, 4:60] = 1.0
+    cam = np.zeros((8, 8), np.float32)
+    cam[5, 1] = 5.0  # a hot region low in the right lung (image left)
+    cam[0, 7] = 9.0  # hotter, but outside the lungs (top right corner)
+    boxes, scores = boxes_from_cam(cam, lung, rel_threshold=0.5)
+    assert len(boxes) >= 1 and scores[0] == pytest.approx(1.0)
+    x0, y0, x1, y1 = boxes[0]
+    assert x1 <= 0.45 and y0 >= 0.45, boxes  # the lung region, not the corner
+    assert boxes_from_cam(np.zeros((8, 8), np.float32), lung)[0].shape == (0, 4)
+
+
+def test_evaluate_arithmetic_on_hand_worked_cases():
+    # IoBB: predicted 10x10 box, 25 of its 100 px² inside the ground truth -> 0.25; IoU = 25 / (100 + 400 - 25)
+    assert E.iobb(np.array([0, 0, 10, 10]), np.array([[5, 5, 20, 20]]))[0] == pytest.approx(0.25)
+    gts = [np.array([[5, 5, 20, 20]]), np.array([[100, 100, 50, 50]]), np.zeros((0, 4)), None,
+           np.array([[0, 0, 100, 100]])]
+    tops = [np.array([0, 0, 10, 10]), np.array([0, 0, 10, 10]), np.array([0, 0, 5, 5]), None,
+            np.array([10, 10, 80, 80])]
+    loc = E.localisation(tops, gts)
+    # boxed films: 1st (IoBB .25 hit, IoU .053 miss), 2nd (miss), 5th (IoBB 1 hit, IoU .64 hit)
+    assert loc["boxed_films"] == 3 and loc["hits_iobb"] == 2 and loc["hits_iou"] == 1
+    assert loc["top_box_iobb_0.1"] == pytest.approx(2 / 3)
+    # Wilson interval of 2/3 (z = 1.96), worked by hand: centre 0.5625... half-width 0.4125...
+    lo, hi = E.wilson(2, 3)
+    assert lo == pytest.approx(0.2077, abs=1e-3) and hi == pytest.approx(0.9385, abs=1e-3)
+    # bootstrap CI of a perfectly separating score is [1, 1]; of a random one it straddles 0.5
+    y = np.array([0] * 30 + [1] * 30)
+    assert E.bootstrap_auc(y, y + 0.0) == (1.0, 1.0)
+    lo, hi = E.bootstrap_auc(y, np.random.default_rng(0).random(60))
+    assert lo < 0.5 < hi and hi - lo > 0.15
+    c = E.classification(np.array([1, 1, 1, 0, 0]), np.array([0.9, 0.6, 0.2, 0.7, 0.1]), 0.5)
+    assert (c["sensitivity"], c["specificity"], c["accuracy"]) == (pytest.approx(2 / 3), 0.5, 0.6)
+    assert c["auc"] == pytest.approx(4 / 6)
+
+
+def test_threshold_for_sensitivity_is_the_highest_that_keeps_it():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.3, 0.6, 0.5, 0.2, 0.1, 0.05, 0.0])
+    t = CT.threshold_for_sensitivity(y, p, 0.75)  # 3 of 4 positives: cut between 0.7 and the next lower (0.6)
+    assert t == pytest.approx(0.65)
+    op = CT.operating_point(y, p, t)
+    assert op["sensitivity"] == 0.75 and op["specificity"] == 1.0
+
+
+def test_train_cli_writes_a_package_that_loads_evaluates_and_resumes(tmp_path):
+    labels = _subset_csv(tmp_path, 24)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out, ck = tmp_path / "pkg", tmp_path / "ck"
+    base = [sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(labels), "--size", "64",
+            "--batch-size", "8", "--val-frac", "0.25", "--test-frac", "0.25", "--checkpoint-dir", str(ck),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--threads", "1", "--version", "0.0.1-test"]
+    r = subprocess.run(base + ["--epochs", "1"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist1 = torch.load(ck / "checkpoint.pt", weights_only=False)["state"]["history"]
+    assert [h["epoch"] for h in hist1] == [1]
+    # resume: the same command with more epochs continues at epoch 2 and writes the package
+    r = subprocess.run(base + ["--epochs", "2", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    hist2 = torch.load(ck / "checkpoint.pt", weights_only=False)["state"]["history"]
+    assert [h["epoch"] for h in hist2] == [1, 2] and hist2[0] == hist1[0]
+    cfg = json.loads((out / "model.json").read_text())
+    assert cfg["architecture"]["detector"] == "cam" and "detector.safetensors" not in cfg["files"]
+    assert cfg["demo"] is True and "not for clinical use" in cfg["intended_use"]
+    split = json.loads((ck / "split.json").read_text())[str(labels.resolve())]
+    assert not set(split["train"]) & set(split["test"])
+    model = load_model(out, device="cpu")
+    assert model.detector is None and model.threshold == pytest.approx(cfg["thresholds"]["gate"])
+    ev = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "-m", "triage_node.cli", "evaluate", "--model", str(out), "--image-labels",
+                        str(labels), "--boxes", str(shared_data("nih_adult", "boxes.csv")), "--split",
+                        f"{ck / 'split.json'}:test", "--out", str(ev), "--threads", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((ev / "report.json").read_text())
+    assert rep["classification"]["n"] == len(split["test"])
+    assert set(rep["by_view"]) <= {"PA", "AP"} and rep["by_view"]
+    assert (ev / "roc.png").stat().st_size > 1000
+    with open(ev / "per_image.csv") as f:
+        assert {r["key"] for r in csv.DictReader(f)} == set(split["test"])
+
+
+def test_inference_worker_imports_no_training_code(tmp_path):
+    """Load the shipped model the way a worker does, analyse a real film, then look at sys.modules."""
+    code = (
+        "import sys, json\n"
+        "import workers.app as w\n"
+        "from triage_node import pipeline\n"
+        "pred = pipeline.analyze(sys.argv[1], w.cfg)\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('triage_node.training') or m in ('matplotlib', 'tqdm'))\n"
+        "print(json.dumps({'bad': bad, 'p': pred.probability}))\n")
+    sample = sorted((ROOT / "sample_dicom").glob("*.dcm"))[0]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
+                        "TRIAGE_BROKER_URL": "redis://127.0.0.1:1/0"}
+    r = subprocess.run([sys.executable, "-c", code, str(sample)], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bad"] == [] and 0.0 <= out["p"] <= 1.0

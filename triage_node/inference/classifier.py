@@ -1,0 +1,103 @@
+"""Image-level CXR classifier with a class-activation map: the gate, and the localiser of the shipped model.
+
+A torchvision ResNet (looked up with ``torchvision.models.get_model``, ``weights=None``: nothing is downloaded) with
+a one-channel stem and one logit. Its global-average-pooled linear head makes the class-activation map exact:
+``logit = mean(cam) + b`` where ``cam = w . features`` (Zhou et al., CVPR 2016), so the map says which region of the
+film raised the pneumonia logit. Boxes are read from that map (``boxes_from_cam``), restricted to the lungs by the
+RSNA box-coverage prior.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+CAM_ARCHS = ("resnet18", "resnet34")
+MEAN, STD = 0.5, 0.25
+
+
+class CamClassifier(nn.Module):
+    """ResNet trunk (1-channel stem), global average pool, one logit; ``forward_cam`` also returns the map."""
+
+    def __init__(self, arch: str = "resnet18", dropout: float = 0.2) -> None:
+        super().__init__()
+        if arch not in CAM_ARCHS:
+            raise ValueError(f"unknown classifier architecture {arch!r} (known: {', '.join(CAM_ARCHS)})")
+        net = torchvision.models.get_model(arch, weights=None, num_classes=1)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.arch = arch
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                   net.layer4)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(net.fc.in_features, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk((x - MEAN) / STD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x).mean((2, 3))
+        return self.fc(self.dropout(f)).squeeze(1)
+
+    def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits N, cam N x h x w) with ``logits == cam.mean((1, 2)) + bias`` (eval mode)."""
+        f = self.features(x)
+        cam = torch.einsum("nchw,c->nhw", f, self.fc.weight[0])
+        return cam.mean((1, 2)) + self.fc.bias[0], cam
+
+
+def build_classifier(arch: str = "resnet18") -> CamClassifier:
+    return CamClassifier(arch)
+
+
+def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """4-connected components of a small boolean grid."""
+    seen = np.zeros_like(mask, bool)
+    comps = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp, q = [], deque([(int(y0), int(x0))])
+        seen[y0, x0] = True
+        while q:
+            y, x = q.popleft()
+            comp.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    q.append((ny, nx))
+        comps.append(comp)
+    return comps
+
+
+def boxes_from_cam(cam: np.ndarray, lung: np.ndarray, rel_threshold: float = 0.5, max_boxes: int = 3,
+                   upsample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (xyxy, in units of the unit square) and relative peak scores in (0, 1] from one activation map.
+
+    The map is upsampled ``upsample`` times (bilinear), weighted by the lung prior ``lung`` (same grid after
+    resizing), shifted so its lowest value inside the lungs is 0, and cut at ``rel_threshold`` of its peak; each
+    connected region is one box scored by its own peak over the global peak. Nothing positive: no box.
+    """
+    t = torch.from_numpy(np.asarray(cam, np.float32))[None, None]
+    h, w = cam.shape[0] * upsample, cam.shape[1] * upsample
+    up = nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    lp = nn.functional.interpolate(torch.from_numpy(np.asarray(lung, np.float32))[None, None], size=(h, w),
+                                   mode="bilinear", align_corners=False)[0, 0].numpy()
+    inside = lp >= 0.05
+    if not inside.any():
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    m = np.where(inside, up - up[inside].min(), 0.0) * np.clip(lp, 0, 1)
+    peak = float(m.max())
+    if not peak > 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    boxes, scores = [], []
+    for comp in _components(m >= rel_threshold * peak):
+        ys, xs = np.array([c[0] for c in comp]), np.array([c[1] for c in comp])
+        boxes.append([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h])
+        scores.append(float(m[ys, xs].max()) / peak)
+    order = np.argsort(-np.array(scores))[:max_boxes]
+    return np.array(boxes, np.float32)[order].reshape(-1, 4), np.array(scores, np.float32)[order]

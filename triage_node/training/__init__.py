@@ -1,0 +1,1 @@
+"""Training, synthesis and evaluation: what a worker never imports (torchvision keeps references/ apart)."""

@@ -1,0 +1,290 @@
+"""Train the image-level classifier (gate + class-activation localiser) on real image-level data.
+
+    triage-node train --image-labels ../shared/data/nih_adult/labels.csv \\
+        --image-labels ../shared/data/kermany_224/labels.csv:0.3 --boxes ../shared/data/nih_adult/boxes.csv \\
+        --holdout-boxed --init var/pretrain/checkpoint.pt --epochs 20 --out models/demo
+
+Several sources mix with sampling weights (``CSV:weight``); the first source is the primary one (epoch length,
+validation metric, operating point). Each source is split by its group column (patients never straddle splits);
+``--holdout-boxed`` puts every patient with a box in ``--boxes`` into the test split, so localisation is measured on
+films the model never trained on. AdamW + one-cycle, CXR augmentation, a checkpoint every epoch (``--resume`` is
+automatic from ``--checkpoint-dir``), early stopping on the validation AUC, fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from triage_node.inference.classifier import CAM_ARCHS, build_classifier
+from triage_node.inference.gate import roc_auc
+from triage_node.training import images as I
+
+log = logging.getLogger(__name__)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """CXR-suited augmentation of an N x 1 x S x S batch in [0,1]: small rotation, zoom and shift (border
+    replicated), horizontal flip, gamma, contrast and brightness, a little noise."""
+    n = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    ang = u(-8, 8) * strength * math.pi / 180
+    scale = 1 / (1 + u(-0.10, 0.15) * strength)
+    tx, ty = u(-0.06, 0.06) * strength, u(-0.06, 0.06) * strength
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gamma = torch.exp(u(-0.35, 0.35) * strength).view(-1, 1, 1, 1)
+    c = (1 + u(-0.2, 0.2) * strength).view(-1, 1, 1, 1)
+    b = (u(-0.08, 0.08) * strength).view(-1, 1, 1, 1)
+    x = ((x.clamp(0, 1) ** gamma - 0.5) * c + 0.5 + b)
+    x = x + torch.randn(x.shape, generator=g) * 0.01 * strength
+    return x.clamp(0, 1)
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images))[:, None].float().div_(255)
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, images: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+    """Probabilities for uint8 N x S x S images (``tta``: mean logit of the image and its mirror)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size])
+        logit = model(x)
+        if tta:
+            logit = (logit + model(x.flip(-1))) / 2
+        out.append(torch.sigmoid(logit).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold whose sensitivity on (y, p) is still >= ``sensitivity`` (midpoint to the next lower
+    score, so the operating point does not sit exactly on a validation score)."""
+    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
+    pos = np.sort(p[y])[::-1]
+    k = max(int(math.ceil(sensitivity * len(pos))), 1)
+    t = pos[k - 1]
+    lower = p[p < t]
+    return float((t + lower.max()) / 2) if len(lower) else float(t)
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, t: float) -> dict:
+    y = np.asarray(y).astype(bool)
+    return {"threshold": t, "sensitivity": float((p[y] >= t).mean()), "specificity": float((p[~y] < t).mean()),
+            "accuracy": float(((p >= t) == y).mean()), "n": int(len(y)), "positives": int(y.sum())}
+
+
+class Mixer:
+    """Batches drawn from several sources by weight; each source is walked in a fresh shuffled order."""
+
+    def __init__(self, sources: list[I.Source], g: torch.Generator) -> None:
+        self.sources, self.g = [s for s in sources if s.weight > 0 and len(s)], g
+        w = torch.tensor([s.weight for s in self.sources], dtype=torch.float64)
+        self.p = w / w.sum()
+        self.orders: list[list[int]] = [[] for _ in self.sources]
+
+    def _next(self, k: int) -> int:
+        if not self.orders[k]:
+            self.orders[k] = torch.randperm(len(self.sources[k]), generator=self.g).tolist()
+        return self.orders[k].pop()
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        which = torch.multinomial(self.p, n, replacement=True, generator=self.g).tolist()
+        idx = [(k, self._next(k)) for k in which]
+        return (np.stack([self.sources[k].images[i] for k, i in idx]),
+                np.array([self.sources[k].labels[i] for k, i in idx], np.float32))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the CXR classifier + CAM localiser on image-level CSVs",
+                                add_help=add_help)
+    p.add_argument("--image-labels", action="append", required=True, metavar="CSV[:WEIGHT]",
+                   help="path,label CSV (repeatable; the first is the primary source)")
+    p.add_argument("--group-column", help="patient/group column (default: auto, e.g. nih_patient_id, id_prefix)")
+    p.add_argument("--boxes", help="boxes CSV (image_id,x,y,width,height) of the primary source")
+    p.add_argument("--holdout-boxed", action="store_true", help="patients with boxes go to the test split")
+    p.add_argument("--val-frac", type=float, default=0.15)
+    p.add_argument("--test-frac", type=float, default=0.15)
+    p.add_argument("--arch", default="resnet18", choices=CAM_ARCHS)
+    p.add_argument("--size", type=int, default=256, help="input size (images are squashed to size x size)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--aug", type=float, default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better val AUC")
+    p.add_argument("--init", help="start from these weights (checkpoint.pt of an earlier run, e.g. pretraining)")
+    p.add_argument("--checkpoint-dir", default="var/train", help="checkpoint.pt, split.json, history (resumes)")
+    p.add_argument("--cache-dir", default="var/cache")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this long (checkpoint kept)")
+    p.add_argument("--target-sensitivity", type=float, default=0.90, help="operating point on validation")
+    p.add_argument("--tta", action="store_true", help="ship flip test-time augmentation")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write a model package here (needs the lung prior; see model.json)")
+    p.add_argument("--name", default="cxr-triage-demo")
+    p.add_argument("--version", default="0.2.0-demo")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], list[I.Source], dict]:
+    """Read, split and decode every source: (train, val, test) lists parallel to ``args.image_labels``."""
+    boxed: set[str] = set()
+    if args.boxes and args.holdout_boxed:
+        boxed = set(I.read_boxes(args.boxes))
+    tr, va, te, manifest = [], [], [], {}
+    for j, spec in enumerate(args.image_labels):
+        src = I.load_images(I.read_source(spec, args.group_column if j == 0 else None), args.size,
+                            Path(args.cache_dir), progress=not args.no_progress)
+        force = {g for g, k in zip(src.groups, src.keys) if k in boxed} if j == 0 else set()
+        a, b, c = I.group_split(src.groups, (args.val_frac, args.test_frac), args.seed, force)
+        tr.append(src.subset(a))
+        va.append(src.subset(b))
+        te.append(src.subset(c))
+        manifest[str(src.csv.resolve())] = {"train": tr[-1].keys, "val": va[-1].keys, "test": te[-1].keys,
+                                  "weight": src.weight, "positives": {k: int(s.labels.sum()) for k, s in
+                                                                      (("train", tr[-1]), ("val", va[-1]),
+                                                                       ("test", te[-1]))}}
+    return tr, va, te, manifest
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_init(model: torch.nn.Module, path: str) -> None:
+    """Weights of an earlier run's checkpoint (its best epoch) or a bare state dict."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    best = (saved.get("state") or {}).get("best_state") if isinstance(saved, dict) else None
+    model.load_state_dict(best or saved.get("model") or saved)
+
+
+def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> tuple[torch.nn.Module, dict]:
+    """The training loop; returns the model at its best validation epoch and the history."""
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    model = build_classifier(args.arch)
+    ckdir = Path(args.checkpoint_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    ck = ckdir / "checkpoint.pt"
+    primary = tr[0]
+    steps = max(math.ceil(len(primary) / (args.batch_size * primary.weight / sum(s.weight for s in tr))), 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
+                                                pct_start=0.2)
+    state: dict = {"epoch": 0, "history": [], "best_auc": -1.0, "best_state": None, "bad_epochs": 0}
+    if ck.exists():
+        saved = torch.load(ck, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        g.set_state(saved["rng"])
+        state = saved["state"]
+        if saved.get("epochs") == args.epochs:
+            sched.load_state_dict(saved["sched"])
+        else:  # more (or fewer) epochs than the run that wrote it: the new one-cycle schedule, fast-forwarded
+            with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(min(state["epoch"] * steps, args.epochs * steps - 1)):
+                    sched.step()
+        log.info("resumed from %s at epoch %d", ck, state["epoch"])
+    elif args.init:
+        load_init(model, args.init)
+    mixer = Mixer(tr, g)
+    t_start = time.monotonic()
+    from tqdm import tqdm
+
+    while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
+        ep = state["epoch"] + 1
+        model.train()
+        losses = []
+        for _ in tqdm(range(steps), desc=f"epoch {ep}/{args.epochs}", disable=args.no_progress, leave=False):
+            imgs, y = mixer.batch(args.batch_size)
+            x = to_float(imgs)
+            if args.aug > 0:
+                x = augment(x, g, args.aug)
+            loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        auc = roc_auc(va[0].labels, predict_probs(model, va[0].images)) if len(va[0]) else float("nan")
+        rec = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc,
+               "minutes": round((time.monotonic() - t_start) / 60, 2)}
+        state["history"].append(rec)
+        if auc > state["best_auc"] or state["best_state"] is None:
+            state.update(best_auc=auc, best_epoch=ep, bad_epochs=0,
+                         best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = ep
+        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                      "rng": g.get_state(), "state": state, "arch": args.arch, "size": args.size,
+                      "epochs": args.epochs}, ck)
+        print(json.dumps(rec), flush=True)
+        if args.max_minutes and time.monotonic() - t_start > args.max_minutes * 60:
+            state["stopped"] = "time"
+            break
+    if state["bad_epochs"] >= args.patience:
+        state["stopped"] = "early stopping"
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    return model, state
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.monotonic()
+    tr, va, te, manifest = prepare(args)
+    ckdir = Path(args.checkpoint_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    (ckdir / "split.json").write_text(json.dumps(manifest) + "\n")
+    for s, a, b in zip(tr, va, te):
+        print(f"{s.name}: train {len(s)} ({int(s.labels.sum())} pos), val {len(a)} ({int(a.labels.sum())} pos), "
+              f"test {len(b)} ({int(b.labels.sum())} pos), weight {s.weight}", flush=True)
+    model, state = train(args, tr, va)
+    p_val = predict_probs(model, va[0].images, tta=args.tta)
+    t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
+    others = {s.name: operating_point(s.labels, p, t) | {"auc": roc_auc(s.labels, p)}
+              for s in va[1:] if len(s) for p in [predict_probs(model, s.images, tta=args.tta)]}
+    summary = {"best_epoch": state.get("best_epoch"), "best_val_auc": state["best_auc"],
+               "stopped": state.get("stopped", "epochs"), "history": state["history"],
+               "val_auc_shipped": roc_auc(va[0].labels, p_val), "tta": bool(args.tta),
+               "operating_point": operating_point(va[0].labels, p_val, t) | {
+                   "rule": f"highest threshold with sensitivity >= {args.target_sensitivity} on the "
+                           f"{va[0].name} validation split"},
+               "other_val_sources": others, "minutes": round((time.monotonic() - t0) / 60, 1)}
+    (ckdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=float), flush=True)
+    if args.out:
+        from triage_node.training.package import write_cam_package
+
+        write_cam_package(model, args, summary, manifest, Path(args.out))
+        print(f"wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,245 @@
+"""Evaluate a model package on real image-level data (+ optional boxes), as a reader study would report it.
+
+    triage-node evaluate --model models/demo --image-labels ../shared/data/nih_adult/labels.csv \\
+        --boxes ../shared/data/nih_adult/boxes.csv --split var/train/split.json:test --out var/eval/nih-test
+
+Reports: AUC with a stratified bootstrap 95 % CI; sensitivity / specificity (Wilson 95 % CIs) at the package's
+operating point; AUC within each view when the CSV has a ``view`` column (a model reading view markers shows
+there); localisation as ChestX-ray8 measures it (share of boxed films whose top box has IoBB = intersection over
+predicted-box area >= 0.1 with a ground-truth box) plus IoU >= 0.4, and the Kaggle RSNA metric; per-image scores
+(``per_image.csv``) and an ROC curve (``roc.png``). RSNA-format labels (``patientId,x,y,width,height,Target``)
+are read with ``--rsna-labels`` + ``--images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from triage_node.inference.gate import roc_auc
+from triage_node.training import images as I
+from triage_node.training.metric import rsna_score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    path: Path
+    label: int
+    key: str
+    view: str = ""
+    boxes: np.ndarray | None = None  # xywh source pixels; None = not annotated
+
+
+def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile CI of the AUC, resampling positives and negatives separately (stratified)."""
+    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
+    pos, neg = p[y], p[~y]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n):
+        a, b = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
+        # Mann-Whitney with ties counted half, vectorised
+        aucs.append((a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean())
+    lo, hi = np.percentile(aucs, (2.5, 97.5))
+    return float(lo), float(hi)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    ph = k / n
+    d = 1 + z * z / n
+    c = (ph + z * z / (2 * n)) / d
+    h = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def iobb(pred_xywh: np.ndarray, gt_xywh: np.ndarray) -> np.ndarray:
+    """Intersection over the predicted box's area, one predicted box against each ground-truth box."""
+    px, py, pw, ph = (float(v) for v in pred_xywh)
+    g = np.asarray(gt_xywh, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(px + pw, g[:, 0] + g[:, 2]) - np.maximum(px, g[:, 0]), 0, None)
+    ih = np.clip(np.minimum(py + ph, g[:, 1] + g[:, 3]) - np.maximum(py, g[:, 1]), 0, None)
+    return iw * ih / max(pw * ph, 1e-9)
+
+
+def localisation(top_boxes: list[np.ndarray | None], gts: list[np.ndarray]) -> dict:
+    """Hit rates of the top box over films with ground truth: IoBB >= 0.1 (ChestX-ray8) and IoU >= 0.4."""
+    from triage_node.training.metric import iou_matrix
+
+    hits_iobb = hits_iou = n = 0
+    for top, gt in zip(top_boxes, gts):
+        if gt is None or len(gt) == 0:
+            continue
+        n += 1
+        if top is None:
+            continue
+        hits_iobb += int(iobb(top, gt).max() >= 0.1)
+        hits_iou += int(iou_matrix(top[None], gt).max() >= 0.4 - 1e-9)
+    return {"boxed_films": n, "top_box_iobb_0.1": hits_iobb / n if n else float("nan"),
+            "top_box_iobb_0.1_ci95": wilson(hits_iobb, n), "top_box_iou_0.4": hits_iou / n if n else float("nan"),
+            "hits_iobb": hits_iobb, "hits_iou": hits_iou}
+
+
+def classification(y: np.ndarray, p: np.ndarray, t: float, seed: int = 0) -> dict:
+    y = np.asarray(y).astype(bool)
+    tp, tn = int((p[y] >= t).sum()), int((p[~y] < t).sum())
+    return {"n": int(len(y)), "positives": int(y.sum()), "auc": roc_auc(y, p),
+            "auc_ci95": bootstrap_auc(y, p, seed=seed),
+            "threshold": t, "sensitivity": tp / max(int(y.sum()), 1), "sensitivity_ci95": wilson(tp, int(y.sum())),
+            "specificity": tn / max(int((~y).sum()), 1), "specificity_ci95": wilson(tn, int((~y).sum())),
+            "accuracy": (tp + tn) / max(len(y), 1)}
+
+
+def read_items(args: argparse.Namespace) -> list[Item]:
+    items: list[Item] = []
+    if args.image_labels:
+        src = I.read_source(args.image_labels)
+        boxes = I.read_boxes(args.boxes) if args.boxes else {}
+        keep = None
+        if args.split:
+            manifest, _, side = args.split.rpartition(":")
+            keep = set(json.loads(Path(manifest).read_text())[str(src.csv.resolve())][side])
+        for p, y, k, v in zip(src.paths, src.labels, src.keys, src.views):
+            if keep is None or k in keep:
+                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None))
+    if args.rsna_labels:
+        from triage_node.training.data import find_image, read_labels
+
+        for k, b in read_labels(args.rsna_labels).items():
+            items.append(Item(find_image(args.images, k), int(len(b) > 0), k, "", b))
+    if args.max_images:
+        items = items[: args.max_images]
+    return items
+
+
+def run(model, items: list[Item], chunk: int = 16):
+    from triage_node.training.data import load_image
+
+    raws = []
+    for i in range(0, len(items), chunk):
+        raws += model.analyze([load_image(it.path) for it in items[i:i + chunk]], run_detector=True)
+    return raws
+
+
+def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str, t: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(y).astype(bool)
+    ts = np.r_[np.inf, np.sort(np.unique(p))[::-1]]
+    tpr = [(p[y] >= s).mean() for s in ts]
+    fpr = [(p[~y] >= s).mean() for s in ts]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc(y, p):.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.plot([(p[~y] >= t).mean()], [(p[y] >= t).mean()], "ro", label=f"operating point {t:.3f}")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a model package on image-level data (+ boxes)",
+                                add_help=add_help)
+    p.add_argument("--model", required=True, help="model package folder, or 'untrained'")
+    p.add_argument("--image-labels", help="path,label[,view] CSV (paths relative to the CSV)")
+    p.add_argument("--boxes", help="image_id,x,y,width,height CSV for --image-labels (localisation)")
+    p.add_argument("--split", help="SPLIT_JSON:SIDE (from train's checkpoint dir) to evaluate one split only")
+    p.add_argument("--rsna-labels", help="RSNA patientId,x,y,width,height,Target CSV (with --images)")
+    p.add_argument("--images", help="folder of <patientId>.dcm for --rsna-labels")
+    p.add_argument("--out", help="report folder (default var/eval/<model>-<time>)")
+    p.add_argument("--tta", choices=("package", "on", "off"), default="package")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from triage_node.inference.model import load_model, untrained_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.image_labels or args.rsna_labels):
+        raise SystemExit("give --image-labels CSV or --rsna-labels CSV --images DIR")
+    model = untrained_model() if args.model == "untrained" else load_model(args.model, device="cpu")
+    if args.tta != "package":
+        model.tta = args.tta == "on"
+    out = Path(args.out or f"var/eval/{model.info.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    items = read_items(args)
+    raws = run(model, items)
+    y = np.array([it.label for it in items])
+    p = np.array([r.probability for r in raws])
+    report: dict = {"model": {"name": model.info.name, "version": model.info.version, "path": str(args.model),
+                              "tta": getattr(model, "tta", False)},
+                    "data": {k: getattr(args, k) for k in ("image_labels", "boxes", "split", "rsna_labels")},
+                    "classification": classification(y, p, model.threshold, args.seed)}
+    views = sorted({it.view for it in items if it.view})
+    if views:
+        report["by_view"] = {v: classification(y[m], p[m], model.threshold, args.seed) for v in views
+                             for m in [np.array([it.view == v for it in items])]}
+    tops, gated_tops, gts, preds, scores = [], [], [], [], []
+    for it, r in zip(items, raws):
+        pred = model.postprocess(r, use_gate=False)
+        top = np.array([pred.detections[0].x, pred.detections[0].y, pred.detections[0].width,
+                        pred.detections[0].height]) if pred.detections else None
+        tops.append(top)
+        gated = model.postprocess(r)
+        gated_tops.append(top if gated.detections else None)
+        gts.append(it.boxes)
+        preds.append(np.array([[d.x, d.y, d.width, d.height] for d in gated.detections]).reshape(-1, 4))
+        scores.append([d.score for d in gated.detections])
+    if any(g is not None and len(g) for g in gts):
+        report["localisation"] = {"top_box_any_probability": localisation(tops, gts),
+                                  "top_box_as_sent (gated)": localisation(gated_tops, gts)}
+    if all(g is not None for g in gts):  # every film annotated (RSNA format): Kaggle's metric
+        report["rsna_metric"] = rsna_score(gts, preds, scores)
+    with open(out / "per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes"])
+        for it, r, top in zip(items, raws, tops):
+            w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
+                        "" if top is None else " ".join(f"{v:.0f}" for v in top),
+                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel())])
+    if len(set(y.tolist())) == 2:
+        plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", model.threshold)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    c = report["classification"]
+    print(f"n {c['n']} ({c['positives']} pos)  AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]  "
+          f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}  acc {c['accuracy']:.3f} @ {c['threshold']:.3f}")
+    for v, cv in report.get("by_view", {}).items():
+        print(f"  view {v}: n {cv['n']} AUC {cv['auc']:.3f} [{cv['auc_ci95'][0]:.3f}, {cv['auc_ci95'][1]:.3f}]")
+    for k, loc in report.get("localisation", {}).items():
+        print(f"  {k}: {loc['boxed_films']} boxed films, IoBB>=0.1 {loc['top_box_iobb_0.1']:.3f}, "
+              f"IoU>=0.4 {loc['top_box_iou_0.4']:.3f}")
+    if "rsna_metric" in report:
+        print(f"  RSNA metric {report['rsna_metric']:.4f}")
+    print(f"wrote {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,51 @@
+"""Write a classifier + class-activation-map model package (the shipped demo model's format)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from triage_node.inference.classifier import CamClassifier
+from triage_node.inference.model import CAM, TriageModel, save_package
+from triage_node.inference.prior import LungPrior
+from triage_node.inference.types import ModelInfo
+
+PRIOR_MIN_MEAN = 0.3  # as the earlier package: a box whose mean RSNA-box coverage is below this is dropped
+
+
+def cam_summary(arch: str, size: int, tta: bool) -> str:
+    return (f"{arch} classifier ({size}px{', flip TTA' if tta else ''}) with class-activation-map boxes "
+            f"+ RSNA box-coverage lung prior")
+
+
+def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: dict, manifest: dict,
+                      out: Path) -> Path:
+    """Package ``model`` with the operating point chosen on validation data; the card is written separately."""
+    from pydicom.uid import generate_uid
+
+    info = ModelInfo(name=args.name, version=args.version, architecture=cam_summary(args.arch, args.size, args.tta),
+                     demo=True, intended_use="demo model, not for clinical use",
+                     device_uid=generate_uid(entropy_srcs=["triage-node model", args.name, args.version]))
+    t = float(summary["operating_point"]["threshold"])
+    tm = TriageModel(None, model, LungPrior.from_box_stats(min_mean=PRIOR_MIN_MEAN), info, threshold=t,
+                     box_threshold=0.0, input_size=args.size, gate_size=args.size, detector_arch=CAM,
+                     gate_arch=args.arch, device="cpu", tta=args.tta)
+    extra = {
+        "training_data": {
+            "sources": {src: {"weight": m["weight"], "train": len(m["train"]), "val": len(m["val"]),
+                              "test": len(m["test"]), "positives": m["positives"]} for src, m in manifest.items()},
+            "split": f"by patient/group column, val {args.val_frac}, test {args.test_frac}, seed {args.seed}"
+                     + ("; every patient with an NIH box held out in test" if args.holdout_boxed else ""),
+            "prior": "coverage heatmap of the 9,555 boxes of RSNA stage_2_train_labels.csv",
+            "localisation": "no box supervision: boxes are read from the class-activation map",
+        },
+        "training": {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
+                     "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "weight_decay": args.weight_decay, "augmentation": args.aug, "input_size": args.size,
+                     "init": args.init or "random (weights=None)"},
+        "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
+                                            "other_val_sources", "stopped", "history")},
+    }
+    return save_package(tm, out, extra=extra)
