@@ -207,7 +207,7 @@ class Backfill:
     def _finished(self, fut: Future, bar: Any) -> None:
         try:
             outcome = fut.result()
-        except Exception as exc:  # noqa: BLE001 - the archive refused or dropped one retrieval: the next run retries it
+        except Exception as exc:
             log.warning("backfill: retrieve failed: %s", type(exc).__name__)
             outcome = "error"
         with self.lock:
@@ -217,7 +217,7 @@ class Backfill:
 
     # -- the run -------------------------------------------------------------------------------------------------
     def run(self) -> Summary:
-        from tqdm import tqdm  # type: ignore[import-untyped]
+        from tqdm import tqdm
 
         t0 = time.monotonic()
         bar = tqdm(total=0, unit="inst", disable=not self.progress, dynamic_ncols=True)

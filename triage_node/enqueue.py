@@ -38,7 +38,7 @@ class RedisSubmitter:
 
     def __init__(self, cfg: Config, socket_timeout: float = 5.0) -> None:
         import redis
-        from celery.utils.nodenames import anon_nodename  # type: ignore[import-untyped]
+        from celery.utils.nodenames import anon_nodename
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 

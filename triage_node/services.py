@@ -45,7 +45,7 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server not found: install the Debian package redis-server (make setup)")
