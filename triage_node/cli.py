@@ -214,10 +214,14 @@ def cmd_serve(args) -> int:
         server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
     else:
         server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
+    parent = os.getppid()
     try:
         while not stop.wait(1.0):
             if pool:
                 pool.check()
+            if args.child and os.getppid() != parent:  # the supervisor died: free the port for its restart
+                log.error("receiver supervisor %d is gone; this receiver process stops", parent)
+                break
     finally:
         server.shutdown()
         _drain(server, 5.0)
