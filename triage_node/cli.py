@@ -121,7 +121,8 @@ def cmd_up(args) -> int:
         cfg = replace(cfg, broker=replace(cfg.broker, url=redis.url))
     log_dir = Path(cfg.spool.directory).parent / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = child_env(TRIAGE_BROKER_URL=cfg.broker.url, TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
+    env = child_env(TRIAGE_BROKER_URL=cfg.broker.url,
+                    TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
                     TRIAGE_MODEL_PATH=cfg.model.path)
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit(cfg.audit_log)
