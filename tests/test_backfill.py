@@ -18,9 +18,9 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
+from conftest import SAMPLES, require, write_toml
 from pydicom.uid import generate_uid
 
-from conftest import SAMPLES, require, write_toml
 from triage_node.audit import read
 from triage_node.backfill import RateLimiter
 

@@ -9,12 +9,12 @@ import time
 
 import pydicom
 import pytest
+from conftest import SAMPLES
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.transport import AssociationSocket
-
-from conftest import SAMPLES
 from test_receiver import queued, receiver  # noqa: F401 - the in-process receiver fixture
+
 from triage_node.audit import read
 
 #: Generous bound for "the node let go": the timeouts under test are 1-2 s; a miss here means "never".

@@ -20,10 +20,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from pydicom.uid import generate_uid
-
 from conftest import SAMPLES, write_toml
+from pydicom.uid import generate_uid
 from test_receiver import receiver, store  # noqa: F401 - the in-process receiver fixture
+
 from triage_node.audit import read
 from triage_node.services import PrivateRedis, free_port, wait_port
 from triage_node.transport import scp

@@ -15,10 +15,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
+from conftest import SAMPLES, write_toml
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import SAMPLES, write_toml
 from triage_node.audit import read
 from triage_node.services import free_port, wait_port
 
@@ -68,7 +68,8 @@ def pool(tmp_path, redis_url):
         assert wait_port("127.0.0.1", cfg["receiver"]["port"], 30), (tmp_path / "serve.log").read_text()
         wait_children(p.pid, processes - 1)
         deadline = time.time() + 60  # every process logs "listening" once its server runs
-        while (tmp_path / "serve.log").read_text().count(f"listening on 127.0.0.1:{cfg['receiver']['port']}") < processes + skip:
+        mark = f"listening on 127.0.0.1:{cfg['receiver']['port']}"
+        while (tmp_path / "serve.log").read_text().count(mark) < processes + skip:
             assert time.time() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         return p, cfg
