@@ -46,10 +46,9 @@ def _spool(cfg):
 
 
 def _submitter(cfg):
-    from .queue import make_app, submit
+    from .enqueue import make_submitter
 
-    app = make_app(cfg, name="receiver")
-    return lambda path, sop, t0: submit(app, path, sop, t0)
+    return make_submitter(cfg)
 
 
 def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, reason: str = "restart",
@@ -118,7 +117,6 @@ def start_dicomweb(cfg, ingest, spool) -> list:
 def cmd_up(args) -> int:
     """Receiver + workers (+ a private Redis when no broker is configured) on this machine."""
     from .services import PrivateRedis, child_env, start_workers, stop_all
-    from .transport import scp
 
     cfg = _load(args)
     if cfg.web.enabled:
@@ -132,14 +130,15 @@ def cmd_up(args) -> int:
         cfg = replace(cfg, broker=replace(cfg.broker, url=redis.url))
     log_dir = Path(cfg.spool.directory).parent / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = child_env(TRIAGE_BROKER_URL=cfg.broker.url, TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
+    env = child_env(TRIAGE_BROKER_URL=cfg.broker.url,
+                    TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
                     TRIAGE_MODEL_PATH=cfg.model.path)
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
               include_unacked=not private)
-    server = scp.start(cfg, spool, submit_fn, audit, block=False)
+    server, receivers = start_receivers(cfg, args, spool, submit_fn, audit, env, log_dir)
     extras = start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,6 +165,8 @@ def cmd_up(args) -> int:
                 except Exception as exc:  # broker still down: try again next period
                     log.warning("periodic reconcile failed: %s", exc)
                 next_sweep = time.time() + cfg.broker.visibility_timeout
+            if receivers:
+                receivers.check()
             dead = [w for w in workers if w.poll() is not None]
             if dead:
                 log.error("a worker exited (code %s); restarting workers", dead[0].returncode)
@@ -178,19 +179,107 @@ def cmd_up(args) -> int:
         for extra in extras:
             extra.stop()
         server.shutdown()
+        if receivers:
+            receivers.stop()
         stop_all(workers)
         if redis:
             redis.stop()
     return 0
 
 
+def start_receivers(cfg, args, spool, submit_fn, audit, env: dict[str, str], log_dir: Path | None):
+    """The receiver in this process, plus ``receiver.processes - 1`` receiver processes on the same port.
+
+    Returns (the in-process server, the ReceiverPool or None)."""
+    from .services import ReceiverPool
+    from .transport import scp
+    from .transport.scp_server import listen_socket
+
+    rc = cfg.receiver
+    sock = listen_socket(rc.bind, rc.port, reuse_port=rc.balance == "reuseport")
+    pool = None
+    if rc.processes > 1:
+        env = dict(env, TRIAGE_PORT=str(sock.getsockname()[1]), TRIAGE_BROKER_URL=cfg.broker.url)
+        config_path = str(Path(args.config).resolve()) if getattr(args, "config", None) else None
+        pool = ReceiverPool(rc.processes - 1, env, config_path, sock if rc.balance == "shared" else None,
+                            log_dir).start()
+    server = scp.start(cfg, spool, submit_fn, audit, block=False, sock=sock)
+    return server, pool
+
+
 def cmd_serve(args) -> int:
+    """The C-STORE receiver only (``receiver.processes`` of them on one port); ``--child``: one of them."""
+    import socket
+
+    from .services import child_env
     from .transport import scp
 
     cfg = _load(args)
     spool, audit = _spool(cfg), Audit.from_config(cfg)
-    scp.start(cfg, spool, _submitter(cfg), audit, block=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.child:
+        sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+        server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
+    else:
+        server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
+    parent = os.getppid()
+    try:
+        while not stop.wait(1.0):
+            if pool:
+                pool.check()
+            if args.child and os.getppid() != parent:  # the supervisor died: free the port for its restart
+                log.error("receiver supervisor %d is gone; this receiver process stops", parent)
+                break
+    finally:
+        server.shutdown()
+        _drain(server, 5.0)
+        if pool:
+            pool.stop()
     return 0
+
+
+def _drain(server, timeout: float) -> None:
+    """Give associations in progress up to ``timeout`` s to finish (their senders get their responses)."""
+    deadline = time.time() + timeout
+    while server.active_associations and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def cmd_backfill(args) -> int:
+    """Re-analyse an archive through QIDO-RS/WADO-RS into this node's spool and queue (see backfill.py)."""
+    from .backfill import Backfill, DoneSet
+    from .ingest import Ingest
+
+    cfg = _load(args)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    b = cfg.backfill
+    b = replace(b, **{k: v for k, v in {
+        "url": args.url, "modalities": tuple(args.modality) if args.modality else None,
+        "body_parts": tuple(args.body_part) if args.body_part else None, "concurrency": args.concurrency,
+        "rate_limit": args.rate, "state": args.state}.items() if v is not None})
+    if not b.url:
+        raise TriageError("backfill: no archive URL (--url or [backfill] url)")
+    if not cfg.broker.url:  # beside `triage-node up` with its private Redis
+        url_file = Path(cfg.spool.directory).parent / "redis" / "url"
+        if not url_file.exists():
+            raise TriageError("backfill: no broker (--broker, [broker] url, or a running `triage-node up`)")
+        cfg = replace(cfg, broker=replace(cfg.broker, url=url_file.read_text().strip()))
+    spool, audit = _spool(cfg), Audit.from_config(cfg)
+    done = DoneSet(b.state or Path(cfg.spool.directory) / "backfill.sqlite")
+    date_range = f"{args.date_from or ''}-{args.date_to or ''}" if (args.date_from or args.date_to) else ""
+    job = Backfill(b, Ingest(cfg, spool, _submitter(cfg), audit), done, date_range=date_range, limit=args.limit,
+                   max_backlog=args.max_backlog, progress=not args.no_progress)
+    audit.record("backfill_started", url=b.url, dates=date_range, modalities=list(b.modalities))
+    summary = job.run()
+    audit.record("backfill_finished", studies=summary.studies, found=summary.found,
+                 already_done=summary.already_done, wall_s=round(summary.wall_s, 2), requests=summary.requests,
+                 interrupted=summary.interrupted, **summary.outcomes)
+    for line in summary.lines(b.rate_limit):
+        print(line, flush=True)
+    failed = summary.outcomes.get("error", 0) + summary.outcomes.get("deferred", 0)
+    return 130 if summary.interrupted and args.limit is None else 1 if failed else 0
 
 
 def cmd_worker(args) -> int:
@@ -297,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "the C-STORE receiver only")
     sp.add_argument("--broker")
     sp.add_argument("--port", type=int)
+    sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one receiver of a pool
+    sp.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # the pool's shared listening socket
+    sp = add("backfill", cmd_backfill, "re-analyse an archive through DICOMweb (QIDO-RS + WADO-RS)")
+    sp.add_argument("--url", help="DICOMweb base URL of the archive")
+    sp.add_argument("--broker")
+    sp.add_argument("--from", dest="date_from", help="first StudyDate, YYYYMMDD")
+    sp.add_argument("--to", dest="date_to", help="last StudyDate, YYYYMMDD")
+    sp.add_argument("--modality", action="append", help="CR, DX, ... (repeatable; default [backfill] modalities)")
+    sp.add_argument("--body-part", action="append", help="series BodyPartExamined to take (repeatable)")
+    sp.add_argument("--concurrency", type=int, help="parallel retrievals")
+    sp.add_argument("--rate", type=float, help="DICOMweb requests per second at most (0 = no limit)")
+    sp.add_argument("--max-backlog", type=int, default=500, help="pause while the queue holds more tasks (0 = off)")
+    sp.add_argument("--limit", type=int, help="stop after handing this many instances to the node")
+    sp.add_argument("--state", help="done-set file (default <spool>/backfill.sqlite)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp = add("worker", cmd_worker, "a Celery worker for one queue")
     sp.add_argument("--broker")
     sp.add_argument("--queue", choices=["infer", "report"], default="infer")

@@ -19,6 +19,7 @@ ENV_OVERRIDES = {
     "TRIAGE_DEVICE": ("model", "device"),
     "TRIAGE_PORT": ("receiver", "port"),
     "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
+    "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),
     "TRIAGE_WEB_PORT": ("web", "port"),
     "TRIAGE_WEB_PASSWORD": ("web", "password"),
 }
@@ -33,16 +34,34 @@ class ReceiverConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     #: Reject associations whose Called AE Title is not ours.
     require_called_aet: bool = True
+    #: Concurrent associations per receiver process (pynetdicom answers A-ASSOCIATE-RJ beyond it).
     max_associations: int = 10
+    #: Concurrent connections from one IP address per receiver process; more are closed at once (audited), so one
+    #: peer, hostile or stuck, cannot hold every slot. 0 = no cap.
+    max_associations_per_address: int = 5
     max_pdu: int = 262144
-    acse_timeout: float = 30.0
+    #: Seconds a connection may take to send its A-ASSOCIATE-RQ (an idle TCP connection holds a slot that long).
+    acse_timeout: float = 10.0
     dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
+    #: Idle timeout: an association (or a socket inside a PDU) that receives no byte for this long is aborted.
+    #: Every chunk received counts, so a slow but steady sender is never cut off; only silence is.
+    network_timeout: float = 30.0
+    #: Receiver processes sharing the port (each a Python process with its own GIL); 1 = in the node's process.
+    processes: int = 1
+    #: How the processes share the port: ``shared`` (one listening socket, the least busy process accepts first;
+    #: a killed process loses nothing queued) or ``reuseport`` (SO_REUSEPORT, the kernel hashes connections).
+    balance: str = "shared"
     #: DICOM TLS (PS3.15 B.9 / BCP 195): the receiver speaks TLS when a certificate and key are given.
     tls_cert: str = ""
     tls_key: str = ""
     #: CA bundle to verify client certificates against; set = mutual TLS (clients without a valid cert are refused).
     tls_ca: str = ""
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("shared", "reuseport"):
+            raise ValueError(f"receiver.balance {self.balance!r}: expected 'shared' or 'reuseport'")
+        if self.processes < 1:
+            raise ValueError("receiver.processes must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -193,6 +212,26 @@ class PullConfig:
 
 
 @dataclass(frozen=True)
+class BackfillConfig:
+    """``triage-node backfill``: re-analyse an archive through QIDO-RS + WADO-RS (each option has a CLI flag)."""
+
+    url: str = ""  # DICOMweb base URL of the archive
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    modalities: tuple[str, ...] = ("CR", "DX")
+    #: Series-level BodyPartExamined values to take; empty = any (the ingest gate still applies its own rules).
+    body_parts: tuple[str, ...] = ()
+    #: Retrieve + ingest in parallel (bounded; the queue of pending work is at most twice this).
+    concurrency: int = 4
+    #: At most this many DICOMweb requests per second to the archive (0 = no limit).
+    rate_limit: float = 20.0
+    page_size: int = 100
+    #: Done-set (sqlite); empty = ``<spool directory>/backfill.sqlite``.
+    state: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -205,6 +244,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
     pull: PullConfig = field(default_factory=PullConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     audit_log: str = "var/audit.jsonl"
     #: The active audit file is rotated (renamed ``<audit_log>.<UTC time>``) at this size; 0 = never.
     audit_max_bytes: int = 64 << 20
@@ -235,6 +275,7 @@ _SECTIONS = {
     "web": WebConfig,
     "dicomweb": DicomwebIngestConfig,
     "pull": PullConfig,
+    "backfill": BackfillConfig,
 }
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pydicom.dataset import Dataset
 
@@ -105,17 +105,24 @@ class Ingest:
             return refuse(CANNOT_UNDERSTAND, f"dataset cannot be encoded: {type(exc).__name__}")
         extra = {"study_instance_uid": study, "accession": str(ds.get("AccessionNumber", "") or ""),
                  "transfer_syntax": transfer_syntax}
+        is_queued = getattr(self.submit, "is_queued", None)
+        if pending and is_queued is not None:
+            try:
+                pending = is_queued(sop_instance_uid)  # else: spooled by a receiver that died before enqueueing
+            except SpoolError as exc:
+                return refuse(OUT_OF_RESOURCES, str(exc))
         if pending:
             # Already spooled and queued: the bytes were replaced; the queued task picks up the newest copy.
             self.audit.record("received", duplicate=True, ms=round((time.time() - t0) * 1000, 1), **extra, **base)
             return self._count(Outcome(SUCCESS))
         try:
             task_id = self.submit(str(path), sop_instance_uid, t0)
-        except SpoolError as exc:
+        except Exception as exc:  # SpoolError (broker down or paused), or anything unforeseen: never acknowledge
             try:
                 path.unlink()  # not acknowledged, so the sender keeps (and retries) it: strand nothing
             except FileNotFoundError:
                 pass
-            return refuse(OUT_OF_RESOURCES, str(exc))
+            reason = str(exc) if isinstance(exc, SpoolError) else f"enqueue failed: {type(exc).__name__}"
+            return refuse(OUT_OF_RESOURCES, reason)
         self.audit.record("received", task_id=task_id, ms=round((time.time() - t0) * 1000, 1), **extra, **base)
         return self._count(Outcome(SUCCESS))

@@ -45,7 +45,7 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server not found: install the Debian package redis-server (make setup)")
@@ -58,9 +58,11 @@ class PrivateRedis:
             self.stop()
             raise RuntimeError(f"private redis-server did not start (see {self.dir / 'redis.log'})")
         log.info("private redis-server on 127.0.0.1:%d (data in %s)", self.port, self.dir)
+        (self.dir / "url").write_text(self.url)  # for `triage-node backfill` beside `triage-node up`
         return self
 
     def stop(self) -> None:
+        (self.dir / "url").unlink(missing_ok=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -109,3 +111,49 @@ def child_env(base: dict[str, str] | None = None, **kv: str) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update({k: v for k, v in kv.items() if v})
     return env
+
+
+def receiver_command(config_path: str | None, listen_fd: int | None, loglevel: str = "") -> list[str]:
+    cmd = [sys.executable, "-m", "triage_node.cli", "serve", "--child"]
+    if config_path:
+        cmd += ["--config", config_path]
+    if listen_fd is not None:
+        cmd += ["--listen-fd", str(listen_fd)]
+    return cmd
+
+
+class ReceiverPool:
+    """Extra receiver processes on the node's port: children inherit the listening socket (``shared``) or bind
+    their own with SO_REUSEPORT (``reuseport``). ``check()`` restarts the ones that died."""
+
+    def __init__(self, count: int, env: dict[str, str], config_path: str | None, sock: socket.socket | None,
+                 log_dir: Path | None = None) -> None:
+        self.count, self.env, self.config_path, self.sock, self.log_dir = count, env, config_path, sock, log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self) -> subprocess.Popen:
+        fd = self.sock.fileno() if self.sock is not None else None
+        cmd = receiver_command(self.config_path, fd)
+        fds = (fd,) if fd is not None else ()
+        if not self.log_dir:
+            return subprocess.Popen(cmd, env=self.env, pass_fds=fds)
+        with open(self.log_dir / "receivers.log", "ab") as out:
+            return subprocess.Popen(cmd, env=self.env, pass_fds=fds, stdout=out, stderr=subprocess.STDOUT)
+
+    def start(self) -> ReceiverPool:
+        self.procs = [self._spawn() for _ in range(self.count)]
+        return self
+
+    def check(self) -> int:
+        """Restart receiver processes that exited; returns how many were restarted."""
+        restarted = 0
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                log.error("receiver process %d exited (code %s); restarting it", p.pid, p.returncode)
+                self.procs[i] = self._spawn()
+                restarted += 1
+        return restarted
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        self.procs = []
