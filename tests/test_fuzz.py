@@ -702,5 +702,7 @@ def test_receiver_alive_and_bounded_after_fuzzing(live_receiver):
     NOTES["leaked_association_slots"] += len(leaked)
     assert len(leaked) <= 1 and len(hanging) == len(leaked), f"associations left hanging: {hanging}"
     assert threading.active_count() < 50
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert rss_mb < 1500, f"peak RSS {rss_mb:.0f} MB"
+    # resident now, not the process's lifetime peak: other tests in the same pytest process (image synthesis,
+    # model loads) set that peak long before the fuzzing
+    rss_mb = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmRSS:"))) / 1024
+    assert rss_mb < 1500, f"RSS after fuzzing {rss_mb:.0f} MB"

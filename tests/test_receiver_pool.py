@@ -32,7 +32,10 @@ def fresh(i: int = 0) -> pydicom.Dataset:
 def children(pid: int) -> set[int]:
     out: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out |= {int(c) for c in (task / "children").read_text().split()}
+        try:
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except FileNotFoundError:  # that thread ended between the listing and the read
+            continue
     return out
 
 
