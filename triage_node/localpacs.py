@@ -49,7 +49,7 @@ class LocalOrthanc:
     def dicomweb_url(self) -> str:
         return f"{self.url}/dicom-web"
 
-    def start(self, timeout: float = 30.0) -> "LocalOrthanc":
+    def start(self, timeout: float = 30.0) -> LocalOrthanc:
         exe = shutil.which("Orthanc")
         if not exe:
             raise RuntimeError("Orthanc not found: install the Debian packages orthanc orthanc-dicomweb (make setup)")

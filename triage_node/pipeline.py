@@ -65,7 +65,7 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     t1 = time.perf_counter()
     if predict is None:
         model = model or get_model(cfg)
-        predict = lambda im: model.predict([im])[0]  # noqa: E731
+        predict = lambda im: model.predict([im])[0]
     pred = predict(img)
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)

@@ -93,7 +93,7 @@ def device_uid_of(model: object) -> str:
     configured = getattr(model, "device_uid", "") or ""
     if configured and UID(configured).is_valid:
         return configured
-    return model_device_uid(getattr(model, "name"), getattr(model, "version"))
+    return model_device_uid(model.name, model.version)
 
 
 def equipment_attributes(model: object) -> dict[str, object]:
@@ -102,8 +102,8 @@ def equipment_attributes(model: object) -> dict[str, object]:
 
     return {
         "manufacturer": OUTPUT_MANUFACTURER,
-        "manufacturer_model_name": lo(getattr(model, "name")),
-        "software_versions": [lo(f"triage-node {__version__}"), lo(f"model {getattr(model, 'version')}")],
+        "manufacturer_model_name": lo(model.name),
+        "software_versions": [lo(f"triage-node {__version__}"), lo(f"model {model.version}")],
     }
 
 
@@ -117,12 +117,12 @@ def algorithm_equipment(model: object):  # -> highdicom.ContributingEquipment
     from pydicom.sr.codedict import codes
 
     item = ContributingEquipment(
-        manufacturer=lo(getattr(model, "manufacturer") or OUTPUT_MANUFACTURER),
+        manufacturer=lo(model.manufacturer or OUTPUT_MANUFACTURER),
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=lo(getattr(model, "name")),
-        software_versions=lo(getattr(model, "version")),
+        manufacturer_model_name=lo(model.name),
+        software_versions=lo(model.version),
         contribution_description=(
-            f"AI inference: {getattr(model, 'label')}; {getattr(model, 'intended_use')}"
+            f"AI inference: {model.label}; {model.intended_use}"
         )[:1024],
     )
     purpose = Dataset()

@@ -191,9 +191,9 @@ class HttpFlagSender:
         return [context.source_sop_instance_uid]
 
 
-def FhirSender(dest: Destination) -> HttpFlagSender:  # noqa: N802 (a sender factory, named like its siblings)
+def FhirSender(dest: Destination) -> HttpFlagSender:
     return HttpFlagSender(dest, fhir_bundle, "application/fhir+json")
 
 
-def WebhookSender(dest: Destination) -> HttpFlagSender:  # noqa: N802
+def WebhookSender(dest: Destination) -> HttpFlagSender:
     return HttpFlagSender(dest, webhook_body, "application/json")

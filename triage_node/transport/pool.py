@@ -77,7 +77,7 @@ class AssociationPool:
         try:
             if assoc.is_established:
                 assoc.abort()
-        except Exception as exc:  # noqa: BLE001 - a broken association may fail in any way; it is gone either way
+        except Exception as exc:
             log.debug("abort failed: %s", type(exc).__name__)
 
     def close_all(self) -> None:
@@ -130,7 +130,7 @@ def _close(assoc: Any) -> None:
     try:
         if assoc.is_established:
             assoc.release()
-    except Exception as exc:  # noqa: BLE001 - releasing a dead association: nothing left to do
+    except Exception as exc:
         log.debug("release failed: %s", type(exc).__name__)
 
 
