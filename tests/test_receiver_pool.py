@@ -46,6 +46,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def listening_inodes(port: int, pid: int | None = None) -> set[str]:
+    """Inodes of the TCP sockets listening on ``port`` (those of ``pid`` only, when given)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(f[9])
+    if pid is None:
+        return found
+    owned = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            owned.add(target[8:-1])
+    return found & owned
+
+
 def wait_children(pid: int, n: int, timeout: float = 60.0) -> set[int]:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -144,12 +165,17 @@ def test_killed_receiver_process_port_keeps_serving(pool, redis_url, balance):
     proc, cfg = pool(2, balance)
     port = cfg["receiver"]["port"]
     (victim,) = children(proc.pid)
+    its_sockets = listening_inodes(port, victim) - listening_inodes(port, proc.pid)  # none when shared
+    assert bool(its_sockets) == (balance == "reuseport")
     os.kill(victim, signal.SIGKILL)
-    # until the kernel has closed the dead process's sockets, SO_REUSEPORT can still hash a new connection to it
-    # (reset: the PACS retries); the test is about what the remaining processes serve afterwards
+    # Until the kernel has closed the dead process's listening socket, SO_REUSEPORT can still hash a new connection
+    # to it (reset: the PACS retries); the test is about what the remaining processes serve afterwards. The thread
+    # group leader shows as a zombie before its last thread has released the file table, so wait on the socket
+    # itself, not on the process state.
     deadline = time.time() + 10
-    while time.time() < deadline and _alive(victim):
+    while time.time() < deadline and (_alive(victim) or listening_inodes(port) & its_sockets):
         time.sleep(0.05)
+    assert not listening_inodes(port) & its_sockets, "the killed receiver's socket is still listening"
     acked = []
     for i in range(8):  # new connections, each its own association: all served by what remains
         ds = fresh(i)
