@@ -55,3 +55,19 @@ def test_outputs_are_configuration_sr_always_on(tmp_path, sc, gsps, expected):
         g = next(f for f in files if f.name.startswith("gsps-"))
         out = subprocess.run(["dcmpschk", str(g)], capture_output=True, text=True)
         assert out.returncode == 0 and "Error" not in out.stdout
+
+
+def test_model_threads_setting_reaches_torch():
+    """``model.threads`` (TRIAGE_MODEL_THREADS) sets the inference process's torch intra-op threads; 0 keeps
+    torch's default. Run in fresh interpreters: the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from triage_node import config, pipeline; "
+            "d = torch.get_num_threads(); pipeline.get_model(config.load()); print(d, torch.get_num_threads())")
+    for value, expect in (("1", lambda d: 1), ("0", lambda d: d)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "TRIAGE_MODEL_THREADS": value,
+                                  "OMP_NUM_THREADS": "", "TRIAGE_CONFIG": ""}).stdout.split()
+        default, now = int(out[0]), int(out[1])
+        assert now == expect(default), (value, default, now)

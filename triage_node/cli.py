@@ -132,7 +132,11 @@ def cmd_up(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = child_env(TRIAGE_BROKER_URL=cfg.broker.url,
                     TRIAGE_CONFIG=str(Path(args.config).resolve()) if args.config else "",
-                    TRIAGE_MODEL_PATH=cfg.model.path)
+                    TRIAGE_MODEL_PATH=cfg.model.path,
+                    # OpenMP/OpenBLAS pools spin on idle cores: one thread per process unless the operator says
+                    # otherwise (model.threads, measured in bench/e2e.py; see docs/performance.md)
+                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")
+                    or (str(cfg.model.threads) if cfg.model.threads > 0 else ""))
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)

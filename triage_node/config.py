@@ -17,6 +17,7 @@ ENV_OVERRIDES = {
     "TRIAGE_SPOOL_DIR": ("spool", "directory"),
     "TRIAGE_MODEL_PATH": ("model", "path"),
     "TRIAGE_DEVICE": ("model", "device"),
+    "TRIAGE_MODEL_THREADS": ("model", "threads"),
     "TRIAGE_PORT": ("receiver", "port"),
     "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
     "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),
@@ -101,6 +102,11 @@ class ModelConfig:
     #: 1: one prefork child per worker, one image at a time (a killed child's task is redelivered at once).
     batch_size: int = 1
     batch_wait_ms: int = 20
+    #: torch intra-op threads per inference process on CPU (0: torch's default, one per core). One thread per
+    #: process, and more worker processes for more cores, measured best: with torch's default the spinning
+    #: OpenMP threads of a ResNet-18 take CPU from the report worker on the same cores (bench/e2e.py; 2 cores:
+    #: 5.4 vs 3.5 results/s, and the bare model loop itself 7.6 vs 6.1 CXR/s). Ignored on a GPU.
+    threads: int = 1
 
 
 SC_TRANSFER_SYNTAXES = ("jpeg-ls", "rle", "explicit", "jpeg")

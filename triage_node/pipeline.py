@@ -38,7 +38,17 @@ def _load_model(path: str, device: str):
 
 def get_model(cfg: Config):
     """The configured model, loaded once per process (lazily: CUDA must not be initialised before a fork)."""
+    _set_threads(cfg.model.threads)
     return _load_model(cfg.model.path, cfg.model.device)
+
+
+@lru_cache(maxsize=1)
+def _set_threads(n: int) -> None:
+    """torch's intra-op thread count for this process (``model.threads``; 0 leaves torch's default)."""
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def read_eligible(path: str | Path, cfg: Config):
