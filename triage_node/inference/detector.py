@@ -29,6 +29,8 @@ MEAN, STD = [0.5], [0.25]
 def _gray_stem(features: nn.Sequential) -> None:
     """Swap the 3-channel stem conv for a 1-channel one (grayscale radiographs; no pretrained weights to keep)."""
     stem = next(iter(features.children()))
+    if not isinstance(stem, nn.Sequential) or not isinstance(stem[0], nn.Conv2d):
+        raise TypeError(f"unexpected stem {type(stem).__name__}: expected a Sequential starting with a Conv2d")
     conv = stem[0]
     stem[0] = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
 
