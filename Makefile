@@ -1,6 +1,7 @@
 # make demo  : set everything up, start a demo PACS (Orthanc) + the node, route the sample CXRs through it
-# make test  : set everything up and run the whole test suite (real Redis, Orthanc, DCMTK, Celery processes)
-.PHONY: setup demo test bench clean
+# make test  : set everything up, lint, and run the whole test suite (real Redis, Orthanc, DCMTK, Celery processes)
+# make lint  : ruff and mypy (config in pyproject.toml) on triage_node/ and workers/
+.PHONY: setup demo lint test bench clean
 PY := .venv/bin/python
 
 setup:
@@ -9,7 +10,11 @@ setup:
 demo: setup
 	$(PY) deploy/demo.py
 
-test: setup
+lint: setup
+	$(PY) -m ruff check triage_node workers
+	$(PY) -m mypy
+
+test: setup lint
 	mkdir -p var
 	$(PY) -m pytest -q -ra --basetemp=$(CURDIR)/var/pytest tests
 

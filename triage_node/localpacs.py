@@ -29,7 +29,8 @@ def dicomweb_plugin() -> str | None:
 class LocalOrthanc:
     """An Orthanc process on loopback with its own storage; ``modalities`` maps name -> (AET, host, port)."""
 
-    def __init__(self, workdir: str | Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
+    def __init__(self, workdir: str | Path, aet: str = "ORTHANC",
+                 modalities: dict[str, tuple[str, str, int]] | None = None,
                  http_port: int | None = None, dicom_port: int | None = None,
                  users: dict[str, str] | None = None, dicomweb_servers: dict[str, list] | None = None) -> None:
         self.dir = Path(workdir).resolve()
@@ -56,7 +57,8 @@ class LocalOrthanc:
         (self.dir / "db").mkdir(parents=True, exist_ok=True)
         plugins = [p for p in [dicomweb_plugin()] if p]
         cfg = {
-            "Name": "triage-demo-pacs", "StorageDirectory": str(self.dir / "db"), "IndexDirectory": str(self.dir / "db"),
+            "Name": "triage-demo-pacs",
+            "StorageDirectory": str(self.dir / "db"), "IndexDirectory": str(self.dir / "db"),
             "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(self.users),
             "RegisteredUsers": self.users, "DicomCheckCalledAet": False,
@@ -99,7 +101,7 @@ class LocalOrthanc:
 
     def route(self, modality: str, instance_ids: list[str], synchronous: bool = True) -> dict:
         """Send instances to a configured modality, as a PACS auto-routing rule does (``/modalities/x/store``)."""
-        body = {"Resources": instance_ids, "Synchronous": synchronous}
+        body: dict[str, list[str] | bool] = {"Resources": instance_ids, "Synchronous": synchronous}
         r = requests.post(f"{self.url}/modalities/{modality}/store", json=body, timeout=120, auth=self.auth)
         r.raise_for_status()
         return r.json()

@@ -9,6 +9,8 @@ Presentation LUT Shape is INVERSE); a Modality or VOI LUT Sequence of the source
 
 from __future__ import annotations
 
+from typing import cast
+
 import highdicom as hd
 import numpy as np
 from highdicom.pr import (
@@ -177,8 +179,10 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
         instance_number=1,
         manufacturer=equipment["manufacturer"],
         manufacturer_model_name=equipment["manufacturer_model_name"],
-        software_versions=equipment["software_versions"],
-        device_serial_number=None,
+        # highdicom annotates these two narrower than its base class accepts: ``tuple[str]`` (one version) where
+        # any sequence of versions is written, and ``str`` where None (no serial number) leaves the attribute out.
+        software_versions=cast("tuple[str]", equipment["software_versions"]),
+        device_serial_number=cast(str, None),
         content_label=CONTENT_LABEL,
         content_description=f"AI findings by {model.label}"[:64],
         graphic_annotations=[annotation],

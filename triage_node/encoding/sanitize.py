@@ -109,10 +109,10 @@ def _repair(vr: str, value: str) -> str | object:
     return _DROP
 
 
-def _clean_values(keyword: str, vr: str, values: list[Any]) -> list[str] | object | None:
+def _clean_values(keyword: str, vr: str, values: list[Any]) -> list[str | None] | object | None:
     """Return new values, ``_DROP``, or ``None`` when the element is fine as it is."""
     changed = False
-    out: list[str] = []
+    out: list[str | None] = []
     for raw in values:
         if raw is None:
             out.append(raw)

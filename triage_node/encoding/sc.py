@@ -181,14 +181,14 @@ def build_overlay(
         series_number=series_number,
         sop_instance_uid=derive_uid(source.SOPInstanceUID, model.version, "sc"),
         instance_number=1,
-        patient_orientation=tuple(orientation) if valid_orientation else ("L", "F"),
+        patient_orientation=(orientation[0], orientation[1]) if valid_orientation else ("L", "F"),
         transfer_syntax_uid=transfer_syntax,
         contributing_equipment=[algorithm_equipment(model)],
         series_description=series_description("overlay", model.demo),
         **equipment_attributes(model),
     )
     if not valid_orientation:  # Type 2C: unknown orientation is sent empty, never guessed
-        sc.PatientOrientation = None
+        sc["PatientOrientation"].value = None
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{BANNER}. AI result overlay by {model.label}"[:10240]
     sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering"[:1024]

@@ -10,9 +10,14 @@ ignores ``entropy_srcs`` and returns a random UUID.
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING, TypedDict
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
+
+if TYPE_CHECKING:
+    from highdicom import ContributingEquipment
+
+    from triage_node.inference.types import ModelInfo
 
 #: UUID namespace of this project, so our name-based UUIDs never collide with other users of the scheme.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-triage-node:encoding:v1")
@@ -88,15 +93,23 @@ def series_description(kind_label: str, demo: bool) -> str:
     return lo(text)
 
 
-def device_uid_of(model: object) -> str:
+def device_uid_of(model: ModelInfo) -> str:
     """The model's configured device UID, or the one derived from its name and version."""
-    configured = getattr(model, "device_uid", "") or ""
+    configured = model.device_uid or ""
     if configured and UID(configured).is_valid:
         return configured
     return model_device_uid(model.name, model.version)
 
 
-def equipment_attributes(model: object) -> dict[str, object]:
+class EquipmentAttributes(TypedDict):
+    """General Equipment keyword arguments of highdicom's SOP class constructors."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: list[str]
+
+
+def equipment_attributes(model: ModelInfo) -> EquipmentAttributes:
     """General Equipment attributes for an output: our node, running this model."""
     from triage_node import __version__
 
@@ -107,13 +120,14 @@ def equipment_attributes(model: object) -> dict[str, object]:
     }
 
 
-def algorithm_equipment(model: object):  # -> highdicom.ContributingEquipment
+def algorithm_equipment(model: ModelInfo) -> ContributingEquipment:
     """Contributing Equipment item for the algorithm, as IHE AI Results (AIR) asks.
 
     Purpose of Reference is (Newcode1, 99IHE, "Processing Algorithm"), which highdicom's constructor does not
     accept, so the item is built with a DCM purpose and the code replaced afterwards.
     """
     from highdicom import ContributingEquipment
+    from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes
 
     item = ContributingEquipment(
@@ -125,10 +139,6 @@ def algorithm_equipment(model: object):  # -> highdicom.ContributingEquipment
             f"AI inference: {model.label}; {model.intended_use}"
         )[:1024],
     )
-    purpose = Dataset()
-    purpose.CodeValue = "Newcode1"
-    purpose.CodingSchemeDesignator = "99IHE"
-    purpose.CodeMeaning = "Processing Algorithm"
-    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.PurposeOfReferenceCodeSequence = [CodedConcept("Newcode1", "99IHE", "Processing Algorithm")]
     item.DeviceUID = device_uid_of(model)
     return item

@@ -32,6 +32,8 @@ class CamClassifier(nn.Module):
     cannot carry it, and the map's peak is where the model saw the finding.
     """
 
+    lung: torch.Tensor  # buffer (``lunglse`` only): the RSNA lung prior, 1 x 1 x H x W
+
     def __init__(self, arch: str = "resnet18", dropout: float = 0.2) -> None:
         super().__init__()
         if arch not in CAM_ARCHS:
@@ -58,7 +60,7 @@ class CamClassifier(nn.Module):
         cam = torch.einsum("nchw,c->nhw", f, self.fc.weight[0])
         if self.pool == "avg":
             return cam
-        w = nn.functional.adaptive_avg_pool2d(self.lung, cam.shape[-2:])[0, 0]
+        w = nn.functional.adaptive_avg_pool2d(self.lung, (cam.shape[-2], cam.shape[-1]))[0, 0]
         return cam * (w / w.max())  # lungs first: the map is damped where RSNA boxes never were
 
     def _pool(self, cam: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,16 @@ MEAN, STD = [0.5], [0.25]
 def _gray_stem(features: nn.Sequential) -> None:
     """Swap the 3-channel stem conv for a 1-channel one (grayscale radiographs; no pretrained weights to keep)."""
     stem = next(iter(features.children()))
+    if not isinstance(stem, nn.Sequential) or not isinstance(stem[0], nn.Conv2d):
+        raise TypeError(f"unexpected stem {type(stem).__name__}: expected a Sequential starting with a Conv2d")
     conv = stem[0]
-    stem[0] = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    stem[0] = nn.Conv2d(1, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding, bias=False)
+
+
+def _pair(v: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (h, w) setting: torch stores it as a 2-tuple but annotates it ``tuple[int, ...]``."""
+    return v[0], v[1]
 
 
 def _mnv3_fpn(channels: int) -> BackboneWithFPN:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -39,10 +40,10 @@ def build_gate(arch: str = GATE_ARCH) -> GateNet:
     return GateNet()
 
 
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+def roc_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney, ties counted half)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    pos, neg = p[y], p[~y]
+    yb, pf = np.asarray(y).astype(bool), np.asarray(p, np.float64)
+    pos, neg = pf[yb], pf[~yb]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
@@ -60,13 +61,13 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+def youden_threshold(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """Threshold maximising sensitivity + specificity - 1 (midpoint between neighbouring scores)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    cand = np.unique(p)
+    yb, pf = np.asarray(y).astype(bool), np.asarray(p, np.float64)
+    cand = np.unique(pf)
     best, best_t = -1.0, 0.5
     for t in cand:
-        j = (p[y] >= t).mean() + (p[~y] < t).mean() - 1
+        j = (pf[yb] >= t).mean() + (pf[~yb] < t).mean() - 1
         if j > best:
             best, best_t = j, t
     lower = cand[cand < best_t]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from triage_node.inference.classifier import CAM_ARCHS, build_classifier
+from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, build_classifier
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
 
@@ -180,7 +180,7 @@ def load_init(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(best or saved.get("model") or saved)
 
 
-def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> tuple[torch.nn.Module, dict]:
+def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> tuple[CamClassifier, dict]:
     """The training loop; returns the model at its best validation epoch and the history."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)

@@ -121,7 +121,7 @@ def load_image(path: str | Path) -> np.ndarray:
 def to_uint8(img: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
     if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(im)
 
 
@@ -158,7 +158,8 @@ def read_kermany(root: str | Path, size: int, val_frac: float = 0.15, seed: int 
     rng = np.random.default_rng(seed)
     rng.shuffle(groups)
     val_groups = set(groups[: int(round(len(groups) * val_frac))])
-    tr, va = [], []
+    tr: list[Sample] = []
+    va: list[Sample] = []
     for r in rows:
         s = Sample(r["path"], to_uint8(load_image(root / r["path"]), size), np.zeros((0, 4), np.float32),
                    int(r["label"]))

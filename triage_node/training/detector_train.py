@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -29,6 +30,16 @@ from triage_node.training.metric import rsna_score
 log = logging.getLogger(__name__)
 BOX_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 17))
 PRIOR_CUTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+class DetectorTrainState(TypedDict):
+    """Early-stopping state of :func:`train_detector`; saved as a plain dict in the resumable checkpoint."""
+
+    epoch: int
+    best: float
+    best_state: dict[str, torch.Tensor] | None
+    bad: int
+    history: list[dict[str, Any]]
 
 
 def _tqdm(it, **kw):
@@ -99,7 +110,7 @@ def train_detector(detector: nn.Module, train: list[D.Sample], val: list[D.Sampl
     warm = min(100, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))))
-    state = {"epoch": 0, "best": -1.0, "best_state": None, "bad": 0, "history": []}
+    state: DetectorTrainState = {"epoch": 0, "best": -1.0, "best_state": None, "bad": 0, "history": []}
     ckpt = ckpt_dir / "detector_last.pt" if ckpt_dir else None
     if resume and ckpt and ckpt.is_file():
         c = torch.load(ckpt, weights_only=False)

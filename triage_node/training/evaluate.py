@@ -77,7 +77,7 @@ def iobb(pred_xywh: np.ndarray, gt_xywh: np.ndarray) -> np.ndarray:
     return iw * ih / max(pw * ph, 1e-9)
 
 
-def localisation(top_boxes: list[np.ndarray | None], gts: list[np.ndarray]) -> dict:
+def localisation(top_boxes: list[np.ndarray | None], gts: list[np.ndarray | None]) -> dict:
     """Hit rates of the top box over films with ground truth: IoBB >= 0.1 (ChestX-ray8) and IoU >= 0.4."""
     from triage_node.training.metric import iou_matrix
 
@@ -200,7 +200,11 @@ def main(args: argparse.Namespace) -> int:
     if views:
         report["by_view"] = {v: classification(y[m], p[m], model.threshold, args.seed) for v in views
                              for m in [np.array([it.view == v for it in items])]}
-    tops, gated_tops, gts, preds, scores = [], [], [], [], []
+    tops: list[np.ndarray | None] = []
+    gated_tops: list[np.ndarray | None] = []
+    gts: list[np.ndarray | None] = []
+    preds: list[np.ndarray] = []
+    scores: list[list[float]] = []
     for it, r in zip(items, raws):
         pred = model.postprocess(r, use_gate=False)
         top = np.array([pred.detections[0].x, pred.detections[0].y, pred.detections[0].width,
@@ -214,8 +218,9 @@ def main(args: argparse.Namespace) -> int:
     if any(g is not None and len(g) for g in gts):
         report["localisation"] = {"top_box_any_probability": localisation(tops, gts),
                                   "top_box_as_sent (gated)": localisation(gated_tops, gts)}
-    if all(g is not None for g in gts):  # every film annotated (RSNA format): Kaggle's metric
-        report["rsna_metric"] = rsna_score(gts, preds, scores)
+    annotated = [g for g in gts if g is not None]
+    if len(annotated) == len(gts):  # every film annotated (RSNA format): Kaggle's metric
+        report["rsna_metric"] = rsna_score(annotated, preds, scores)
     with open(out / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes"])

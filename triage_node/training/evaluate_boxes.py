@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +39,14 @@ def run_raw(model: TriageModel, paths: list[Path], chunk: int = 8) -> list[RawOu
     return raws
 
 
-def box_report(model: TriageModel, gts: list[np.ndarray], raws: list[RawOutput]) -> dict:
-    """Metrics of the four configurations plus image-level rates at the gate's operating point."""
+def box_report(model: TriageModel, gts: list[np.ndarray], raws: list[RawOutput]
+               ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Metrics of the four configurations plus image-level rates at the gate's operating point, and the PR curve
+    (precision, recall) of each configuration."""
     y = np.array([len(g) > 0 for g in gts])
     probs = np.array([r.probability for r in raws])
-    ablation, curves = {}, {}
+    ablation: dict[str, dict[str, float | int]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, (use_gate, use_prior) in CONFIGS.items():
         preds = [model.postprocess(r, use_gate, use_prior) for r in raws]
         bs = [_xywh(p) for p in preds]

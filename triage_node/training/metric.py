@@ -5,15 +5,17 @@ Boxes are (x, y, width, height) in pixels, continuous coordinates (IoU without t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 THRESHOLDS = tuple(round(0.40 + 0.05 * i, 2) for i in range(8))  # 0.40, 0.45, ..., 0.75
 _EPS = 1e-9
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou_matrix(a: npt.ArrayLike, b: npt.ArrayLike) -> np.ndarray:
     """Pairwise IoU of xywh boxes: (len(a), len(b))."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
@@ -25,7 +27,7 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def image_score(gt: np.ndarray, pred: np.ndarray, scores: Sequence[float] | None = None,
+def image_score(gt: npt.ArrayLike, pred: npt.ArrayLike, scores: npt.ArrayLike | None = None,
                 thresholds: Sequence[float] = THRESHOLDS) -> float | None:
     """Kaggle RSNA score of one image, or None when it has neither ground truth nor predictions (skipped).
 
@@ -33,39 +35,39 @@ def image_score(gt: np.ndarray, pred: np.ndarray, scores: Sequence[float] | None
     the highest IoU, if that IoU >= t (TP), else they are FP; unmatched ground truth are FN; the image scores
     TP / (TP + FP + FN), averaged over the thresholds. Any prediction on an image without ground truth scores 0.
     """
-    gt = np.asarray(gt, np.float64).reshape(-1, 4)
-    pred = np.asarray(pred, np.float64).reshape(-1, 4)
-    if len(gt) == 0 and len(pred) == 0:
+    g = np.asarray(gt, np.float64).reshape(-1, 4)
+    pr = np.asarray(pred, np.float64).reshape(-1, 4)
+    if len(g) == 0 and len(pr) == 0:
         return None
-    if len(gt) == 0 or len(pred) == 0:
+    if len(g) == 0 or len(pr) == 0:
         return 0.0
     if scores is not None:
-        pred = pred[np.argsort(-np.asarray(scores, np.float64), kind="stable")]
-    ious = iou_matrix(pred, gt)
+        pr = pr[np.argsort(-np.asarray(scores, np.float64), kind="stable")]
+    ious = iou_matrix(pr, g)
     total = 0.0
     for t in thresholds:
-        used = np.zeros(len(gt), bool)
+        used = np.zeros(len(g), bool)
         tp = 0
-        for i in range(len(pred)):
+        for i in range(len(pr)):
             cand = np.where(used, -1.0, ious[i])
             j = int(np.argmax(cand))
             if cand[j] >= t - _EPS:
                 used[j] = True
                 tp += 1
-        fp, fn = len(pred) - tp, len(gt) - tp
+        fp, fn = len(pr) - tp, len(g) - tp
         total += tp / (tp + fp + fn)
     return total / len(thresholds)
 
 
-def rsna_score(gts: Iterable[np.ndarray], preds: Iterable[np.ndarray],
-               scores: Iterable[Sequence[float]] | None = None) -> float:
+def rsna_score(gts: Iterable[npt.ArrayLike], preds: Iterable[npt.ArrayLike],
+               scores: Iterable[npt.ArrayLike] | None = None) -> float:
     """Mean of :func:`image_score` over images that are not skipped (1.0 if all are skipped: nothing to find)."""
-    scores = scores if scores is not None else [None] * 10**9
-    vals = [s for g, p, sc in zip(gts, preds, scores) if (s := image_score(g, p, sc)) is not None]
+    per_image: Iterable[npt.ArrayLike | None] = scores if scores is not None else itertools.repeat(None)
+    vals = [s for g, p, sc in zip(gts, preds, per_image) if (s := image_score(g, p, sc)) is not None]
     return float(np.mean(vals)) if vals else 1.0
 
 
-def average_precision(gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], scores: Sequence[Sequence[float]],
+def average_precision(gts: Sequence[npt.ArrayLike], preds: Sequence[npt.ArrayLike], scores: Sequence[npt.ArrayLike],
                       iou: float = 0.5) -> tuple[float, np.ndarray, np.ndarray]:
     """Dataset-level AP at one IoU (all-point interpolation, VOC style). Returns (AP, precision, recall)."""
     n_gt = sum(len(np.asarray(g).reshape(-1, 4)) for g in gts)
@@ -98,8 +100,8 @@ def average_precision(gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], sc
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1])), prec, rec
 
 
-def sens_spec(y: Sequence[int], positive: Sequence[bool]) -> tuple[float, float]:
-    y, p = np.asarray(y, bool), np.asarray(positive, bool)
-    sens = float(p[y].mean()) if y.any() else float("nan")
-    spec = float((~p[~y]).mean()) if (~y).any() else float("nan")
+def sens_spec(y: npt.ArrayLike, positive: npt.ArrayLike) -> tuple[float, float]:
+    yb, p = np.asarray(y, bool), np.asarray(positive, bool)
+    sens = float(p[yb].mean()) if yb.any() else float("nan")
+    spec = float((~p[~yb]).mean()) if (~yb).any() else float("nan")
     return sens, spec

@@ -84,7 +84,7 @@ def load_box_stats(path: str | None = None) -> dict:
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0,1] (bilinear upsampling of a coarse random grid)."""
     g = rng.random((cells + 1, cells + 1)).astype(np.float32)
-    im = Image.fromarray(g, mode="F").resize((w, h), Image.BILINEAR)
+    im = Image.fromarray(g, mode="F").resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(im)
 
 
@@ -202,12 +202,14 @@ def render_case(rng: np.random.Generator, size: int = RSNA_SIZE, positive: bool 
                 c = rng.uniform([0.05, 0.03], [0.2, 0.12])
                 img = np.maximum(img, 0.95 * (np.abs(xx - c[0]) < 0.02) * (np.abs(yy - c[1]) < 0.025))
     img = img * (0.9 + 0.2 * _smooth_noise(rng, work, work, 4))
-    full = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    full = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size),
+                                                                               Image.Resampling.BILINEAR))
     full = full + rng.normal(0, rng.uniform(0.008, 0.02), (size, size)).astype(np.float32)
     lo, hi = rng.uniform(0.0, 0.05), rng.uniform(0.75, 0.95)
     full = np.clip((full - lo) / (hi - lo), 0, 1) ** rng.uniform(0.8, 1.2)
     image = (full * 255 + 0.5).astype(np.uint8)
-    mask = np.asarray(Image.fromarray(lung_mask_w.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    mask_im = Image.fromarray(lung_mask_w.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    mask = np.asarray(mask_im) > 127
     boxes = (boxes_n * size).astype(np.float32)
     view = "PA" if rng.random() < 0.55 else "AP"
     return SynthCase(image, boxes, mask, view, tuple(distractors))

@@ -152,7 +152,8 @@ def fhir_bundle(ctx: ResultContext, dest: Destination) -> dict:
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [{"system": SCT, "code": "399208008", "display": "Plain chest X-ray"}]},
         "subject": subject,
-        "identifier": [study_ident] + ([{"type": {"text": "accession"}, "value": ctx.accession}] if ctx.accession else []),
+        "identifier": [study_ident]
+        + ([{"type": {"text": "accession"}, "value": ctx.accession}] if ctx.accession else []),
         "result": [{"reference": obs_id}],
         "conclusion": f"AI triage: pneumonia-like opacity {finding[1].lower()} (p={p.probability:.2f}); "
                       f"{p.model.label}",

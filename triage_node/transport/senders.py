@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -200,8 +200,9 @@ class FolderSender:
 
 
 def make_sender(dest: Destination) -> Sender:
-    kinds = {"dicom": CStoreSender, "stow": StowSender, "folder": FolderSender, "hl7": HL7Sender,
-             "fhir": FhirSender, "webhook": WebhookSender}
+    kinds: dict[str, Callable[[Destination], Sender]] = {
+        "dicom": CStoreSender, "stow": StowSender, "folder": FolderSender, "hl7": HL7Sender,
+        "fhir": FhirSender, "webhook": WebhookSender}
     if dest.kind not in kinds:
         raise ValueError(f"destination {dest.name}: unknown kind {dest.kind!r} ({', '.join(kinds)})")
     return kinds[dest.kind](dest)
