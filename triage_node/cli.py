@@ -13,8 +13,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from . import config as config_mod
 from .audit import Audit
@@ -94,16 +96,20 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
     return n
 
 
+class _Stops(Protocol):
+    def stop(self) -> None: ...
+
+
 class _Stoppable:
-    def __init__(self, stop) -> None:
+    def __init__(self, stop: Callable[[], None]) -> None:
         self.stop = stop
 
 
-def start_dicomweb(cfg, ingest, spool) -> list:
+def start_dicomweb(cfg, ingest, spool) -> list[_Stops]:
     """STOW-RS endpoint and/or QIDO/WADO pull, when configured; both feed the receiver's ingest gate."""
     from .transport.dicomweb_in import Puller, start_stow
 
-    extras = []
+    extras: list[_Stops] = []
     if cfg.dicomweb.enabled:
         srv = start_stow(cfg.dicomweb, ingest)
         extras.append(_Stoppable(srv.shutdown))
