@@ -62,12 +62,14 @@ def frames_from_dicom(path) -> bytes:
 
 def decode_jpeg_frames_gpu(frames: Sequence[bytes], device: str | torch.device = "cuda",
                            window: bool = True) -> torch.Tensor:
-    """Decode JPEG Baseline frames with nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``) into an
+    """Decode JPEG Baseline frames with nvJPEG (TorchCodec's ``decode_jpeg``: one batched call on CUDA) into an
     N x 1 x H x W float batch in [0,1] on ``device`` (all frames must share one size). ``device="cpu"`` uses
-    libjpeg (smoke tests). ``window=True`` applies the same percentile window as dicom_io.pixels."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    libjpeg (smoke tests). ``window=True`` applies the same percentile window as dicom_io.pixels.
+
+    TorchCodec, not ``torchvision.io``: torchvision's image codecs are deprecated since 0.29."""
+    from torchcodec.decoders import decode_jpeg
 
     data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in frames]
-    imgs = decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
+    imgs = decode_jpeg(data, mode="GRAY", device=device)
     x = torch.stack(imgs)  # N x 1 x H x W uint8
     return percentile_window(x) if window else x.float().div_(255)
