@@ -71,5 +71,6 @@ def decode_jpeg_frames_gpu(frames: Sequence[bytes], device: str | torch.device =
 
     data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in frames]
     imgs = decode_jpeg(data, mode="GRAY", device=device)
+    assert isinstance(imgs, list)  # a list in, a list out
     x = torch.stack(imgs)  # N x 1 x H x W uint8
     return percentile_window(x) if window else x.float().div_(255)
