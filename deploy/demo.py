@@ -45,8 +45,15 @@ def main() -> int:
     ap.add_argument("--samples", default=str(ROOT / "sample_dicom"))
     ap.add_argument("--workdir", default=str(ROOT / "var" / "demo"))
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--keep", dest="fresh", action="store_false",
+                    help="keep the previous demo's PACS, spool and audit trail (default: start empty)")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
+    if args.fresh and work.is_dir():
+        # each demo starts from an empty PACS, spool and audit trail, so what it prints is this run's
+        import shutil
+
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     node_port = port_or_free(11112)
     pacs = LocalOrthanc(work / "orthanc", modalities={"triage": ("TRIAGE", "127.0.0.1", node_port)},
@@ -76,6 +83,8 @@ ae_title = "ORTHANC"
     node = None
     print(f"demo: starting Orthanc (http {pacs.http_port}, dicom {pacs.dicom_port}) and the node (port {node_port})")
     pacs.start()
+    # worker logs are appended to across runs: only what this run writes counts
+    start_sizes = {f: f.stat().st_size for f in (work / "log").glob("worker-*.log")} if (work / "log").is_dir() else {}
     try:
         node = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(node_cfg)],
                                 cwd=work, start_new_session=True,
@@ -83,6 +92,16 @@ ae_title = "ORTHANC"
         if not wait_port("127.0.0.1", node_port, 120):
             print(f"demo: the node did not start; see {work / 'node.log'}")
             return 1
+        # The receiver answers (and spools) at once; wait for the Celery workers too, so the latency printed below
+        # is the node's, not the workers' cold start (imports, model load) on a busy machine.
+        t_up = time.time()
+        logs = {f: start_sizes.get(f, 0) for f in (work / "log" / f"worker-{q}.log" for q in ("infer", "report"))}
+        while not all(f.exists() and b" ready." in f.read_bytes()[offset:] for f, offset in logs.items()):
+            if time.time() - t_up > 300 or node.poll() is not None:
+                print(f"demo: the workers did not start; see {work / 'log'}")
+                return 1
+            time.sleep(0.5)
+        print(f"demo: node and workers ready ({time.time() - t_up:.1f} s after the receiver)")
         files = sorted(Path(args.samples).glob("*.dcm"))
         ids, studies = [], {}
         for f in files:
