@@ -141,9 +141,10 @@ ae_title = "ORTHANC"
               f"overlay series)\n  DICOMweb: {pacs.dicomweb_url}\n  PNG previews: {work / 'results'}/<SOPInstanceUID>"
               f"/preview.png\n  audit log: {work / 'audit.jsonl'}   status: .venv/bin/triage-node status --config "
               f"{node_cfg}")
-        print("\nAll results come from a DEMO model: NOT FOR CLINICAL USE.")
+        print(f"\nmodel: {model or '(none reported)'}\nAll results come from a DEMO model: NOT FOR CLINICAL USE.")
         if len(done) < len(studies):
-            print(f"demo: {len(studies) - len(done)} result(s) missing after {args.timeout:.0f} s; see {work / 'node.log'}")
+            missing = len(studies) - len(done)
+            print(f"demo: {missing} result(s) missing after {args.timeout:.0f} s; see {work / 'node.log'}")
             return 1
         if not args.once:
             print("\nServing; press Ctrl-C to stop.")
