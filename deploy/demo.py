@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -96,7 +97,9 @@ ae_title = "ORTHANC"
         # is the node's, not the workers' cold start (imports, model load) on a busy machine.
         t_up = time.time()
         logs = {f: start_sizes.get(f, 0) for f in (work / "log" / f"worker-{q}.log" for q in ("infer", "report"))}
-        while not all(f.exists() and b" ready." in f.read_bytes()[offset:] for f, offset in logs.items()):
+        # workers/warmup.py logs "warmed up" (or "warm-up failed") once the model is loaded, after Celery's "ready."
+        while not all(f.exists() and re.search(rb"warmed up|warm-up failed", f.read_bytes()[offset:])
+                      for f, offset in logs.items()):
             if time.time() - t_up > 300 or node.poll() is not None:
                 print(f"demo: the workers did not start; see {work / 'log'}")
                 return 1

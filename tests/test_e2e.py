@@ -75,6 +75,9 @@ def test_orthanc_routes_cxr_and_gets_sr_and_overlay_back(tmp_path, redis_url, or
     logs = [node.tmp / "node.log", node.tmp / "audit.jsonl", *sorted((node.tmp / "log").glob("*.log"))]
     text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
     assert "analysed" in text and len(text) > 1000
+    # each worker warmed up before its first task (workers/warmup.py): the model in the inference worker's child
+    for queue in ("infer", "report"):
+        assert f"warmed up for {queue}" in (node.tmp / "log" / f"worker-{queue}.log").read_text(), queue
     for p in SAMPLES[:3]:
         src = pydicom.dcmread(p, stop_before_pixels=True)
         for key in ("PatientName", "PatientID", "PatientBirthDate"):

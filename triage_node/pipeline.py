@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,11 @@ def _load_model(path: str, device: str):
 def get_model(cfg: Config):
     """The configured model, loaded once per process (lazily: CUDA must not be initialised before a fork)."""
     _set_threads(cfg.model.threads)
-    return _load_model(cfg.model.path, cfg.model.device)
+    with _model_lock:  # a warm-up thread and the first task must not load it twice
+        return _load_model(cfg.model.path, cfg.model.device)
+
+
+_model_lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)

@@ -25,6 +25,7 @@ from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
 from triage_node.spool import Spool, atomic_write, valid_uid
+from workers import warmup  # noqa: F401  (signal handlers: model loaded before the first task)
 
 log = logging.getLogger("workers")
 logging.getLogger("highdicom").setLevel(logging.WARNING)
