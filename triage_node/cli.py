@@ -99,6 +99,18 @@ class _Stoppable:
         self.stop = stop
 
 
+def start_instances(cfg, spool, audit) -> list:
+    """The spool over HTTP for workers on other hosts (``[instances] url`` set); [] when off."""
+    if not cfg.instances.url:
+        return []
+    from .transport.instances import InstanceServer
+
+    srv = InstanceServer(cfg.instances, spool, audit).start()
+    print(f"triage-node: instances served on http://{cfg.instances.bind}:{srv.port}/instances/ "
+          f"(advertised as {cfg.instances.url})", flush=True)
+    return [srv]
+
+
 def start_dicomweb(cfg, ingest, spool) -> list:
     """STOW-RS endpoint and/or QIDO/WADO pull, when configured; both feed the receiver's ingest gate."""
     from .transport.dicomweb_in import Puller, start_stow
@@ -136,10 +148,11 @@ def cmd_up(args) -> int:
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)
+    extras = start_instances(cfg, spool, audit)  # before anything is enqueued: every task names this server
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
               include_unacked=not private)
     server, receivers = start_receivers(cfg, args, spool, submit_fn, audit, env, log_dir)
-    extras = start_dicomweb(cfg, server.ingest, spool)
+    extras += start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -219,10 +232,12 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    extras = []
     if args.child:
         sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
         server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
     else:
+        extras = start_instances(cfg, spool, audit)  # one per host: the children share this spool
         server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
     parent = os.getppid()
     try:
@@ -237,6 +252,8 @@ def cmd_serve(args) -> int:
         _drain(server, 5.0)
         if pool:
             pool.stop()
+        for extra in extras:
+            extra.stop()
     return 0
 
 
