@@ -344,11 +344,12 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     env = dict(os.environ) if env is None else env
     path = path or env.get("TRIAGE_CONFIG")
     cfg = from_dict(tomllib.loads(Path(path).read_text())) if path else Config()
+    changes: dict[str, dict[str, Any]] = {}  # per section, applied together (url and token check each other)
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in env and env[var] != "":
-            if not section:  # a top-level key
-                cfg = replace(cfg, **{key: _coerce(env[var], getattr(cfg, key))})
-                continue
-            sub = getattr(cfg, section)
-            cfg = replace(cfg, **{section: replace(sub, **{key: _coerce(env[var], getattr(sub, key))})})
+            current = getattr(getattr(cfg, section), key) if section else getattr(cfg, key)
+            changes.setdefault(section, {})[key] = _coerce(env[var], current)
+    for section, values in changes.items():
+        cfg = replace(cfg, **values) if not section else replace(cfg, **{section: replace(getattr(cfg, section),
+                                                                                          **values)})
     return cfg
