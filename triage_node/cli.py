@@ -94,6 +94,30 @@ def reconcile(cfg, spool, submit_fn, older_than_s: float, touch: bool = False, r
     return n
 
 
+class _Sweep:
+    """The receiver host's periodic reconcile (``up`` and ``serve``).
+
+    An instance no task holds any more (queue lost with a non-persistent broker, a task that failed while the broker
+    was down, an unexpected exception, a worker on another host that could not release it) would otherwise wait for
+    the next restart. Every ``broker.visibility_timeout`` it re-enqueues what has sat in the spool longer than that
+    and that no queued or unacknowledged task refers to (a long backlog is not work lost), touching it so each file
+    is re-submitted at most once per period; a duplicate task finds the file gone and is a no-op."""
+
+    def __init__(self, cfg, spool, submit_fn) -> None:
+        self.cfg, self.spool, self.submit_fn = cfg, spool, submit_fn
+        self.next = time.time() + cfg.broker.visibility_timeout
+
+    def maybe(self) -> None:
+        if time.time() < self.next:
+            return
+        try:
+            reconcile(self.cfg, self.spool, self.submit_fn, self.cfg.broker.visibility_timeout, touch=True,
+                      reason="periodic sweep")
+        except Exception as exc:  # broker still down: try again next period
+            log.warning("periodic reconcile failed: %s", exc)
+        self.next = time.time() + self.cfg.broker.visibility_timeout
+
+
 class _Stoppable:
     def __init__(self, stop) -> None:
         self.stop = stop
@@ -164,20 +188,9 @@ def cmd_up(args) -> int:
             web_srv = web.start(cfg, spool, audit)
             print(f"triage-node up: dashboard, /metrics, /readyz on {web_srv.url if web_srv else 'NOT started'}",
                   flush=True)
-        next_sweep = time.time() + cfg.broker.visibility_timeout
+        sweep = _Sweep(cfg, spool, submit_fn)
         while not stop.wait(1.0):
-            if time.time() >= next_sweep:
-                # An instance no task holds any more (queue lost with a non-persistent broker, a task that failed
-                # while the broker was down, an unexpected exception) would otherwise wait for the next restart.
-                # Re-enqueue what has sat in the spool longer than the visibility timeout and that no queued or
-                # unacknowledged task refers to (a long backlog is not work lost), touching it so each file is
-                # re-submitted at most once per period; a duplicate task finds the file gone and is a no-op.
-                try:
-                    reconcile(cfg, spool, submit_fn, cfg.broker.visibility_timeout, touch=True,
-                              reason="periodic sweep")
-                except Exception as exc:  # broker still down: try again next period
-                    log.warning("periodic reconcile failed: %s", exc)
-                next_sweep = time.time() + cfg.broker.visibility_timeout
+            sweep.maybe()
             if receivers:
                 receivers.check()
             dead = [w for w in workers if w.poll() is not None]
@@ -232,16 +245,20 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    extras = []
+    extras, sweep = [], None
+    submit_fn = _submitter(cfg)
     if args.child:
         sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
-        server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
+        server, pool = scp.start(cfg, spool, submit_fn, audit, block=False, sock=sock), None
     else:
         extras = start_instances(cfg, spool, audit)  # one per host: the children share this spool
-        server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
+        server, pool = start_receivers(cfg, args, spool, submit_fn, audit, child_env(), None)
+        sweep = _Sweep(cfg, spool, submit_fn)  # the spool's owner re-enqueues what no task holds (workers elsewhere)
     parent = os.getppid()
     try:
         while not stop.wait(1.0):
+            if sweep:
+                sweep.maybe()
             if pool:
                 pool.check()
             if args.child and os.getppid() != parent:  # the supervisor died: free the port for its restart

@@ -53,12 +53,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, code: int, text: str = "", headers: dict[str, str] | None = None) -> None:
         body = (json.dumps({"error": text}) + "\n").encode() if text else b""
+        if code >= 400:  # an unread request body must not be taken for the next request
+            self.close_connection = True
         self.send_response(code)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         if body:
             self.send_header("Content-Type", "application/json")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if body:
             self.wfile.write(body)
