@@ -17,6 +17,7 @@ a misconfigured URL. Logs carry UIDs, never the token.
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -235,7 +236,7 @@ def fetch(source_url: str, sop: str, dest: Path, cfg: InstancesConfig) -> int | 
             if exc.code == 404 and exc.headers.get(MARKER) == "unknown":
                 return None
             last = _why(exc)
-        except (OSError, ValueError) as exc:  # URLError, timeouts, resets, short reads
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, short reads
             last = str(exc) if isinstance(exc, _ShortRead) else _why(exc)
         finally:
             try:
@@ -252,7 +253,10 @@ def release(source_url: str, sop: str, cfg: InstancesConfig, worker: str = "",
     """Tell the receiver the instance is finished (``dead_letter``: dead-lettered, with reason/stage/path), so it
     drops its spool copy. True when done or already gone; False when the receiver could not be told (its periodic
     reconcile then re-enqueues the instance: at least once, outputs are deterministic)."""
-    base = _base(source_url)
+    try:
+        base = _base(source_url)
+    except InstanceUnavailable:
+        return False
     headers = {"X-Worker": worker} if worker else {}
     last = ""
     for attempt in range(cfg.attempts):
@@ -271,7 +275,7 @@ def release(source_url: str, sop: str, cfg: InstancesConfig, worker: str = "",
             if exc.code == 404 and exc.headers.get(MARKER) == "unknown":
                 return True
             last = _why(exc)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             last = _why(exc)
         log.warning("release of %s at the instance server failed (try %d of %d): %s", sop, attempt + 1,
                     cfg.attempts, last)
