@@ -103,9 +103,9 @@ class _Sweep:
     and that no queued or unacknowledged task refers to (a long backlog is not work lost), touching it so each file
     is re-submitted at most once per period; a duplicate task finds the file gone and is a no-op."""
 
-    def __init__(self, cfg, spool, submit_fn) -> None:
+    def __init__(self, cfg, spool, submit_fn, now: bool = False) -> None:
         self.cfg, self.spool, self.submit_fn = cfg, spool, submit_fn
-        self.next = time.time() + cfg.broker.visibility_timeout
+        self.next = time.time() + (0 if now else cfg.broker.visibility_timeout)
 
     def maybe(self) -> None:
         if time.time() < self.next:
@@ -253,7 +253,7 @@ def cmd_serve(args) -> int:
     else:
         extras = start_instances(cfg, spool, audit)  # one per host: the children share this spool
         server, pool = start_receivers(cfg, args, spool, submit_fn, audit, child_env(), None)
-        sweep = _Sweep(cfg, spool, submit_fn)  # the spool's owner re-enqueues what no task holds (workers elsewhere)
+        sweep = _Sweep(cfg, spool, submit_fn, now=True)  # the spool's owner re-enqueues what no task holds
     parent = os.getppid()
     try:
         while not stop.wait(1.0):
