@@ -106,15 +106,17 @@ class _Sweep:
     def __init__(self, cfg, spool, submit_fn, now: bool = False) -> None:
         self.cfg, self.spool, self.submit_fn = cfg, spool, submit_fn
         self.next = time.time() + (0 if now else cfg.broker.visibility_timeout)
+        self.reason = "restart" if now else "periodic sweep"
 
     def maybe(self) -> None:
         if time.time() < self.next:
             return
         try:
             reconcile(self.cfg, self.spool, self.submit_fn, self.cfg.broker.visibility_timeout, touch=True,
-                      reason="periodic sweep")
+                      reason=self.reason)
         except Exception as exc:  # broker still down: try again next period
             log.warning("periodic reconcile failed: %s", exc)
+        self.reason = "periodic sweep"
         self.next = time.time() + self.cfg.broker.visibility_timeout
 
 
