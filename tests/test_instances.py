@@ -309,8 +309,7 @@ def test_unreachable_instance_server_retries_then_dead_letters_and_loses_nothing
     (ds,) = unique_instances(1)
     sop = str(ds.SOPInstanceUID)
     assert c_store(node.port, [ds]) == [0]
-    node.wait(lambda: any(e["event"] == "dead_lettered" for e in node.audit("work")), timeout=120)
-    time.sleep(1.0)
+    node.wait(lambda: any(e["event"] == "release_failed" for e in node.audit("work")), timeout=120)
     work = node.audit("work")
     fails = [e for e in work if e["event"] == "failed"]
     assert [e["stage"] for e in fails] == ["fetch"] * 3 and [e["will_retry"] for e in fails] == [True, True, False]
