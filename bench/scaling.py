@@ -44,6 +44,8 @@ def _toml(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
     return json.dumps(str(v))
 
 
@@ -78,6 +80,7 @@ def c_store_all(port: int, datasets, assocs: int) -> list[int]:
     from pynetdicom import AE
 
     statuses: list[int] = []
+    errors: list[str] = []
     lock = threading.Lock()
 
     def one(part) -> None:
@@ -86,7 +89,8 @@ def c_store_all(port: int, datasets, assocs: int) -> list[int]:
             ae.add_requested_context(sop, [ts])
         assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
         if not assoc.is_established:
-            raise SystemExit("association refused by the node")
+            errors.append("association refused by the node")
+            return
         try:
             got = [int(assoc.send_c_store(d).Status) for d in part]
         finally:
@@ -100,6 +104,8 @@ def c_store_all(port: int, datasets, assocs: int) -> list[int]:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise SystemExit(errors[0])
     return statuses
 
 
@@ -179,7 +185,8 @@ class Node:
         deadline = time.time() + timeout
         while time.time() < deadline:
             ds = make_datasets(2 * self.k, 0)
-            c_store_all(self.port, ds, 1)
+            if any(c_store_all(self.port, ds, 1)):
+                raise SystemExit(f"warm-up: C-STORE refused; see {self.work}")
             self.wait_sent({str(d.SOPInstanceUID) for d in ds}, timeout)
             hosts = {e.get("hostname") for e in self.audit() if e["event"] == "analysed"}
             if len(hosts) >= self.k:
@@ -236,12 +243,15 @@ def run_one(k: int, args, base: Path) -> dict:
         lat = sorted(e["latency_s"] for e in sent)
         per_s = {c: n / args.idle for c, n in idle["calls"].items()} if args.idle else {}
         clock = {c: per_s.get(c, 0.0) * wall for c in burst["calls"]}
-        per_cxr = {c: round(max(n - clock.get(c, 0.0), 0.0) / args.n, 2) for c, n in burst["calls"].items()}
+        per_cxr = {c: round(max(n - clock.get(c, 0.0), 0.0) / args.n, 2) for c, n in burst["calls"].items()
+                   if c not in ("info", "config")}  # INFO is this script reading the counters
+        idle_bytes = {d: idle[d] / args.idle * wall if args.idle else 0.0 for d in ("in", "out")}
         return {"workers": k, "mode": args.mode, "n": args.n, "refused": sum(s != 0 for s in statuses),
                 "results_per_s": args.n / wall, "wall_s": wall, "store_s": t_stored - t0,
                 "latency_p50_s": statistics.median(lat), "latency_max_s": lat[-1],
                 "redis_calls_per_cxr": per_cxr, "redis_calls_total": burst["calls"],
-                "redis_in_bytes_per_cxr": burst["in"] / args.n, "redis_out_bytes_per_cxr": burst["out"] / args.n,
+                "redis_in_bytes_per_cxr": max(burst["in"] - idle_bytes["in"], 0) / args.n,
+                "redis_out_bytes_per_cxr": max(burst["out"] - idle_bytes["out"], 0) / args.n,
                 "idle_calls_per_s": {c: round(v, 2) for c, v in per_s.items()}}
     finally:
         node.stop()
