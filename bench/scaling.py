@@ -229,9 +229,12 @@ def run_one(k: int, args, base: Path) -> dict:
         node.warm_up(args.timeout)
         datasets = make_datasets(args.n, 1)
         sops = {str(d.SOPInstanceUID) for d in datasets}
-        idle0 = broker_counters(node.redis.url)
+        r0 = broker_counters(node.redis.url)
+        r1 = broker_counters(node.redis.url)
+        own = delta(r1, r0)  # what one reading of the counters itself adds (INFO replies are kilobytes)
         time.sleep(args.idle)  # the clock-driven commands of idle workers, to subtract from the burst's
-        idle = delta(broker_counters(node.redis.url), idle0)
+        idle = delta(broker_counters(node.redis.url), r1)
+        idle["in"], idle["out"] = max(idle["in"] - own["in"], 0), max(idle["out"] - own["out"], 0)
         before = broker_counters(node.redis.url)
         t0 = time.time()
         statuses = c_store_all(node.port, datasets, args.assocs)
@@ -250,8 +253,8 @@ def run_one(k: int, args, base: Path) -> dict:
                 "results_per_s": args.n / wall, "wall_s": wall, "store_s": t_stored - t0,
                 "latency_p50_s": statistics.median(lat), "latency_max_s": lat[-1],
                 "redis_calls_per_cxr": per_cxr, "redis_calls_total": burst["calls"],
-                "redis_in_bytes_per_cxr": max(burst["in"] - idle_bytes["in"], 0) / args.n,
-                "redis_out_bytes_per_cxr": max(burst["out"] - idle_bytes["out"], 0) / args.n,
+                "redis_in_bytes_per_cxr": max(burst["in"] - own["in"] - idle_bytes["in"], 0) / args.n,
+                "redis_out_bytes_per_cxr": max(burst["out"] - own["out"] - idle_bytes["out"], 0) / args.n,
                 "idle_calls_per_s": {c: round(v, 2) for c, v in per_s.items()}}
     finally:
         node.stop()
