@@ -60,18 +60,22 @@ def write_config(path: Path, cfg: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def make_datasets(n: int, prefix_seed: int):
+def make_datasets(n: int, offset: int):
+    """n unique instances (new SOP/Study/Series UIDs), each parsed afresh from one of the RSNA samples."""
+    import io
+
     import pydicom
     from pydicom.uid import generate_uid
 
-    srcs = [pydicom.dcmread(p) for p in SAMPLES]
+    raw = [p.read_bytes() for p in SAMPLES]
     out = []
     for i in range(n):
-        ds = srcs[(i + prefix_seed) % len(srcs)].copy()
-        ds.file_meta = srcs[(i + prefix_seed) % len(srcs)].file_meta.copy()
+        ds = pydicom.dcmread(io.BytesIO(raw[(i + offset) % len(raw)]))
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         out.append(ds)
+    if len({str(d.SOPInstanceUID) for d in out}) != n:
+        raise SystemExit("instances are not unique")
     return out
 
 
