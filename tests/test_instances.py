@@ -333,3 +333,36 @@ def test_unreachable_instance_server_retries_then_dead_letters_and_loses_nothing
         os.chdir(cwd)
     node.wait(lambda: any(e["event"] == "sent" for e in node.audit("work")))
     node.wait(lambda: not (node.recv / "var" / "spool" / "instances" / f"{sop}.dcm").exists(), timeout=30)
+
+
+def test_serve_re_enqueues_what_no_task_holds_with_its_source_url(tmp_path, redis_url):
+    """The receiver host owns the spool when the workers are elsewhere: ``serve`` reconciles at start (and every
+    visibility timeout), and the re-enqueued task names the instance server."""
+    recv = tmp_path / "recv"
+    recv.mkdir()
+    spool = Spool(recv / "var" / "spool", recv / "var" / "dead-letter")
+    path, _ = spool.store(SOP, b"left by a crash")
+    os.utime(path, (time.time() - 3600,) * 2)
+    port, http_port = free_port(), free_port()
+    write_toml(recv / "node.toml", {
+        "audit_log": "var/audit.jsonl", "spool": {"directory": "var/spool"},
+        "broker": {"url": redis_url, "visibility_timeout": 60},
+        "retry": {"dead_letter_dir": "var/dead-letter"}, "web": {"enabled": False},
+        "receiver": {"port": port}, "instances": {"url": f"http://127.0.0.1:{http_port}", "port": http_port,
+                                                  "token": TOKEN}})
+    log = open(tmp_path / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "serve", "--config", "node.toml"], cwd=recv,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not _queued_payloads(redis_url):
+            time.sleep(0.2)
+        (payload,) = _queued_payloads(redis_url)
+        assert payload["sop_instance_uid"] == SOP and payload["path"] == f"var/spool/instances/{SOP}.dcm"
+        assert payload["source_url"] == f"http://127.0.0.1:{http_port}"
+        code, _, body = _get(f"{payload['source_url']}/instances/{SOP}.dcm", TOKEN)
+        assert code == 200 and body == b"left by a crash"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert [e["reason"] for e in read(recv / "var" / "audit.jsonl") if e["event"] == "reconciled"] == ["restart"]
