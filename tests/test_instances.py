@@ -266,30 +266,46 @@ def split(tmp_path, redis_url):
 
 @pytest.mark.integration
 def test_workers_without_the_receivers_filesystem_deliver_every_instance_once(split):
+    """Four CXRs and one whose pixel data cannot be decoded: each good one gets exactly one result; the bad one is
+    dead-lettered by the worker, which tells the receiver, so it shows in the receiver host's dead letters too."""
+    from pydicom.encaps import encapsulate
+
     node = split()
-    datasets = unique_instances(4)
-    sops = sorted(str(d.SOPInstanceUID) for d in datasets)
+    datasets = unique_instances(5)
+    datasets[-1].PixelData = encapsulate([b"\xff\xd8\xff\xe0 not a JPEG stream" * 4])
+    bad = str(datasets[-1].SOPInstanceUID)
+    sops = sorted(str(d.SOPInstanceUID) for d in datasets[:-1])
     assert c_store(node.port, datasets) == [0] * len(datasets)
     recv_instances = node.recv / "var" / "spool" / "instances"
 
     def done() -> bool:
-        return len([e for e in node.audit("work") if e["event"] == "sent"]) >= len(sops) and \
-            not list(recv_instances.glob("*.dcm"))
+        events = node.audit("work")
+        return len([e for e in events if e["event"] == "sent"]) >= len(sops) and \
+            any(e["event"] == "dead_lettered" for e in events) and not list(recv_instances.glob("*.dcm"))
 
     node.wait(done)
     work = node.audit("work")
     sent = [e["sop_instance_uid"] for e in work if e["event"] == "sent"]
     assert sorted(sent) == sops, "exactly one delivered result per instance"
     fetched = sorted(e["sop_instance_uid"] for e in work if e["event"] == "fetched")
-    assert fetched == sorted(sops * 2), "each stage fetched its copy over HTTP (infer, then report)"
-    assert not [e for e in work if e["event"] in ("failed", "dead_lettered", "analyze_noop", "release_failed")]
+    assert fetched == sorted(sops * 2 + [bad]), "each stage fetched its copy over HTTP (infer, then report)"
+    assert not [e for e in work if e["event"] in ("analyze_noop", "report_noop", "release_failed")]
+    assert [(e["sop_instance_uid"], e["stage"]) for e in work if e["event"] == "dead_lettered"] == [(bad, "analyze")]
     # the tasks named a path that, from the workers' directory, is their own empty spool: never the receiver's
-    assert all(e["sop_instance_uid"] in sops for e in work if e["event"] == "fetched")
     assert not list((node.work / "var" / "spool" / "instances").iterdir())
     assert not list((node.work / "var" / "spool" / "fetched").iterdir()), "worker copies removed when done"
     assert not list((node.work / "var" / "spool" / "outbox").iterdir())
-    released = [e["sop_instance_uid"] for e in node.audit("recv") if e["event"] == "released"]
-    assert sorted(released) == sops and not list(recv_instances.iterdir()), "receiver spool emptied"
+    released = [(e["sop_instance_uid"], e["outcome"]) for e in node.audit("recv") if e["event"] == "released"]
+    assert sorted(released) == sorted([(s, "done") for s in sops] + [(bad, "dead_lettered")])
+    assert not list(recv_instances.iterdir()), "receiver spool emptied"
+    # the dead letter: full on the worker, and at the receiver with its source and where the worker keeps it
+    worker_dead = node.work / "var" / "dead-letter" / bad
+    assert (worker_dead / "source.dcm").exists() and "pixel data" in json.loads(
+        (worker_dead / "reason.json").read_text())["reason"]
+    recv_reason = json.loads((node.recv / "var" / "dead-letter" / bad / "reason.json").read_text())
+    assert recv_reason["stage"] == "analyze" and "pixel data cannot be decoded" in recv_reason["reason"]
+    assert Path(recv_reason["worker_path"]).resolve() == worker_dead.resolve() and recv_reason["worker"]
+    assert (node.recv / "var" / "dead-letter" / bad / "source.dcm").exists()
     srs = [f for f in node.out.glob("*.dcm")
            if str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) == SR_CLASS]
     refs = sorted(str(pydicom.dcmread(f).CurrentRequestedProcedureEvidenceSequence[0]

@@ -106,7 +106,7 @@ def _dead_letter(sop: str, why: str, payload: dict, fetched: bool, base: dict, f
     target = spool.dead_letter(sop, why, files=files, extra=extra)
     audit.record("dead_lettered", reason=why, path=str(target), **{"stage": (extra or {}).get("stage"), **base})
     _release(payload, sop, fetched, dead_letter={"reason": why, "stage": (extra or {}).get("stage", ""),
-                                                 "path": str(target)})
+                                                 "path": str(target.resolve())})
     return target
 
 
