@@ -175,7 +175,8 @@ def test_both_submit_paths_and_reconcile_carry_source_url(tmp_path, redis_url):
 class Split:
     """``triage-node serve`` in recv/ and two Celery workers in work/: separate spool, audit, dead letters."""
 
-    def __init__(self, tmp: Path, broker: str, advertised_port: int | None = None) -> None:
+    def __init__(self, tmp: Path, broker: str, advertised_port: int | None = None,
+                 visibility_timeout: int = 60) -> None:
         self.tmp, self.broker = tmp, broker
         self.recv, self.work, self.out = tmp / "recv", tmp / "work", tmp / "pacs-folder"
         for d in (self.recv, self.work):
@@ -184,7 +185,7 @@ class Split:
         self.url = f"http://127.0.0.1:{advertised_port or self.http_port}"
         common = {"log_level": "INFO", "audit_log": "var/audit.jsonl",
                   "spool": {"directory": "var/spool"},  # relative: the same words name different folders
-                  "broker": {"url": broker, "visibility_timeout": 60},
+                  "broker": {"url": broker, "visibility_timeout": visibility_timeout},
                   "retry": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 1.0,
                             "dead_letter_dir": "var/dead-letter"},
                   "model": {"path": os.environ.get("TRIAGE_TEST_MODEL", "")},
@@ -204,13 +205,18 @@ class Split:
                                            env={**os.environ, "TRIAGE_CONFIG": str(cwd / "node.toml"), **env},
                                            start_new_session=True))
 
+    def worker(self, queue: str, cwd: Path, name: str) -> subprocess.Popen:
+        pool = "prefork" if queue == "infer" else "threads"
+        self._spawn(cwd, [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue,
+                          "-n", f"{name}@%h", f"--pool={pool}", "--concurrency=1",
+                          "--without-gossip", "--without-mingle", "--loglevel=INFO"],
+                    f"worker-{name}", TRIAGE_INSTANCES_TOKEN=TOKEN)
+        return self.procs[-1]
+
     def start(self) -> Split:
         self._spawn(self.recv, [sys.executable, "-m", "triage_node.cli", "serve", "--config", "node.toml"], "recv")
-        for queue, pool in (("infer", "prefork"), ("report", "threads")):
-            self._spawn(self.work, [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue,
-                                    "-n", f"{queue}-split@%h", f"--pool={pool}", "--concurrency=1",
-                                    "--without-gossip", "--without-mingle", "--loglevel=INFO"],
-                        f"worker-{queue}", TRIAGE_INSTANCES_TOKEN=TOKEN)
+        self.infer = self.worker("infer", self.work, "infer-split")
+        self.worker("report", self.work, "report-split")
         assert wait_port("127.0.0.1", self.port, 60) and wait_port("127.0.0.1", self.http_port, 10), self.logs()
         return self
 
@@ -229,8 +235,8 @@ class Split:
         return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2500:]}"
                          for f in sorted(self.tmp.glob("*.log")))
 
-    def audit(self, side: str) -> list[dict]:
-        return read(getattr(self, side) / "var" / "audit.jsonl")
+    def audit(self, side: str | Path) -> list[dict]:
+        return read((getattr(self, side) if isinstance(side, str) else side) / "var" / "audit.jsonl")
 
     def wait(self, predicate, timeout: float = 240.0) -> None:
         deadline = time.time() + timeout
@@ -382,3 +388,32 @@ def test_serve_re_enqueues_what_no_task_holds_with_its_source_url(tmp_path, redi
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert [e["reason"] for e in read(recv / "var" / "audit.jsonl") if e["event"] == "reconciled"] == ["restart"]
+
+
+@pytest.mark.integration
+def test_an_inference_worker_host_dying_mid_task_loses_nothing(split, tmp_path):
+    """The whole inference worker (main process and child, as when its host dies) is killed right after it fetched
+    the instance; the task was not acknowledged, Redis hands it out again after the visibility timeout, and an
+    inference worker on a third "host" (its own directory and spool) fetches it from the receiver, which still
+    holds it. The result is delivered (identical UIDs however many times) and the receiver's spool emptied."""
+    node = split(visibility_timeout=5)
+    (ds,) = unique_instances(1)
+    sop = str(ds.SOPInstanceUID)
+    assert c_store(node.port, [ds]) == [0]
+    node.wait(lambda: any(e["event"] == "fetched" for e in node.audit("work")), timeout=120)
+    os.killpg(node.infer.pid, signal.SIGKILL)
+    node.infer.wait()
+    mid_task = not any(e["event"] == "analysed" for e in node.audit("work"))
+    assert (node.recv / "var" / "spool" / "instances" / f"{sop}.dcm").exists(), "held until released"
+    other = tmp_path / "work2"
+    other.mkdir()
+    (other / "node.toml").write_text((node.work / "node.toml").read_text())
+    node.worker("infer", other, "infer-other")
+    node.wait(lambda: any(e["event"] == "sent" for e in node.audit("work"))
+              and not (node.recv / "var" / "spool" / "instances" / f"{sop}.dcm").exists(), timeout=180)
+    sent = [e for e in node.audit("work") if e["event"] == "sent"]
+    assert {e["sop_instance_uid"] for e in sent} == {sop} and len({tuple(e["sent_uids"]) for e in sent}) == 1
+    assert not [e for e in node.audit("work") + node.audit(other) if e["event"] == "dead_lettered"]
+    if mid_task:  # the usual case: the kill landed during decode + model
+        assert [e["event"] for e in node.audit(other) if e["event"] in ("fetched", "analysed")] == [
+            "fetched", "analysed"], "the other host fetched and analysed it again"
