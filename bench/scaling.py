@@ -248,6 +248,10 @@ def run_one(k: int, args, base: Path) -> dict:
         burst = delta(broker_counters(node.redis.url), before)
         wall = max(t_end - t0, 1e-6)
         lat = sorted(e["latency_s"] for e in sent)
+        by_worker: dict[str, int] = {}
+        for e in node.audit():
+            if e["event"] == "analysed" and e["sop_instance_uid"] in sops:
+                by_worker[e.get("hostname", "?")] = by_worker.get(e.get("hostname", "?"), 0) + 1
         per_s = {c: n / args.idle for c, n in idle["calls"].items()} if args.idle else {}
         clock = {c: per_s.get(c, 0.0) * wall for c in burst["calls"]}
         per_cxr = {c: round(max(n - clock.get(c, 0.0), 0.0) / args.n, 2) for c, n in burst["calls"].items()
@@ -256,6 +260,7 @@ def run_one(k: int, args, base: Path) -> dict:
         return {"workers": k, "mode": args.mode, "n": args.n, "refused": sum(s != 0 for s in statuses),
                 "results_per_s": args.n / wall, "wall_s": wall, "store_s": t_stored - t0,
                 "latency_p50_s": statistics.median(lat), "latency_max_s": lat[-1],
+                "analysed_by_worker": by_worker,
                 "redis_calls_per_cxr": per_cxr, "redis_calls_total": burst["calls"],
                 "redis_in_bytes_per_cxr": max(burst["in"] - own["in"] - idle_bytes["in"], 0) / args.n,
                 "redis_out_bytes_per_cxr": max(burst["out"] - own["out"] - idle_bytes["out"], 0) / args.n,
@@ -295,11 +300,12 @@ def main(args) -> int:
     first = rows[0]["results_per_s"]
     print(f"\nmode {args.mode}, n = {args.n}, {os.cpu_count()} CPUs, model {args.model or 'demo'} on {args.device}")
     print(f"{'infer workers':>13} | {'results/s':>9} | {'ratio':>5} | {'p50 latency s':>13} | {'Redis cmds/CXR':>14} | "
-          f"{'Redis in B/CXR':>14} | {'Redis out B/CXR':>15}")
+          f"{'Redis in B/CXR':>14} | {'Redis out B/CXR':>15} | analysed per worker")
     for r in rows:
         print(f"{r['workers']:>13} | {r['results_per_s']:>9.2f} | {r['results_per_s'] / first:>5.2f} | "
               f"{r['latency_p50_s']:>13.2f} | {sum(r['redis_calls_per_cxr'].values()):>14.1f} | "
-              f"{r['redis_in_bytes_per_cxr']:>14.0f} | {r['redis_out_bytes_per_cxr']:>15.0f}")
+              f"{r['redis_in_bytes_per_cxr']:>14.0f} | {r['redis_out_bytes_per_cxr']:>15.0f} | "
+              f"{'/'.join(str(n) for _, n in sorted(r['analysed_by_worker'].items()))}")
     print("\nRedis commands per CXR (burst minus the idle rate of clock-driven polling):")
     print("  " + ", ".join(f"{c} {n}" for c, n in rows[-1]["redis_calls_per_cxr"].items() if n))
     refused = sum(r["refused"] for r in rows)
