@@ -417,3 +417,21 @@ def test_an_inference_worker_host_dying_mid_task_loses_nothing(split, tmp_path):
     if mid_task:  # the usual case: the kill landed during decode + model
         assert [e["event"] for e in node.audit(other) if e["event"] in ("fetched", "analysed")] == [
             "fetched", "analysed"], "the other host fetched and analysed it again"
+
+
+def test_worker_spool_keeps_fetched_copies_apart_and_sweeps_stale_ones(tmp_path):
+    """Fetched copies live in ``fetched/``, never in ``instances/`` (which reconcile re-enqueues); finishing an
+    instance removes its copy, a dead letter keeps it as source.dcm, and day-old leftovers are swept."""
+    spool = Spool(tmp_path / "spool", tmp_path / "dead")
+    a, b, c = (f"1.2.826.0.1.3680043.8.498.90{i}" for i in (1, 2, 3))
+    for sop in (a, b, c):
+        spool.fetched_path(sop).write_bytes(b"copy of " + sop.encode())
+    assert spool.local_copy(a) == spool.fetched_path(a) and spool.pending() == []
+    spool.discard(a)
+    assert spool.local_copy(a) is None
+    target = spool.dead_letter(b, "analyze: bad dataset")
+    assert (target / "source.dcm").read_bytes() == b"copy of " + b.encode() and spool.local_copy(b) is None
+    os.utime(spool.fetched_path(c), (time.time() - 2 * 86400,) * 2)
+    spool.fetched_path(a).write_bytes(b"fresh")
+    assert spool.sweep_fetched(86400) == 1
+    assert not spool.fetched_path(c).exists() and spool.fetched_path(a).exists()
