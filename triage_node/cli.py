@@ -100,9 +100,47 @@ class _Stops(Protocol):
     def stop(self) -> None: ...
 
 
+class _Sweep:
+    """The receiver host's periodic reconcile (``up`` and ``serve``).
+
+    An instance no task holds any more (queue lost with a non-persistent broker, a task that failed while the broker
+    was down, an unexpected exception, a worker on another host that could not release it) would otherwise wait for
+    the next restart. Every ``broker.visibility_timeout`` it re-enqueues what has sat in the spool longer than that
+    and that no queued or unacknowledged task refers to (a long backlog is not work lost), touching it so each file
+    is re-submitted at most once per period; a duplicate task finds the file gone and is a no-op."""
+
+    def __init__(self, cfg, spool, submit_fn, now: bool = False) -> None:
+        self.cfg, self.spool, self.submit_fn = cfg, spool, submit_fn
+        self.next = time.time() + (0 if now else cfg.broker.visibility_timeout)
+        self.reason = "restart" if now else "periodic sweep"
+
+    def maybe(self) -> None:
+        if time.time() < self.next:
+            return
+        try:
+            reconcile(self.cfg, self.spool, self.submit_fn, self.cfg.broker.visibility_timeout, touch=True,
+                      reason=self.reason)
+        except Exception as exc:  # broker still down: try again next period
+            log.warning("periodic reconcile failed: %s", exc)
+        self.reason = "periodic sweep"
+        self.next = time.time() + self.cfg.broker.visibility_timeout
+
+
 class _Stoppable:
     def __init__(self, stop: Callable[[], None]) -> None:
         self.stop = stop
+
+
+def start_instances(cfg, spool, audit) -> list[_Stops]:
+    """The spool over HTTP for workers on other hosts (``[instances] url`` set); [] when off."""
+    if not cfg.instances.url:
+        return []
+    from .transport.instances import InstanceServer
+
+    srv = InstanceServer(cfg.instances, spool, audit).start()
+    print(f"triage-node: instances served on http://{cfg.instances.bind}:{srv.port}/instances/ "
+          f"(advertised as {cfg.instances.url})", flush=True)
+    return [srv]
 
 
 def start_dicomweb(cfg, ingest, spool) -> list[_Stops]:
@@ -146,10 +184,11 @@ def cmd_up(args) -> int:
     workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size)
     spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)
+    extras = start_instances(cfg, spool, audit)  # before anything is enqueued: every task names this server
     reconcile(cfg, spool, submit_fn, older_than_s=0 if private else cfg.broker.visibility_timeout,
               include_unacked=not private)
     server, receivers = start_receivers(cfg, args, spool, submit_fn, audit, env, log_dir)
-    extras = start_dicomweb(cfg, server.ingest, spool)
+    extras += start_dicomweb(cfg, server.ingest, spool)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -161,20 +200,9 @@ def cmd_up(args) -> int:
             web_srv = web.start(cfg, spool, audit)
             print(f"triage-node up: dashboard, /metrics, /readyz on {web_srv.url if web_srv else 'NOT started'}",
                   flush=True)
-        next_sweep = time.time() + cfg.broker.visibility_timeout
+        sweep = _Sweep(cfg, spool, submit_fn)
         while not stop.wait(1.0):
-            if time.time() >= next_sweep:
-                # An instance no task holds any more (queue lost with a non-persistent broker, a task that failed
-                # while the broker was down, an unexpected exception) would otherwise wait for the next restart.
-                # Re-enqueue what has sat in the spool longer than the visibility timeout and that no queued or
-                # unacknowledged task refers to (a long backlog is not work lost), touching it so each file is
-                # re-submitted at most once per period; a duplicate task finds the file gone and is a no-op.
-                try:
-                    reconcile(cfg, spool, submit_fn, cfg.broker.visibility_timeout, touch=True,
-                              reason="periodic sweep")
-                except Exception as exc:  # broker still down: try again next period
-                    log.warning("periodic reconcile failed: %s", exc)
-                next_sweep = time.time() + cfg.broker.visibility_timeout
+            sweep.maybe()
             if receivers:
                 receivers.check()
             dead = [w for w in workers if w.poll() is not None]
@@ -229,14 +257,20 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    extras, sweep = [], None
+    submit_fn = _submitter(cfg)
     if args.child:
         sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
-        server, pool = scp.start(cfg, spool, _submitter(cfg), audit, block=False, sock=sock), None
+        server, pool = scp.start(cfg, spool, submit_fn, audit, block=False, sock=sock), None
     else:
-        server, pool = start_receivers(cfg, args, spool, _submitter(cfg), audit, child_env(), None)
+        extras = start_instances(cfg, spool, audit)  # one per host: the children share this spool
+        server, pool = start_receivers(cfg, args, spool, submit_fn, audit, child_env(), None)
+        sweep = _Sweep(cfg, spool, submit_fn, now=True)  # the spool's owner re-enqueues what no task holds
     parent = os.getppid()
     try:
         while not stop.wait(1.0):
+            if sweep:
+                sweep.maybe()
             if pool:
                 pool.check()
             if args.child and os.getppid() != parent:  # the supervisor died: free the port for its restart
@@ -247,6 +281,8 @@ def cmd_serve(args) -> int:
         _drain(server, 5.0)
         if pool:
             pool.stop()
+        for extra in extras:
+            extra.stop()
     return 0
 
 

@@ -23,6 +23,13 @@ ENV_OVERRIDES = {
     "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),
     "TRIAGE_WEB_PORT": ("web", "port"),
     "TRIAGE_WEB_PASSWORD": ("web", "password"),
+    "TRIAGE_DEAD_LETTER_DIR": ("retry", "dead_letter_dir"),
+    "TRIAGE_ARCHIVE_DIR": ("outputs", "archive_dir"),
+    "TRIAGE_AUDIT_LOG": ("", "audit_log"),
+    "TRIAGE_INSTANCES_URL": ("instances", "url"),
+    "TRIAGE_INSTANCES_BIND": ("instances", "bind"),
+    "TRIAGE_INSTANCES_PORT": ("instances", "port"),
+    "TRIAGE_INSTANCES_TOKEN": ("instances", "token"),
 }
 
 
@@ -238,6 +245,32 @@ class BackfillConfig:
 
 
 @dataclass(frozen=True)
+class InstancesConfig:
+    """Instances reach workers on other hosts: the receiver serves its spool over HTTP (bearer token) and every
+    task carries ``source_url``; a worker that cannot see the task's spool path fetches the bytes from there and
+    tells the receiver when the instance is finished (docs/scaling.md). ``url`` empty: one shared filesystem."""
+
+    #: Base URL workers reach this receiver's instance server at (``http://receiver-host:8490``); set on the
+    #: receiver host, it starts the server beside the receiver and goes into every task. Empty = off (default).
+    url: str = ""
+    bind: str = "127.0.0.1"
+    port: int = 8490
+    #: Bearer token, required on both sides when ``url`` is set (compared in constant time); never logged.
+    token: str = ""
+    #: Worker side: seconds per HTTP request, and tries per fetch / release before the task's own retry takes over.
+    timeout_s: float = 30.0
+    attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"instances.url {self.url!r}: expected an http:// or https:// base URL")
+        if self.url and not self.token:
+            raise ValueError("instances.url is set but instances.token is empty (TRIAGE_INSTANCES_TOKEN)")
+        if self.attempts < 1:
+            raise ValueError("instances.attempts must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -251,6 +284,7 @@ class Config:
     dicomweb: DicomwebIngestConfig = field(default_factory=DicomwebIngestConfig)
     pull: PullConfig = field(default_factory=PullConfig)
     backfill: BackfillConfig = field(default_factory=BackfillConfig)
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
     audit_log: str = "var/audit.jsonl"
     #: The active audit file is rotated (renamed ``<audit_log>.<UTC time>``) at this size; 0 = never.
     audit_max_bytes: int = 64 << 20
@@ -282,6 +316,7 @@ _SECTIONS = {
     "dicomweb": DicomwebIngestConfig,
     "pull": PullConfig,
     "backfill": BackfillConfig,
+    "instances": InstancesConfig,
 }
 
 
@@ -305,6 +340,8 @@ def _coerce(value: str, current: Any) -> Any:
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(current, int):
         return int(value)
+    if isinstance(current, float):
+        return float(value)
     return value
 
 
@@ -313,8 +350,12 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     env = dict(os.environ) if env is None else env
     path = path or env.get("TRIAGE_CONFIG")
     cfg = from_dict(tomllib.loads(Path(path).read_text())) if path else Config()
+    changes: dict[str, dict[str, Any]] = {}  # per section, applied together (url and token check each other)
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in env and env[var] != "":
-            sub = getattr(cfg, section)
-            cfg = replace(cfg, **{section: replace(sub, **{key: _coerce(env[var], getattr(sub, key))})})
+            current = getattr(getattr(cfg, section), key) if section else getattr(cfg, key)
+            changes.setdefault(section, {})[key] = _coerce(env[var], current)
+    for section, values in changes.items():
+        cfg = replace(cfg, **values) if not section else replace(cfg, **{section: replace(getattr(cfg, section),
+                                                                                          **values)})
     return cfg

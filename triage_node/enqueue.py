@@ -44,6 +44,7 @@ class RedisSubmitter:
 
         self.app = make_app(cfg, name="receiver")
         self.queue = cfg.broker.infer_queue
+        self.extra = source_extra(cfg)
         self.origin = anon_nodename()
         # One immediate retry on a broken pooled connection (a broker restart); a paused broker costs at most
         # ``socket_timeout`` before the sender is answered 0xA700.
@@ -67,7 +68,7 @@ class RedisSubmitter:
 
     def __call__(self, path: str, sop_instance_uid: str, received_at: float) -> str:
         """Queue the task and, in the same transaction, a marker saying a task for this instance was queued."""
-        task_id, msg = self.message(path, sop_instance_uid, received_at)
+        task_id, msg = self.message(path, sop_instance_uid, received_at, **self.extra)
         try:
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(self.queue, msg)
@@ -87,9 +88,16 @@ class RedisSubmitter:
             raise SpoolError(f"broker unavailable: {type(exc).__name__}") from exc
 
 
+def source_extra(cfg: Config) -> dict[str, str]:
+    """What every analyze task carries beside the spool path: ``source_url``, the base URL of this receiver's
+    instance server, when ``[instances] url`` is set (workers on other hosts fetch the bytes there)."""
+    return {"source_url": cfg.instances.url.rstrip("/")} if cfg.instances.url else {}
+
+
 def make_submitter(cfg: Config):
     """The fastest submit function for the configured broker."""
     if is_redis(cfg.broker.url):
         return RedisSubmitter(cfg)
     app = make_app(cfg, name="receiver")
-    return lambda path, sop, t0: submit(app, path, sop, t0)
+    extra = source_extra(cfg)
+    return lambda path, sop, t0: submit(app, path, sop, t0, **extra)

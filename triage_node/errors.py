@@ -27,3 +27,8 @@ class ModelError(TriageError):
 
 class SpoolError(TriageError):
     """The spool cannot accept the instance (disk full, unwritable, invalid UID)."""
+
+
+class InstanceUnavailable(TriageError):
+    """A worker on another host could not fetch the instance from the receiver's instance server (down,
+    unreachable, token refused). Retried with backoff like any transient failure, then dead-lettered."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from .errors import BadDataset, NotEligible, SendFailed, TriageError
+from .errors import BadDataset, InstanceUnavailable, NotEligible, SendFailed, TriageError
 
 #: Errors of the environment that a later attempt may not meet: disk, sockets, broker, memory.
 _TRANSIENT = (OSError, MemoryError)
@@ -26,7 +26,7 @@ def is_transient(exc: BaseException) -> bool:
     """True when a later attempt may succeed (environment), False for data or code errors."""
     if isinstance(exc, SendFailed):
         return exc.retryable
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, (*_TRANSIENT, InstanceUnavailable)):  # the receiver's instance server may come back
         return True
     return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
 

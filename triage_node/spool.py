@@ -5,6 +5,8 @@ Layout under the spool directory::
     instances/<SOPInstanceUID>.dcm   received, waiting for or under processing
     outbox/<SOPInstanceUID>/         results built, waiting to be sent (survives send retries)
     attempts/<SOPInstanceUID>.json   per stage: tasks started and not finished, failures, last reason (poison rule)
+    fetched/<SOPInstanceUID>.dcm     a worker host's copy of an instance fetched from the receiver's instance server
+                                     (no shared filesystem); never reconciled, removed when the task is done
     tmp/                             partial writes (same filesystem, so rename is atomic)
 
 Dead letters live in their own folder: ``<dead_letter_dir>/<SOPInstanceUID>/`` with the result files and a
@@ -78,15 +80,41 @@ class Spool:
         self.instances = self.root / "instances"
         self.outbox = self.root / "outbox"
         self.attempts_dir = self.root / "attempts"
+        self.fetched = self.root / "fetched"
         self.dead = Path(dead_letter_dir)
         self.max_disk_usage = max_disk_usage
-        for d in (self.instances, self.outbox, self.attempts_dir, self.dead):
+        for d in (self.instances, self.outbox, self.attempts_dir, self.fetched, self.dead):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
     # -- receiving ---------------------------------------------------------------------------------------------
     def instance_path(self, sop_instance_uid: str) -> Path:
         return self.instances / f"{check_uid(sop_instance_uid)}.dcm"
+
+    def fetched_path(self, sop_instance_uid: str) -> Path:
+        """Where a worker host keeps the copy it fetched from the receiver (a cache: the receiver holds the
+        instance until the worker tells it the instance is finished)."""
+        return self.fetched / f"{check_uid(sop_instance_uid)}.dcm"
+
+    def local_copy(self, sop_instance_uid: str) -> Path | None:
+        """The instance as this host holds it: spooled here, or fetched here; None when neither."""
+        for p in (self.instance_path(sop_instance_uid), self.fetched_path(sop_instance_uid)):
+            if p.exists():
+                return p
+        return None
+
+    def sweep_fetched(self, older_than_s: float) -> int:
+        """Remove fetched copies older than ``older_than_s`` (left by a task that was redelivered to another host);
+        a task still needing one fetches it again. Returns how many were removed."""
+        now, n = time.time(), 0
+        for p in self.fetched.glob("*"):
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n
 
     def disk_usage(self) -> float:
         """Fraction in use as ``df`` reports it: used / (used + available to us); blocks reserved for root or held
@@ -128,6 +156,7 @@ class Spool:
     def discard(self, sop_instance_uid: str) -> None:
         """Processing of this instance is complete (sent, skipped or dead-lettered)."""
         self.instance_path(sop_instance_uid).unlink(missing_ok=True)
+        self.fetched_path(sop_instance_uid).unlink(missing_ok=True)
         shutil.rmtree(self.outbox / sop_instance_uid, ignore_errors=True)
         (self.attempts_dir / f"{sop_instance_uid}.json").unlink(missing_ok=True)
 
@@ -162,7 +191,7 @@ class Spool:
     def end(self, sop_instance_uid: str, stage: str) -> None:
         """The task of ``stage`` finished (whatever the outcome): it did not crash."""
         info = self.attempts(sop_instance_uid)
-        if info.get("open", {}).get(stage) and self.instance_path(sop_instance_uid).exists():
+        if info.get("open", {}).get(stage) and self.local_copy(sop_instance_uid) is not None:
             info["open"][stage] = 0
             self._save_attempts(sop_instance_uid, info)
 
@@ -199,8 +228,8 @@ class Spool:
         for f in files or []:
             if f.exists():
                 shutil.copy2(f, target / f.name)
-        src = self.instances / f"{sop_instance_uid}.dcm"
-        if src.exists():
+        src = self.local_copy(sop_instance_uid)
+        if src is not None:
             shutil.copy2(src, target / "source.dcm")
         info = {"sop_instance_uid": sop_instance_uid, "reason": reason, "ts": time.time(), **(extra or {})}
         tries = self.attempts(sop_instance_uid)

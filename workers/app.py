@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,11 +21,12 @@ from celery.exceptions import Retry
 
 from triage_node import config, pipeline
 from triage_node.audit import Audit
-from triage_node.errors import BadDataset, ModelError, NotEligible, SendFailed
+from triage_node.errors import BadDataset, InstanceUnavailable, ModelError, NotEligible, SendFailed
 from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
 from triage_node.spool import Spool, atomic_write, valid_uid
+from triage_node.transport import instances
 from workers import warmup  # noqa: F401  (signal handlers: model loaded before the first task)
 
 log = logging.getLogger("workers")
@@ -32,7 +34,10 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)
 cfg = config.load()
 app = make_app(cfg, name="workers")
 spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
-audit = Audit(cfg.audit_log)
+audit = Audit.from_config(cfg)
+#: Fetched copies older than this were left by tasks redelivered to another host; swept at most once an hour.
+FETCHED_MAX_AGE_S = 86400.0
+_next_sweep = 0.0
 
 
 _batcher = None
@@ -62,9 +67,55 @@ def _backoff(attempt: int) -> float:
     return min(cfg.retry.backoff_base_s * (2 ** attempt), cfg.retry.backoff_max_s)
 
 
-def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: list[Path] | None = None) -> dict:
+def _source(payload: dict, sop: str, base: dict) -> tuple[Path | None, bool]:
+    """(the instance on this host, whether it was fetched). The task's spool path when this host sees it (one
+    shared filesystem); else a copy fetched from the receiver's instance server into ``<spool>/fetched/``
+    (``source_url`` in the task). (None, _) when the instance is finished: its spool file is gone, or the receiver
+    says it no longer holds it. Raises InstanceUnavailable when the receiver cannot be reached."""
+    global _next_sweep
+    path = Path(payload["path"])
+    url = payload.get("source_url")
+    if path.exists() or not url:
+        return (path if path.exists() else None), False
+    local = spool.fetched_path(sop)
+    if local.exists():  # fetched by an earlier try of this task on this host
+        return local, True
+    if time.time() >= _next_sweep:
+        _next_sweep = time.time() + 3600
+        spool.sweep_fetched(FETCHED_MAX_AGE_S)
+    t0 = time.time()
+    size = instances.fetch(url, sop, local, cfg.instances)
+    if size is None:
+        return None, True
+    audit.record("fetched", bytes=size, ms=round((time.time() - t0) * 1000, 1), **base)
+    return local, True
+
+
+def _release(payload: dict, sop: str, fetched: bool, dead_letter: dict | None = None) -> None:
+    """A fetched instance is finished here: the receiver drops its spool copy (or dead-letters it with the reason,
+    so ops find it on the receiver host too). Not reached: its periodic reconcile re-enqueues it (at least once)."""
+    if not fetched:
+        return
+    if not instances.release(payload["source_url"], sop, cfg.instances, worker=socket.gethostname(),
+                             dead_letter=dead_letter):
+        audit.record("release_failed", sop_instance_uid=sop, dead_lettered=dead_letter is not None)
+
+
+def _dead_letter(sop: str, why: str, payload: dict, fetched: bool, base: dict, files: list[Path] | None = None,
+                 extra: dict | None = None) -> Path:
+    """Dead-letter on this host (result files, source, reason.json) and, for a fetched instance, at the receiver."""
+    target = spool.dead_letter(sop, why, files=files, extra=extra)
+    audit.record("dead_lettered", reason=why, path=str(target), **{"stage": (extra or {}).get("stage"), **base})
+    _release(payload, sop, fetched, dead_letter={"reason": why, "stage": (extra or {}).get("stage", ""),
+                                                 "path": str(target.resolve())})
+    return target
+
+
+def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: list[Path] | None = None,
+            payload: dict | None = None, fetched: bool = False, task_stage: str = "") -> dict:
     """Any exception of any stage: audited and logged with its stage and reason, retried with backoff while the
-    attempts counted durably for the instance allow it (none for a data or code error), then dead-lettered."""
+    attempts counted durably for the instance allow it (none for a data or code error), then dead-lettered.
+    ``task_stage``: the task's stage for the crash counter (default: ``analyze`` or ``report`` from ``stage``)."""
     reason = describe(exc)
     n = max(spool.fail(sop, stage, reason), task.request.retries + 1)  # the durable count, or Celery's if lost
     allowed = attempts_allowed(exc, cfg.retry.max_attempts)
@@ -74,11 +125,10 @@ def _failed(task, sop: str, stage: str, exc: BaseException, base: dict, files: l
     if again:
         delay = _backoff(n - 1)
         audit.record("retry", stage=stage, reason=reason, delay_s=delay, **base)
-        spool.end(sop, "analyze" if stage == "analyze" else "report")
+        spool.end(sop, task_stage or ("analyze" if stage == "analyze" else "report"))
         raise task.retry(countdown=delay, exc=exc)
     why = f"bad dataset: {exc}" if isinstance(exc, BadDataset) else f"{stage}: {reason}"
-    target = spool.dead_letter(sop, why, files=files, extra={"stage": stage, "attempts": n})
-    audit.record("dead_lettered", stage=stage, reason=why, path=str(target), **base)
+    _dead_letter(sop, why, payload or {}, fetched, base, files=files, extra={"stage": stage, "attempts": n})
     return {"status": "dead_lettered", "stage": stage, "reason": why}
 
 
@@ -91,14 +141,13 @@ def _malformed(payload: object, stage: str, task_id: str) -> dict | None:
     return {"status": "failed", "reason": "malformed task payload"}
 
 
-def _poisoned(sop: str, stage: str, base: dict) -> dict | None:
+def _poisoned(sop: str, stage: str, base: dict, payload: dict, fetched: bool) -> dict | None:
     """The poison-instance rule at the start of a task: dead-letter what crashed its workers too often."""
     if spool.begin(sop, stage) <= cfg.retry.max_attempts:
         return None
     why = spool.poison(sop, cfg.retry.max_attempts) or f"poison instance: {stage} started too often"
     log.error("dead-lettering %s: %s", sop, why)
-    target = spool.dead_letter(sop, why, extra={"stage": stage})
-    audit.record("dead_lettered", stage=stage, reason=why, path=str(target), **base)
+    _dead_letter(sop, why, payload, fetched, base, extra={"stage": stage})
     return {"status": "dead_lettered", "reason": why}
 
 
@@ -109,13 +158,16 @@ def analyze(self, payload: dict) -> dict:
     if malformed:
         return malformed
     sop = payload["sop_instance_uid"]
-    path = Path(payload["path"])
     base = {"sop_instance_uid": sop, "task_id": self.request.id}
-    if not path.exists():
+    try:
+        path, fetched = _source(payload, sop, base)
+    except InstanceUnavailable as exc:
+        return _failed(self, sop, "fetch", exc, base, payload=payload, fetched=True, task_stage="analyze")
+    if path is None:
         # Finished by an earlier delivery of the same instance (redelivery after a crash, or a duplicate).
         audit.record("analyze_noop", reason="spool file already processed", **base)
         return {"status": "noop"}
-    poisoned = _poisoned(sop, "analyze", base)
+    poisoned = _poisoned(sop, "analyze", base, payload, fetched)
     if poisoned:
         return poisoned
     t0 = time.time()
@@ -126,6 +178,7 @@ def analyze(self, payload: dict) -> dict:
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
+        _release(payload, sop, fetched)
         return {"status": "skipped", "reason": str(exc)}
     except ModelError as exc:
         # A broken model package is an operator problem (/readyz shows it), not the instance's: keep the instance
@@ -134,15 +187,19 @@ def analyze(self, payload: dict) -> dict:
         spool.end(sop, "analyze")
         raise
     except Exception as exc:  # BadDataset and anything unforeseen: no silent failure
-        return _failed(self, sop, "analyze", exc, base)
+        return _failed(self, sop, "analyze", exc, base, payload=payload, fetched=fetched)
     audit.record("analysed", probability=round(pred.probability, 4), positive=pred.positive,
                  boxes=len(pred.detections), model=pred.model.label, ms=round((time.time() - t0) * 1000, 1),
                  batch=int(pred.timings_ms.get("batch", 1)),
                  hostname=self.request.hostname, **base)
+    if fetched:
+        # The report task fetches its own copy (it may run on another host): nothing of this one stays here.
+        # Before the hand-over, or a report task on this host could find its fresh copy deleted under it.
+        spool.discard(sop)
     try:
         app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
     except Exception as exc:  # broker gone between the two queues, or anything else
-        return _failed(self, sop, "analyze", exc, base)
+        return _failed(self, sop, "analyze", exc, base, payload=payload, fetched=fetched)
     spool.end(sop, "analyze")
     return {"status": "analysed", "positive": pred.positive}
 
@@ -155,10 +212,14 @@ def report(self, payload: dict) -> dict:
         return malformed
     sop = payload["sop_instance_uid"]
     base = {"sop_instance_uid": sop, "task_id": self.request.id, "attempt": self.request.retries + 1}
-    if not Path(payload["path"]).exists():
+    try:
+        src, fetched = _source(payload, sop, base)
+    except InstanceUnavailable as exc:
+        return _failed(self, sop, "fetch", exc, base, payload=payload, fetched=True, task_stage="report")
+    if src is None:
         audit.record("report_noop", reason="already delivered", **base)
         return {"status": "noop"}
-    poisoned = _poisoned(sop, "report", base)
+    poisoned = _poisoned(sop, "report", base, payload, fetched)
     if poisoned:
         return poisoned
     box = spool.outbox_dir(sop)
@@ -167,20 +228,21 @@ def report(self, payload: dict) -> dict:
         prediction = Prediction.from_json(payload["prediction"])
         if not (box / "prediction.json").exists():
             try:
-                pipeline.build(Path(payload["path"]), prediction, cfg, box)
+                pipeline.build(src, prediction, cfg, box)
             except BaseException:
                 shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
                 raise
         stage = "send"
-        result = _deliver(self, sop, box, prediction, payload, base)
+        result = _deliver(self, sop, box, prediction, payload, base, fetched)
     except Retry:
         raise
     except Exception as exc:  # anything, foreseen or not, in build, delivery or archiving
-        if isinstance(exc, FileNotFoundError) and not Path(payload["path"]).exists():
+        if isinstance(exc, FileNotFoundError) and not fetched and not src.exists():
             # A duplicate delivery of this task (after a reconcile) finished first and cleaned the outbox up.
+            # (A fetched copy that vanished proves nothing: the retry asks the receiver, which knows.)
             audit.record("report_noop", reason="already delivered by a duplicate task", **base)
             return {"status": "noop"}
-        return _failed(self, sop, stage, exc, base, files=_files(box))
+        return _failed(self, sop, stage, exc, base, files=_files(box), payload=payload, fetched=fetched)
     spool.end(sop, "report")
     return result
 
@@ -189,7 +251,7 @@ def _files(box: Path) -> list[Path]:
     return pipeline.result_files(box) + [box / "prediction.json"] if box.is_dir() else []
 
 
-def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, base: dict) -> dict:
+def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, base: dict, fetched: bool) -> dict:
     """Send what is not yet sent; a send failure is retried ``retry.max_attempts`` times, then dead-lettered."""
     state_file = box / "sent.json"
     files = pipeline.result_files(box)
@@ -204,10 +266,8 @@ def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, b
             spool.end(sop, "report")
             raise task.retry(countdown=delay, exc=exc) from exc
         archive(box, prediction, payload)
-        target = spool.dead_letter(sop, str(exc), files=files + [box / "prediction.json"],
-                                   extra={"stage": "send", "sent_to": sorted(done),
-                                          "attempts": task.request.retries + 1})
-        audit.record("dead_lettered", reason=str(exc), stage="send", path=str(target), **base)
+        _dead_letter(sop, str(exc), payload, fetched, base, files=files + [box / "prediction.json"],
+                     extra={"stage": "send", "sent_to": sorted(done), "attempts": task.request.retries + 1})
         return {"status": "dead_lettered"}
     archive(box, prediction, payload)
     latency = round(time.time() - float(payload.get("received_at", time.time())), 3)
@@ -215,6 +275,7 @@ def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, b
                  positive=prediction.positive, probability=round(prediction.probability, 4),
                  boxes=len(prediction.detections), latency_s=latency, **base)
     spool.discard(sop)
+    _release(payload, sop, fetched)
     return {"status": "sent", "latency_s": latency}
 
 
