@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Build the project's container images on this machine from its own files; no registry is needed or used.
+#
+#   deploy/containers/build.sh [--force] [IMAGE ...]      IMAGE: redis orthanc node infer (default: all four)
+#
+# Images (podman, tagged localhost/triage-<name>:<input hash> and :latest, all run as non-root users):
+#   triage-redis     Debian redis-server, user redis, append-only file in /data
+#   triage-orthanc   Debian Orthanc + DICOMweb plugin, user orthanc; the demo PACS (config: deploy/containers/orthanc/)
+#   triage-node      the node without torch: receiver (`triage-node serve`), report worker, dashboard; user triage
+#   triage-infer     triage-node + torch/torchvision: the inference worker (`triage-node worker --queue infer`)
+# Base file systems come from mmdebstrap (the host's apt sources) + `podman import`; Python packages come from a
+# wheelhouse filled by the host's pip with the host's configuration (index, find-links, cache, constraints), so an
+# offline machine builds from what its own pip can reach. The model package (models/demo) is copied in; mount
+# another read-only and set TRIAGE_MODEL_PATH to use it.
+#
+# Each image carries the hash of its inputs (label org.triage-node.inputs, and the tag): the files it is made of and
+# a recipe version (redis-v1, base-v1, ...: bump it when changing that image's recipe here). An image whose inputs are
+# unchanged is not rebuilt, so the first `make test` / `make compose-demo` builds and later runs reuse. The node
+# and infer images are a small layer of project files over cached base images, so a code change rebuilds in seconds.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$HERE/containers.conf}
+WORK=${TRIAGE_IMAGE_WORK:-$ROOT/var/containers}
+PIP_HOST=${TRIAGE_HOST_PIP:-$ROOT/.venv/bin/pip}
+SUITE=bookworm
+FORCE=0
+log() { echo "build.sh: $*" >&2; }
+
+images=()
+for a in "$@"; do
+  case "$a" in
+    --force) FORCE=1 ;;
+    redis|orthanc|node|infer) images+=("$a") ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "unknown image or option: $a" >&2; exit 2 ;;
+  esac
+done
+[ ${#images[@]} -gt 0 ] || images=(redis orthanc node infer)
+
+command -v podman >/dev/null || { echo "podman missing: run deploy/setup.sh (or apt-get install podman runc mmdebstrap)" >&2; exit 3; }
+command -v mmdebstrap >/dev/null || { echo "mmdebstrap missing: apt-get install mmdebstrap" >&2; exit 3; }
+[ "$(id -u)" = 0 ] || { echo "build.sh runs as root (mmdebstrap root mode, rootful podman)" >&2; exit 3; }
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && [ "$hard" -lt 4096 ]; then
+  echo "the open-files hard limit here ($hard) is below containers.conf's nofile=4096: lower default_ulimits there" >&2; exit 3
+fi
+mkdir -p "$WORK"
+
+SOURCES=/etc/apt/sources.list.d/debian.sources
+[ -e "$SOURCES" ] || SOURCES=/etc/apt/sources.list
+
+hash_files() {  # sha256 over the names and contents of files/dirs (sorted, __pycache__ skipped), plus extra strings
+  ( for p in "$@"; do
+      if [ -d "$ROOT/$p" ]; then
+        (cd "$ROOT" && find "$p" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum)
+      elif [ -f "$ROOT/$p" ]; then
+        (cd "$ROOT" && sha256sum "$p")
+      else
+        echo "$p"
+      fi
+    done ) | sha256sum | cut -c1-16
+}
+
+have_image() { [ "$FORCE" = 0 ] && podman image exists "$1"; }
+
+tag_latest() { podman tag "$1" "${1%:*}:latest"; }
+
+# mmdebstrap a trimmed Debian file system and import it as an image. $1 image ref, $2 package list, $3.. hooks
+debootstrap_import() {
+  local ref=$1 pkgs=$2; shift 2
+  local tar="$WORK/${ref##*/}.tar"; tar=${tar/:/-}
+  local t0=$SECONDS
+  log "mmdebstrap $ref (${pkgs})"
+  nice -n 10 mmdebstrap --quiet --variant=apt --include="$pkgs" \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    "$@" \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log "$1"/root/.cache' \
+    "$SUITE" "$tar" "$SOURCES"
+  podman import --quiet "${CHANGES[@]}" "$tar" "$ref" >/dev/null
+  rm -f "$tar"
+  log "$ref imported in $((SECONDS - t0)) s"
+}
+
+build_redis() {
+  local h ref; h=$(hash_files redis-v1 "$SUITE")
+  ref=localhost/triage-redis:$h
+  if ! have_image "$ref"; then
+    CHANGES=(--change 'USER redis' --change 'WORKDIR /data' --change 'EXPOSE 6379'
+             --change "LABEL org.triage-node.inputs=$h"
+             --change 'ENTRYPOINT ["/usr/bin/redis-server"]'
+             --change 'CMD ["--bind", "0.0.0.0", "--protected-mode", "no", "--dir", "/data", "--appendonly", "yes", "--save", ""]')
+    debootstrap_import "$ref" redis-server \
+      --customize-hook='mkdir -p "$1/data" && chroot "$1" chown redis:redis /data'
+  fi
+  tag_latest "$ref"; echo "$ref"
+}
+
+build_orthanc() {
+  local h ref; h=$(hash_files orthanc-v1 "$SUITE" deploy/containers/orthanc)
+  ref=localhost/triage-orthanc:$h
+  if ! have_image "$ref"; then
+    CHANGES=(--change 'USER orthanc' --change 'WORKDIR /var/lib/orthanc' --change 'EXPOSE 4242 8042'
+             --change "LABEL org.triage-node.inputs=$h"
+             --change 'ENTRYPOINT ["/usr/local/bin/orthanc-entrypoint"]')
+    debootstrap_import "$ref" orthanc,orthanc-dicomweb,curl \
+      --customize-hook="copy-in $HERE/orthanc/orthanc.json $HERE/orthanc/autoroute.lua /etc/orthanc/triage/" \
+      --customize-hook="copy-in $HERE/orthanc/orthanc-entrypoint /usr/local/bin/" \
+      --customize-hook='chmod 0755 "$1/usr/local/bin/orthanc-entrypoint"; rm -f "$1"/etc/orthanc/*.json.dpkg-*' \
+      --customize-hook='mkdir -p "$1/var/lib/orthanc/db" && chroot "$1" chown -R orthanc:orthanc /var/lib/orthanc'
+  fi
+  tag_latest "$ref"; echo "$ref"
+}
+
+requirements() {  # the project's runtime requirements, torch and torchvision split off (the node image has none)
+  "$ROOT/.venv/bin/python" - "$ROOT/pyproject.toml" "$WORK" <<'EOF'
+import sys, tomllib, re
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+heavy = [d for d in deps if re.match(r"(torch|torchvision)\b", d)]
+light = [d for d in deps if d not in heavy]
+open(f"{sys.argv[2]}/requirements-node.txt", "w").write("\n".join(light) + "\n")
+open(f"{sys.argv[2]}/requirements-torch.txt", "w").write("\n".join(heavy) + "\n")
+EOF
+}
+
+wheelhouse() {  # $WORK/wheels: every wheel the images need, fetched by the host's pip (its index, cache, config)
+  local stamp="$WORK/wheels/.stamp-$1"
+  [ -f "$stamp" ] && return 0
+  mkdir -p "$WORK/wheels"
+  log "pip download ($(basename "$2")) into $WORK/wheels"
+  nice -n 10 "$PIP_HOST" download -q --only-binary=:all: --python-version 3.11 --implementation cp \
+    --platform manylinux_2_36_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64 --platform any \
+    -d "$WORK/wheels" -r "$2" pip setuptools wheel
+  touch "$stamp"
+}
+
+base_hash() { hash_files base-v1 "$SUITE" deploy/containers/venv-hook.sh deploy/containers/Containerfile.torch pyproject.toml; }
+
+build_base() {  # Debian python3 + a venv with the runtime requirements except torch; user triage (uid 10001)
+  local h ref; h=$(base_hash); ref=localhost/triage-base:$h
+  if ! have_image "$ref"; then
+    requirements; wheelhouse "node-$h" "$WORK/requirements-node.txt"
+    CHANGES=(--change 'USER triage' --change 'WORKDIR /var/lib/triage-node'
+             --change 'ENV PATH=/opt/triage/venv/bin:/usr/local/bin:/usr/bin:/bin'
+             --change 'ENV PYTHONUNBUFFERED=1' --change "LABEL org.triage-node.inputs=$h")
+    debootstrap_import "$ref" python3,python3-venv,ca-certificates \
+      --customize-hook="$HERE/venv-hook.sh \"\$1\" $WORK/wheels $WORK/requirements-node.txt" \
+      --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /var/lib/triage-node --shell /usr/sbin/nologin triage' \
+      --customize-hook='mkdir -p "$1/opt/triage/app" "$1"/var/lib/triage-node/spool "$1"/var/lib/triage-node/shared "$1"/var/lib/triage-node/results && chroot "$1" chown -R triage:triage /var/lib/triage-node && chmod 0750 "$1/var/lib/triage-node"'
+  fi
+  echo "$ref"
+}
+
+build_base_torch() {  # triage-base + torch/torchvision: one more layer, installed by podman build from the wheelhouse
+  local base=$1 h ref; h=$(base_hash); ref=localhost/triage-base-torch:$h
+  if ! have_image "$ref"; then
+    requirements; wheelhouse "torch-$h" "$WORK/requirements-torch.txt"
+    local t0=$SECONDS
+    log "podman build $ref (torch from the wheelhouse)"
+    mkdir -p "$WORK/ctx-torch" && cp "$WORK/requirements-torch.txt" "$WORK/ctx-torch/"
+    nice -n 10 podman build --quiet --network none --volume "$WORK/wheels:/wheels:ro" --build-arg "BASE=$base" \
+      --label "org.triage-node.inputs=$h" -f "$HERE/Containerfile.torch" -t "$ref" "$WORK/ctx-torch" >/dev/null
+    log "$ref built in $((SECONDS - t0)) s"
+  fi
+  echo "$ref"
+}
+
+build_app() {  # $1 image name (node|infer), $2 base image: the project's files as one small layer on top
+  local name=$1 base=$2 h ref ctx
+  h=$(hash_files app-v1 deploy/containers/Containerfile.app deploy/containers/triage-node \
+    deploy/containers/triage-web deploy/containers/triage-health triage_node workers models/demo "$base")
+  ref=localhost/triage-$name:$h
+  if ! have_image "$ref"; then
+    ctx="$WORK/ctx-app"; rm -rf "$ctx"; mkdir -p "$ctx/models" "$ctx/bin"
+    cp "$HERE/triage-node" "$HERE/triage-web" "$HERE/triage-health" "$ctx/bin/"
+    (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - triage_node workers models/demo) | tar -xf - -C "$ctx"
+    podman build --quiet --network none --build-arg "BASE=$base" --label "org.triage-node.inputs=$h" \
+      -f "$HERE/Containerfile.app" -t "$ref" "$ctx" >/dev/null
+    log "$ref built"
+  fi
+  tag_latest "$ref"; echo "$ref"
+}
+
+for img in "${images[@]}"; do
+  case "$img" in
+    redis) build_redis ;;
+    orthanc) build_orthanc ;;
+    node) build_app node "$(build_base)" ;;
+    infer) build_app infer "$(build_base_torch "$(build_base)")" ;;
+  esac
+done
