@@ -41,10 +41,12 @@ done
 command -v podman >/dev/null || { echo "podman missing: run deploy/setup.sh (or apt-get install podman runc mmdebstrap)" >&2; exit 3; }
 command -v mmdebstrap >/dev/null || { echo "mmdebstrap missing: apt-get install mmdebstrap" >&2; exit 3; }
 [ "$(id -u)" = 0 ] || { echo "build.sh runs as root (mmdebstrap root mode, rootful podman)" >&2; exit 3; }
-hard=$(ulimit -Hn)
-if [ "$hard" != unlimited ] && [ "$hard" -lt 4096 ]; then
-  echo "the open-files hard limit here ($hard) is below containers.conf's nofile=4096: lower default_ulimits there" >&2; exit 3
-fi
+for lim in "n 4096 nofile" "u 8192 nproc"; do
+  set -- $lim; hard=$(ulimit -H$1)
+  if [ "$hard" != unlimited ] && [ "$hard" -lt "$2" ]; then
+    echo "the hard limit $3 here ($hard) is below containers.conf's $3=$2: lower default_ulimits there" >&2; exit 3
+  fi
+done
 mkdir -p "$WORK"
 
 SOURCES=/etc/apt/sources.list.d/debian.sources
@@ -64,7 +66,13 @@ hash_files() {  # sha256 over the names and contents of files/dirs (sorted, __py
 
 have_image() { [ "$FORCE" = 0 ] && podman image exists "$1"; }
 
-tag_latest() { podman tag "$1" "${1%:*}:latest"; }
+tag_latest() {  # tag $1 as :latest and drop the repository's other (older input hash) tags, so disk use stays flat
+  local repo=${1%:*} old
+  podman tag "$1" "$repo:latest"
+  for old in $(podman images --noheading --format '{{.Repository}}:{{.Tag}}' "$repo"); do
+    case "$old" in "$1"|"$repo:latest"|*"<none>"*) ;; *) podman rmi "$old" >/dev/null 2>&1 || true ;; esac
+  done
+}
 
 # mmdebstrap a trimmed Debian file system and import it as an image. $1 image ref, $2 package list, $3.. hooks
 debootstrap_import() {
@@ -102,10 +110,11 @@ build_orthanc() {
   local h ref; h=$(hash_files orthanc-v1 "$SUITE" deploy/containers/orthanc)
   ref=localhost/triage-orthanc:$h
   if ! have_image "$ref"; then
-    CHANGES=(--change 'USER orthanc' --change 'WORKDIR /var/lib/orthanc' --change 'EXPOSE 4242 8042'
+    CHANGES=(--change 'USER orthanc' --change 'WORKDIR /var/lib/orthanc' --change 'EXPOSE 4242' --change 'EXPOSE 8042'
              --change "LABEL org.triage-node.inputs=$h"
              --change 'ENTRYPOINT ["/usr/local/bin/orthanc-entrypoint"]')
     debootstrap_import "$ref" orthanc,orthanc-dicomweb,curl \
+      --customize-hook='mkdir -p "$1/etc/orthanc/triage"' \
       --customize-hook="copy-in $HERE/orthanc/orthanc.json $HERE/orthanc/autoroute.lua /etc/orthanc/triage/" \
       --customize-hook="copy-in $HERE/orthanc/orthanc-entrypoint /usr/local/bin/" \
       --customize-hook='chmod 0755 "$1/usr/local/bin/orthanc-entrypoint"; rm -f "$1"/etc/orthanc/*.json.dpkg-*' \
@@ -151,7 +160,7 @@ build_base() {  # Debian python3 + a venv with the runtime requirements except t
       --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /var/lib/triage-node --shell /usr/sbin/nologin triage' \
       --customize-hook='mkdir -p "$1/opt/triage/app" "$1"/var/lib/triage-node/spool "$1"/var/lib/triage-node/shared "$1"/var/lib/triage-node/results && chroot "$1" chown -R triage:triage /var/lib/triage-node && chmod 0750 "$1/var/lib/triage-node"'
   fi
-  echo "$ref"
+  tag_latest "$ref" >&2; echo "$ref"
 }
 
 build_base_torch() {  # triage-base + torch/torchvision: one more layer, installed by podman build from the wheelhouse
@@ -165,7 +174,7 @@ build_base_torch() {  # triage-base + torch/torchvision: one more layer, install
       --label "org.triage-node.inputs=$h" -f "$HERE/Containerfile.torch" -t "$ref" "$WORK/ctx-torch" >/dev/null
     log "$ref built in $((SECONDS - t0)) s"
   fi
-  echo "$ref"
+  tag_latest "$ref" >&2; echo "$ref"
 }
 
 build_app() {  # $1 image name (node|infer), $2 base image: the project's files as one small layer on top
