@@ -142,7 +142,7 @@ wheelhouse() {  # $WORK/wheels: every wheel the images need, fetched by the host
   nice -n 10 "$PIP_HOST" download -q --only-binary=:all: --python-version 3.11 --implementation cp \
     --platform manylinux_2_36_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64 --platform any \
-    -d "$WORK/wheels" -r "$2" pip setuptools wheel
+    -d "$WORK/wheels" -r "$2" pip setuptools wheel 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
 }
 
