@@ -24,6 +24,7 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$HERE/containers.conf}
 WORK=${TRIAGE_IMAGE_WORK:-$ROOT/var/containers}
 PIP_HOST=${TRIAGE_HOST_PIP:-$ROOT/.venv/bin/pip}
 SUITE=bookworm
+TARGET_PY=3.11.2   # python3 of bookworm
 FORCE=0
 log() { echo "build.sh: $*" >&2; }
 
@@ -80,13 +81,15 @@ debootstrap_import() {
   local tar="$WORK/${ref##*/}.tar"; tar=${tar/:/-}
   local t0=$SECONDS
   log "mmdebstrap $ref (${pkgs})"
+  rm -f "$tar"
   nice -n 10 mmdebstrap --quiet --variant=apt --include="$pkgs" \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     "$@" \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log "$1"/root/.cache' \
-    "$SUITE" "$tar" "$SOURCES"
+    "$SUITE" "$tar" "$SOURCES" || { log "mmdebstrap failed for $ref"; rm -f "$tar"; exit 1; }
+  [ -s "$tar" ] || { log "mmdebstrap produced no $tar"; exit 1; }
   podman import --quiet "${CHANGES[@]}" "$tar" "$ref" >/dev/null
   rm -f "$tar"
   log "$ref imported in $((SECONDS - t0)) s"
@@ -103,7 +106,7 @@ build_redis() {
     debootstrap_import "$ref" redis-server \
       --customize-hook='mkdir -p "$1/data" && chroot "$1" chown redis:redis /data'
   fi
-  tag_latest "$ref"; echo "$ref"
+  tag_latest "$ref"; REF=$ref
 }
 
 build_orthanc() {
@@ -120,11 +123,11 @@ build_orthanc() {
       --customize-hook='chmod 0755 "$1/usr/local/bin/orthanc-entrypoint"; rm -f "$1"/etc/orthanc/*.json.dpkg-*' \
       --customize-hook='mkdir -p "$1/var/lib/orthanc/db" && chroot "$1" chown -R orthanc:orthanc /var/lib/orthanc'
   fi
-  tag_latest "$ref"; echo "$ref"
+  tag_latest "$ref"; REF=$ref
 }
 
 requirements() {  # the project's runtime requirements, torch and torchvision split off (the node image has none)
-  "$ROOT/.venv/bin/python" - "$ROOT/pyproject.toml" "$WORK" <<'EOF'
+  "$(dirname "$PIP_HOST")/python" - "$ROOT/pyproject.toml" "$WORK" <<'EOF'
 import sys, tomllib, re
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
 heavy = [d for d in deps if re.match(r"(torch|torchvision)\b", d)]
@@ -139,9 +142,12 @@ wheelhouse() {  # $WORK/wheels: every wheel the images need, fetched by the host
   [ -f "$stamp" ] && return 0
   mkdir -p "$WORK/wheels"
   log "pip download ($(basename "$2")) into $WORK/wheels"
-  nice -n 10 "$PIP_HOST" download -q --only-binary=:all: --python-version 3.11 --implementation cp \
-    --platform manylinux_2_36_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64 --platform any \
+  local plat=(--platform linux_x86_64 --platform any --platform manylinux1_x86_64 --platform manylinux2010_x86_64
+              --platform manylinux2014_x86_64) g
+  for g in $(seq 5 36); do plat+=(--platform "manylinux_2_${g}_x86_64"); done
+  # Debian 12's interpreter exactly (3.11.2: environment markers such as python_full_version < "3.11.3" count)
+  nice -n 10 "$PIP_HOST" download -q --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
+    --abi cp311 --abi abi3 --abi none "${plat[@]}" \
     -d "$WORK/wheels" -r "$2" pip setuptools wheel 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
 }
@@ -151,7 +157,7 @@ base_hash() { hash_files base-v1 "$SUITE" deploy/containers/venv-hook.sh deploy/
 build_base() {  # Debian python3 + a venv with the runtime requirements except torch; user triage (uid 10001)
   local h ref; h=$(base_hash); ref=localhost/triage-base:$h
   if ! have_image "$ref"; then
-    requirements; wheelhouse "node-$h" "$WORK/requirements-node.txt"
+    requirements && wheelhouse "node-$h" "$WORK/requirements-node.txt" || exit 1
     CHANGES=(--change 'USER triage' --change 'WORKDIR /var/lib/triage-node'
              --change 'ENV PATH=/opt/triage/venv/bin:/usr/local/bin:/usr/bin:/bin'
              --change 'ENV PYTHONUNBUFFERED=1' --change "LABEL org.triage-node.inputs=$h")
@@ -160,25 +166,25 @@ build_base() {  # Debian python3 + a venv with the runtime requirements except t
       --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /var/lib/triage-node --shell /usr/sbin/nologin triage' \
       --customize-hook='mkdir -p "$1/opt/triage/app" "$1"/var/lib/triage-node/spool "$1"/var/lib/triage-node/shared "$1"/var/lib/triage-node/results && chroot "$1" chown -R triage:triage /var/lib/triage-node && chmod 0750 "$1/var/lib/triage-node"'
   fi
-  tag_latest "$ref" >&2; echo "$ref"
+  tag_latest "$ref"; REF=$ref
 }
 
-build_base_torch() {  # triage-base + torch/torchvision: one more layer, installed by podman build from the wheelhouse
-  local base=$1 h ref; h=$(base_hash); ref=localhost/triage-base-torch:$h
+build_base_torch() {  # the base in REF + torch/torchvision: one more layer, installed by podman build from the wheelhouse
+  local base=$REF h ref; h=$(base_hash); ref=localhost/triage-base-torch:$h
   if ! have_image "$ref"; then
-    requirements; wheelhouse "torch-$h" "$WORK/requirements-torch.txt"
+    requirements && wheelhouse "torch-$h" "$WORK/requirements-torch.txt" || exit 1
     local t0=$SECONDS
     log "podman build $ref (torch from the wheelhouse)"
     mkdir -p "$WORK/ctx-torch" && cp "$WORK/requirements-torch.txt" "$WORK/ctx-torch/"
     nice -n 10 podman build --quiet --network none --volume "$WORK/wheels:/wheels:ro" --build-arg "BASE=$base" \
-      --label "org.triage-node.inputs=$h" -f "$HERE/Containerfile.torch" -t "$ref" "$WORK/ctx-torch" >/dev/null
+      --label "org.triage-node.inputs=$h" -f "$HERE/Containerfile.torch" -t "$ref" "$WORK/ctx-torch" >/dev/null || exit 1
     log "$ref built in $((SECONDS - t0)) s"
   fi
-  tag_latest "$ref" >&2; echo "$ref"
+  tag_latest "$ref"; REF=$ref
 }
 
-build_app() {  # $1 image name (node|infer), $2 base image: the project's files as one small layer on top
-  local name=$1 base=$2 h ref ctx
+build_app() {  # $1 image name (node|infer) over the base image in REF: the project's files as one small layer
+  local name=$1 base=$REF h ref ctx
   h=$(hash_files app-v1 deploy/containers/Containerfile.app deploy/containers/triage-node \
     deploy/containers/triage-web deploy/containers/triage-health triage_node workers models/demo "$base")
   ref=localhost/triage-$name:$h
@@ -187,17 +193,18 @@ build_app() {  # $1 image name (node|infer), $2 base image: the project's files 
     cp "$HERE/triage-node" "$HERE/triage-web" "$HERE/triage-health" "$ctx/bin/"
     (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - triage_node workers models/demo) | tar -xf - -C "$ctx"
     podman build --quiet --network none --build-arg "BASE=$base" --label "org.triage-node.inputs=$h" \
-      -f "$HERE/Containerfile.app" -t "$ref" "$ctx" >/dev/null
+      -f "$HERE/Containerfile.app" -t "$ref" "$ctx" >/dev/null || exit 1
     log "$ref built"
   fi
-  tag_latest "$ref"; echo "$ref"
+  tag_latest "$ref"; REF=$ref
 }
 
 for img in "${images[@]}"; do
-  case "$img" in
+  case "$img" in  # each step leaves its image in REF for the next one; any failure exits non-zero
     redis) build_redis ;;
     orthanc) build_orthanc ;;
-    node) build_app node "$(build_base)" ;;
-    infer) build_app infer "$(build_base_torch "$(build_base)")" ;;
+    node) build_base; build_app node ;;
+    infer) build_base; build_base_torch; build_app infer ;;
   esac
+  echo "$REF"
 done
