@@ -8,15 +8,17 @@
 #   triage-orthanc   Debian Orthanc + DICOMweb plugin, user orthanc; the demo PACS (config: deploy/containers/orthanc/)
 #   triage-node      the node without torch: receiver (`triage-node serve`), report worker, dashboard; user triage
 #   triage-infer     triage-node + torch/torchvision: the inference worker (`triage-node worker --queue infer`)
-# Base file systems come from mmdebstrap (the host's apt sources) + `podman import`; Python packages come from a
-# wheelhouse filled by the host's pip with the host's configuration (index, find-links, cache, constraints), so an
-# offline machine builds from what its own pip can reach. The model package (models/demo) is copied in; mount
-# another read-only and set TRIAGE_MODEL_PATH to use it.
+# Base file systems come from mmdebstrap (the host's apt sources) + `podman import`. Python packages are installed
+# in the chroot by Debian's python3 with the host pip's configuration (index or mirror, find-links, constraints;
+# local paths bind-mounted read-only: pip-env.py, venv-hook.sh), so a machine without a registry builds from what
+# its own pip reaches. The model package (models/demo) is copied in; mount another read-only and set
+# TRIAGE_MODEL_PATH to use it.
 #
 # Each image carries the hash of its inputs (label org.triage-node.inputs, and the tag): the files it is made of and
-# a recipe version (redis-v1, base-v1, ...: bump it when changing that image's recipe here). An image whose inputs are
+# a recipe version (redis-v1, base-v2, ...: bump it when changing that image's recipe here). An image whose inputs are
 # unchanged is not rebuilt, so the first `make test` / `make compose-demo` builds and later runs reuse. The node
-# and infer images are a small layer of project files over cached base images, so a code change rebuilds in seconds.
+# and infer images are a small layer of project files over cached base images (triage-base, triage-base-torch:
+# rebuilt only when pyproject.toml or their recipe changes), so a code change rebuilds in seconds.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -137,51 +139,31 @@ open(f"{sys.argv[2]}/requirements-torch.txt", "w").write("\n".join(heavy) + "\n"
 EOF
 }
 
-wheelhouse() {  # $WORK/wheels: every wheel the images need, fetched by the host's pip (its index, cache, config)
-  local stamp="$WORK/wheels/.stamp-$1"
-  [ -f "$stamp" ] && return 0
-  mkdir -p "$WORK/wheels"
-  log "pip download ($(basename "$2")) into $WORK/wheels"
-  local plat=(--platform linux_x86_64 --platform any --platform manylinux1_x86_64 --platform manylinux2010_x86_64
-              --platform manylinux2014_x86_64) g
-  for g in $(seq 5 36); do plat+=(--platform "manylinux_2_${g}_x86_64"); done
-  # Debian 12's interpreter exactly (3.11.2: environment markers such as python_full_version < "3.11.3" count)
-  nice -n 10 "$PIP_HOST" download -q --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
-    --abi cp311 --abi abi3 --abi none "${plat[@]}" \
-    -d "$WORK/wheels" -r "$2" pip setuptools wheel 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-  touch "$stamp"
+pip_env() {  # the host pip's configuration for the build chroot (see pip-env.py)
+  "$(dirname "$PIP_HOST")/python" "$HERE/pip-env.py" "$PIP_HOST" > "$WORK/pip-env.txt"
 }
 
-base_hash() { hash_files base-v1 "$SUITE" deploy/containers/venv-hook.sh deploy/containers/Containerfile.torch pyproject.toml; }
+base_hash() { hash_files base-v2 "$SUITE" deploy/containers/venv-hook.sh deploy/containers/pip-env.py pyproject.toml; }
 
-build_base() {  # Debian python3 + a venv with the runtime requirements except torch; user triage (uid 10001)
-  local h ref; h=$(base_hash); ref=localhost/triage-base:$h
+# Debian python3 + a venv with requirement files $2.. installed; user triage (uid 10001). $1: image name.
+build_python_base() {
+  local name=$1 h ref; shift
+  h=$(base_hash); ref=localhost/$name:$h
   if ! have_image "$ref"; then
-    requirements && wheelhouse "node-$h" "$WORK/requirements-node.txt" || exit 1
+    requirements && pip_env || exit 1
     CHANGES=(--change 'USER triage' --change 'WORKDIR /var/lib/triage-node'
              --change 'ENV PATH=/opt/triage/venv/bin:/usr/local/bin:/usr/bin:/bin'
              --change 'ENV PYTHONUNBUFFERED=1' --change "LABEL org.triage-node.inputs=$h")
     debootstrap_import "$ref" python3,python3-venv,ca-certificates \
-      --customize-hook="$HERE/venv-hook.sh \"\$1\" $WORK/wheels $WORK/requirements-node.txt" \
+      --customize-hook="$HERE/venv-hook.sh \"\$1\" $WORK/pip-env.txt $*" \
       --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /var/lib/triage-node --shell /usr/sbin/nologin triage' \
       --customize-hook='mkdir -p "$1/opt/triage/app" "$1"/var/lib/triage-node/spool "$1"/var/lib/triage-node/shared "$1"/var/lib/triage-node/results && chroot "$1" chown -R triage:triage /var/lib/triage-node && chmod 0750 "$1/var/lib/triage-node"'
   fi
   tag_latest "$ref"; REF=$ref
 }
 
-build_base_torch() {  # the base in REF + torch/torchvision: one more layer, installed by podman build from the wheelhouse
-  local base=$REF h ref; h=$(base_hash); ref=localhost/triage-base-torch:$h
-  if ! have_image "$ref"; then
-    requirements && wheelhouse "torch-$h" "$WORK/requirements-torch.txt" || exit 1
-    local t0=$SECONDS
-    log "podman build $ref (torch from the wheelhouse)"
-    mkdir -p "$WORK/ctx-torch" && cp "$WORK/requirements-torch.txt" "$WORK/ctx-torch/"
-    nice -n 10 podman build --quiet --network none --volume "$WORK/wheels:/wheels:ro" --build-arg "BASE=$base" \
-      --label "org.triage-node.inputs=$h" -f "$HERE/Containerfile.torch" -t "$ref" "$WORK/ctx-torch" >/dev/null || exit 1
-    log "$ref built in $((SECONDS - t0)) s"
-  fi
-  tag_latest "$ref"; REF=$ref
-}
+build_base() { build_python_base triage-base "$WORK/requirements-node.txt"; }
+build_base_torch() { build_python_base triage-base-torch "$WORK/requirements-node.txt" "$WORK/requirements-torch.txt"; }
 
 build_app() {  # $1 image name (node|infer) over the base image in REF: the project's files as one small layer
   local name=$1 base=$REF h ref ctx
@@ -204,7 +186,7 @@ for img in "${images[@]}"; do
     redis) build_redis ;;
     orthanc) build_orthanc ;;
     node) build_base; build_app node ;;
-    infer) build_base; build_base_torch; build_app infer ;;
+    infer) build_base_torch; build_app infer ;;
   esac
   echo "$REF"
 done
