@@ -90,7 +90,9 @@ debootstrap_import() {
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     "$@" \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log "$1"/root/.cache' \
-    "$SUITE" "$tar" "$SOURCES" || { log "mmdebstrap failed for $ref"; rm -f "$tar"; exit 1; }
+    "$SUITE" "$tar" "$SOURCES" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" \
+                                           -e "greater than SYS_UID_MAX" >&2) \
+    || { log "mmdebstrap failed for $ref"; rm -f "$tar"; exit 1; }
   [ -s "$tar" ] || { log "mmdebstrap produced no $tar"; exit 1; }
   podman import --quiet "${CHANGES[@]}" "$tar" "$ref" >/dev/null
   rm -f "$tar"
