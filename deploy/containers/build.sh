@@ -15,7 +15,7 @@
 # TRIAGE_MODEL_PATH to use it.
 #
 # Each image carries the hash of its inputs (label org.triage-node.inputs, and the tag): the files it is made of and
-# a recipe version (redis-v1, base-v2, ...: bump it when changing that image's recipe here). An image whose inputs are
+# a recipe version (redis-v1, base-v3, ...: bump it when changing that image's recipe here). An image whose inputs are
 # unchanged is not rebuilt, so the first `make test` / `make compose-demo` builds and later runs reuse. The node
 # and infer images are a small layer of project files over cached base images (triage-base, triage-base-torch:
 # rebuilt only when pyproject.toml or their recipe changes), so a code change rebuilds in seconds.
@@ -145,7 +145,7 @@ pip_env() {  # the host pip's configuration for the build chroot (see pip-env.py
   "$(dirname "$PIP_HOST")/python" "$HERE/pip-env.py" "$PIP_HOST" > "$WORK/pip-env.txt"
 }
 
-base_hash() { hash_files base-v2 "$SUITE" deploy/containers/venv-hook.sh deploy/containers/pip-env.py pyproject.toml; }
+base_hash() { hash_files base-v3 "$SUITE" deploy/containers/venv-hook.sh deploy/containers/pip-env.py pyproject.toml; }
 
 # Debian python3 + a venv with requirement files $2.. installed; user triage (uid 10001). $1: image name.
 build_python_base() {
@@ -156,7 +156,7 @@ build_python_base() {
     CHANGES=(--change 'USER triage' --change 'WORKDIR /var/lib/triage-node'
              --change 'ENV PATH=/opt/triage/venv/bin:/usr/local/bin:/usr/bin:/bin'
              --change 'ENV PYTHONUNBUFFERED=1' --change "LABEL org.triage-node.inputs=$h")
-    debootstrap_import "$ref" python3,python3-venv,ca-certificates \
+    debootstrap_import "$ref" python3,python3-venv,ca-certificates,tzdata \
       --customize-hook="$HERE/venv-hook.sh \"\$1\" $WORK/pip-env.txt $*" \
       --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /var/lib/triage-node --shell /usr/sbin/nologin triage' \
       --customize-hook='mkdir -p "$1/opt/triage/app" "$1"/var/lib/triage-node/spool "$1"/var/lib/triage-node/shared "$1"/var/lib/triage-node/results && chroot "$1" chown -R triage:triage /var/lib/triage-node && chmod 0750 "$1/var/lib/triage-node"'
