@@ -27,7 +27,8 @@ compose-demo: images
 	$(PY) deploy/compose_demo.py
 
 compose-down:
-	$(COMPOSE) down $(if $(VOLUMES),-v,)
+	$(COMPOSE) down $(if $(VOLUMES),-v,) >/dev/null
+	-podman network rm -f triage_default >/dev/null 2>&1
 
 test-containers: setup
 	mkdir -p var

@@ -92,7 +92,10 @@ def main() -> int:
     else:
         print("compose-demo: podman-compose up -d (Orthanc, Redis, receiver, 2 inference workers, report worker, "
               "dashboard)", flush=True)
-        compose("up", "-d", capture=False)
+        out = compose("up", "-d", check=False)
+        if out.returncode != 0:
+            print(out.stdout[-4000:], out.stderr[-4000:], sep="\n", file=sys.stderr)
+            raise SystemExit(f"compose-demo: podman-compose up failed ({out.returncode})")
     pacs = f"http://127.0.0.1:{os.environ['PACS_HTTP_PORT']}"
     dash = f"http://127.0.0.1:{os.environ['DASHBOARD_PORT']}"
     wait("Orthanc", lambda: requests.get(pacs + "/system", timeout=2).ok, 60)

@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import ARTIFACTS, ROOT
 
 CONTAINERS_CONF = ROOT / "deploy" / "containers" / "containers.conf"

@@ -15,9 +15,9 @@ import time
 
 import pydicom
 import pytest
+from conftest import SAMPLES, write_toml
 from pydicom.uid import generate_uid
 
-from conftest import SAMPLES, write_toml
 from triage_node import config as config_mod
 
 from .conftest import image, podman, record_timing, wait_until

@@ -11,8 +11,8 @@ import time
 import pydicom
 import pytest
 import requests
-
 from conftest import SAMPLES, require
+
 from triage_node.localpacs import LocalOrthanc
 from triage_node.services import free_port
 
