@@ -23,7 +23,8 @@ from triage_node import config as config_mod
 from .conftest import image, podman, record_timing, wait_until
 from .test_orthanc_container import OURS, SC_CLASS, SR_CLASS, orthanc_container
 
-pytestmark = pytest.mark.integration
+# the first run on a machine builds the images inside this test (the infer image takes ~10 min on 2 cores)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 N_INSTANCES = 10
 DATA = "/var/lib/triage-node"

@@ -18,7 +18,8 @@ from triage_node.services import free_port
 
 from .conftest import image, record_timing, wait_until
 
-pytestmark = pytest.mark.integration
+# the first run on a machine builds the images inside this test (the infer image takes ~10 min on 2 cores)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
