@@ -35,7 +35,7 @@ for a in "$@"; do
   case "$a" in
     --force) FORCE=1 ;;
     redis|orthanc|node|infer) images+=("$a") ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) echo "unknown image or option: $a" >&2; exit 2 ;;
   esac
 done
