@@ -192,3 +192,4 @@ for img in "${images[@]}"; do
   esac
   echo "$REF"
 done
+podman image prune -f >/dev/null 2>&1 || true  # images left untagged by a rebuild (--force, a new input hash)
