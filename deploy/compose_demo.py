@@ -24,7 +24,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yaml"
-PROJECT = "triage"
+PROJECT = os.environ.get("TRIAGE_COMPOSE_PROJECT", "triage")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 OURS = "CXR Triage Node"
 
@@ -74,7 +74,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", default=str(ROOT / "sample_dicom"))
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--project", default=PROJECT, help="compose project name (default triage; containers <project>_*)")
     args = ap.parse_args()
+    global PROJECT
+    PROJECT = args.project
     ports = {"PACS_HTTP_PORT": 8042, "PACS_DICOM_PORT": 4242, "DASHBOARD_PORT": 8484}
     up_already = running(f"{PROJECT}_pacs_1")
     for var, default in ports.items():  # keep the defaults unless taken by something else (or set by the user)
