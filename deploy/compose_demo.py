@@ -71,12 +71,12 @@ def wait(what: str, predicate, timeout: float) -> None:
 
 
 def main() -> int:
+    global PROJECT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", default=str(ROOT / "sample_dicom"))
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--project", default=PROJECT, help="compose project name (default triage; containers <project>_*)")
     args = ap.parse_args()
-    global PROJECT
     PROJECT = args.project
     ports = {"PACS_HTTP_PORT": 8042, "PACS_DICOM_PORT": 4242, "DASHBOARD_PORT": 8484}
     up_already = running(f"{PROJECT}_pacs_1")
