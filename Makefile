@@ -1,7 +1,11 @@
 # make demo  : set everything up, start a demo PACS (Orthanc) + the node, route the sample CXRs through it
 # make test  : set everything up, lint, and run the whole test suite (real Redis, Orthanc, DCMTK, Celery processes)
 # make lint  : ruff and mypy (config in pyproject.toml) on triage_node/ and workers/
-.PHONY: setup demo lint test bench clean
+# make images       : build the container images here (no registry; cached by input hash)
+# make compose-demo : the node in containers (deploy/compose.yaml) beside a containerised Orthanc, samples routed
+# make compose-down : stop it (VOLUMES=1 also drops its volumes)
+# make test-containers : only the container tests (tests/containers)
+.PHONY: setup demo lint test bench clean images compose-demo compose-down test-containers
 PY := .venv/bin/python
 
 setup:
@@ -17,6 +21,23 @@ lint: setup
 test: setup lint
 	mkdir -p var
 	$(PY) -m pytest -q -ra --basetemp=$(CURDIR)/var/pytest tests
+
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/containers/containers.conf
+COMPOSE := podman-compose -p triage -f deploy/compose.yaml
+
+images: setup
+	bash deploy/containers/build.sh
+
+compose-demo: images
+	$(PY) deploy/compose_demo.py
+
+compose-down:
+	$(COMPOSE) down $(if $(VOLUMES),-v,) >/dev/null
+	-podman network rm -f triage_default >/dev/null 2>&1
+
+test-containers: setup
+	mkdir -p var
+	$(PY) -m pytest -q -ra --basetemp=$(CURDIR)/var/pytest-containers tests/containers
 
 bench: setup
 	$(PY) bench/cpu_infer.py

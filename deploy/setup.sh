@@ -14,6 +14,16 @@ command -v openssl >/dev/null || need+=(openssl)
 [ -e /usr/share/fonts/truetype/liberation ] || need+=(fonts-liberation)
 command -v npm >/dev/null || need+=(nodejs npm)
 command -v python3 >/dev/null || need+=(python3 python3-venv)
+# containers (deploy/containers/build.sh, deploy/compose.yaml, tests/containers): rootful podman with runc,
+# netavark + aardvark-dns (container DNS names), mmdebstrap for base images built here without a registry
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v podman-compose >/dev/null || need+=(podman-compose)
+command -v iptables >/dev/null || need+=(iptables)
+[ -e /usr/libexec/podman/catatonit ] || need+=(catatonit)
+[ -e /usr/lib/podman/netavark ] || need+=(netavark)
+[ -e /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
