@@ -21,7 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from load import busy_warning  # noqa: E402  (bench/load.py)
 from test_backfill import make_instances, upload  # noqa: E402
 
 from triage_node.localpacs import LocalOrthanc  # noqa: E402
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=4)
     args = ap.parse_args(argv)
-    if Path("/work/cpu-busy.lock").exists():
-        print("WARNING: /work/cpu-busy.lock exists: these timings are under contention", flush=True)
+    if busy_warning():
+        print(busy_warning(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="backfill-bench-"))
     pacs = LocalOrthanc(work / "pacs").start()
     redis = PrivateRedis(work / "redis", persist=True).start()

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from load import free_port, pct, stop_node, write_config  # bench/load.py
+from load import busy_warning, free_port, pct, stop_node, write_config  # bench/load.py
 
 SHARED = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "cxr_samples" / "rsna_dicom"
 OUT = ROOT / "test-artifacts" / "performance"
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model if args.model == "untrained" else str(Path(args.model).resolve())
     args.model = model
     work = Path(tempfile.mkdtemp(prefix="triage-e2e-"))
-    busy = Path("/work/cpu-busy.lock").exists()
+    busy = busy_warning()
     try:
         bare_files = make_instances(args.bare, work / "bare", "bare")
         phase(f"bare loop over {args.bare}")
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             r["sustained"]["ratio_to_bare"] = round(r["sustained"]["results_per_s"] / bare["cxr_per_s"], 2)
             runs[label] = r
         res = {"suite": "e2e", "bare": bare, **runs, "cpus": os.cpu_count(),
-               "machine_busy": busy, "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "machine_busy": bool(busy), "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         if "baseline" in runs:
             b, c = runs["baseline"], runs["current"]
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         (OUT / "e2e.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         if busy:
-            print("WARNING: /work/cpu-busy.lock exists: the machine is shared, these timings are not figures")
+            print(busy)
     finally:
         if args.keep:
             print(f"work folder kept: {work}")

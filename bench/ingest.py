@@ -7,7 +7,7 @@ and prints the anchor's lines plus the ratios the issue asks for::
     python bench/ingest.py --n 400 --assoc 1 --processes 1
     python bench/ingest.py --n 400 --assoc 4 --processes 2
 
-Timed figures are only worth reporting on an otherwise idle machine (no ``/work/cpu-busy.lock``).
+Timed figures are only worth reporting on an otherwise idle machine (see ``BENCH_BUSY_LOCK`` in load.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from triage_node.services import PrivateRedis, free_port, wait_port
+from load import busy_warning  # noqa: E402  (bench/load.py)
+
+from triage_node.services import PrivateRedis, free_port, wait_port  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "tools" / "ingest_anchor.sh"
 
@@ -56,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--balance", choices=["shared", "reuseport"], default="shared")
     args = ap.parse_args(argv)
-    if Path("/work/cpu-busy.lock").exists():
-        print("WARNING: /work/cpu-busy.lock exists: these timings are under contention", flush=True)
+    if busy_warning():
+        print(busy_warning(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     redis = PrivateRedis(work / "redis", persist=True).start()  # append-only, as `triage-node up` runs it
     port = free_port()

@@ -55,6 +55,15 @@ def make_instances(n: int, out: Path, shards: int) -> list[Path]:
 
 
 # -- the node ------------------------------------------------------------------------------------------------------
+def busy_warning() -> str | None:
+    """A warning when the machine is declared shared: ``BENCH_BUSY_LOCK`` names a lock file that other jobs (training,
+    test suites) hold while they run; its presence means the timings are under contention."""
+    lock = os.environ.get("BENCH_BUSY_LOCK")
+    if lock and Path(lock).exists():
+        return f"WARNING: {lock} exists: the machine is shared, these timings are not figures"
+    return None
+
+
 def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -34,30 +34,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from load import write_config  # noqa: E402  (bench/load.py)
+
 SAMPLES = sorted((ROOT / "sample_dicom").glob("*.dcm"))
 TOKEN = "bench-token"
 OUT = ROOT / "test-artifacts" / "performance"
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
-def write_config(path: Path, cfg: dict) -> None:
-    lines = [f"{k} = {_toml(v)}" for k, v in cfg.items() if not isinstance(v, (dict, list))]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines += [f"[{k}]"] + [f"{kk} = {_toml(vv)}" for kk, vv in v.items()]
-        elif isinstance(v, list):
-            for item in v:
-                lines += [f"[[{k}]]"] + [f"{kk} = {_toml(vv)}" for kk, vv in item.items()]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def make_datasets(n: int, offset: int):
