@@ -124,3 +124,33 @@ def test_backfill_killed_resumed_and_late_arrivals(tmp_path, orthanc_factory, re
     q = queued(redis_url)
     assert set(q) == set(in_range) | set(late) and max(q.values()) == 1
     assert f"received {len(late)}" in run3.stdout, run3.stdout
+
+
+def test_backfill_recovers_the_audit_line_lost_between_enqueue_and_audit(tmp_path, orthanc_factory, redis_url):
+    """A run killed after the enqueue but before its ``received`` line (A), or after that line but before the
+    done-set write (B): the next run queues neither again and leaves exactly one ``received`` line for each."""
+    require("storescu")
+    from triage_node.audit import Audit
+    from triage_node.config import load
+    from triage_node.enqueue import RedisSubmitter
+
+    pacs = orthanc_factory()
+    a, b = make_instances(tmp_path / "a", 1, 2, "20240110")
+    upload(pacs, tmp_path / "a")
+    cfg = {"audit_log": str(tmp_path / "audit.jsonl"), "spool": {"directory": str(tmp_path / "spool")},
+           "broker": {"url": redis_url}, "retry": {"dead_letter_dir": str(tmp_path / "dead")},
+           "backfill": {"url": pacs.dicomweb_url, "state": str(tmp_path / "backfill.sqlite")}}
+    config = write_toml(tmp_path / "node.toml", cfg)
+    submit = RedisSubmitter(load(config))
+    for sop in (a, b):  # what the interrupted run had done
+        submit(str(tmp_path / "spool" / f"{sop}.dcm"), sop, time.time())
+    Audit(cfg["audit_log"]).record("received", channel="backfill", sop_instance_uid=b, task_id="t-b")
+
+    run = subprocess.run([sys.executable, "-m", "triage_node.cli", "backfill", "--config", str(config), "--from",
+                          "20240101", "--to", "20240131", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "already queued 2" in run.stdout, run.stdout
+    assert queued(redis_url) == Counter({a: 1, b: 1})
+    received = [e for e in read(cfg["audit_log"]) if e["event"] == "received"]
+    assert Counter(e["sop_instance_uid"] for e in received) == Counter({a: 1, b: 1})
+    assert [e.get("recovered") for e in received if e["sop_instance_uid"] == a] == [True]

@@ -268,6 +268,26 @@ def _parse(data: bytes) -> Iterator[dict[str, Any]]:
             yield e
 
 
+def has_entry(path: str | os.PathLike, event: str, sop_instance_uid: str) -> bool:
+    """Whether the trail (rotated files included) holds an ``event`` line for this SOP Instance UID.
+
+    A byte search first, so only the few lines naming the instance are parsed; meant for rare recovery paths."""
+    needle = json.dumps(sop_instance_uid).encode()
+    segs = open_segments(path)
+    try:
+        for s in reversed(segs):  # newest first
+            data = s.file.read()
+            if needle not in data:
+                continue
+            for e in _parse(b"\n".join(ln for ln in data.splitlines() if needle in ln)):
+                if e.get("event") == event and e.get("sop_instance_uid") == sop_instance_uid:
+                    return True
+    finally:
+        for s in segs:
+            s.file.close()
+    return False
+
+
 def read(path: str | os.PathLike, since: float | None = None) -> list[dict[str, Any]]:
     """All audit entries across rotated files and the active one, oldest first (torn lines skipped).
 

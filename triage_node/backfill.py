@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .audit import has_entry
 from .config import BackfillConfig
 from .ingest import OUT_OF_RESOURCES, Ingest
 
@@ -189,6 +190,7 @@ class Backfill:
         """Retrieve one instance and pass it through the ingest gate; returns the outcome recorded."""
         is_queued = getattr(self.ingest.submit, "is_queued", None)
         if is_queued is not None and is_queued(sop):  # handed over by a run interrupted before its done-set write
+            self._recover_audit(study, sop)
             self.done.mark(sop, study, "received")
             return "already queued"
         self._wait_for_backlog()
@@ -203,6 +205,17 @@ class Backfill:
             return "deferred"  # disk or broker full or down: not done, the next run takes it
         self.done.mark(sop, study, out.event)
         return out.event
+
+    def _recover_audit(self, study: str, sop: str) -> None:
+        """The interrupted run may have died between the enqueue and its ``received`` audit line: write the line
+        then, so the trail still holds exactly one ``received`` for every instance handed over."""
+        trail = self.ingest.audit.path
+        if trail is None or has_entry(trail, "received", sop):
+            return
+        self.ingest.audit.record("received", recovered=True, channel="backfill", sop_instance_uid=sop,
+                                 study_instance_uid=study,
+                                 reason="queued by an interrupted backfill run before its audit line was written")
+        log.info("backfill: %s was queued by an interrupted run; its received line is written now", sop)
 
     def _finished(self, fut: Future, bar: Any) -> None:
         try:
