@@ -96,34 +96,42 @@ _KIND_BY_SOP_CLASS = {
 }
 
 
+def output_names(cfg: Config) -> tuple[str, ...]:
+    """The configured outputs, SR first."""
+    return _outputs(cfg)
+
+
 def _outputs(cfg: Config) -> tuple[str, ...]:
     return tuple(k for k, on in (("sr", True), ("sc", cfg.outputs.sc), ("gsps", cfg.outputs.gsps)) if on)
 
 
 def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
-          preview: bool | None = None) -> list[Path]:
+          preview: bool | None = None, only: tuple[str, ...] | None = None) -> list[Path]:
     """Write SR (+ SC overlay, + GSPS) for the instance at ``path`` into ``out_dir``; returns the files.
 
     Output UIDs derive from the source SOP Instance UID and the model version, so a rebuild replaces. The 8-bit
     rendering the infer worker left in ``out_dir/display.npy`` (:func:`analyze` ``display_to``) is used when it is
     there (then only the source's header is read), else the source is decoded here. ``preview``: write
     ``preview.png`` (default: when ``outputs.archive_dir`` keeps results, where the dashboard reads it).
+
+    ``only``: build just these of the configured outputs (the report worker's SR-first phases: ``("sr",)``, then
+    the rest). ``prediction.json`` is written with the SR; the display cache is kept until the overlay is built.
     """
     from .encoding.results import build_results
     from .encoding.sc import render_overlay
 
+    outputs = _outputs(cfg) if only is None else tuple(o for o in _outputs(cfg) if o in only)
     cache = out_dir / DISPLAY_CACHE
-    display = load_display(cache)
-    ds = dicom_io.read(path, header_only=display is not None)
-    if display is None or display.shape != (ds.get("Rows"), ds.get("Columns")):
+    display = load_display(cache) if "sc" in outputs else None  # only the overlay needs pixels
+    ds = dicom_io.read(path, header_only=display is not None or "sc" not in outputs)
+    if "sc" in outputs and (display is None or display.shape != (ds.get("Rows"), ds.get("Columns"))):
         if display is not None:
             ds = dicom_io.read(path)
         display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels))
         del ds.PixelData  # and the decoded array pydicom keeps with it: the encoders copy the header only
-    earlier = previous_sr(cfg, str(ds.SOPInstanceUID))
-    outputs = _outputs(cfg)
+    earlier = previous_sr(cfg, str(ds.SOPInstanceUID)) if "sr" in outputs else None
     overlay = None  # the SC's pixels, rendered once: the SC and the preview are made from them
-    if "sc" in outputs and display.shape == (ds.Rows, ds.Columns):
+    if "sc" in outputs and display is not None and display.shape == (ds.Rows, ds.Columns):
         overlay = render_overlay(display, prediction)
     datasets, _changed = build_results(ds, display, prediction, outputs=outputs, predecessor_sr=earlier,
                                        sc_encoding=cfg.outputs.sc_transfer_syntax, overlay=overlay)
@@ -136,8 +144,10 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
         files.append(f)
     if overlay is not None and (bool(cfg.outputs.archive_dir) if preview is None else preview):
         write_preview(overlay, out_dir / "preview.png")
-    atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
-    cache.unlink(missing_ok=True)
+    if "sr" in outputs or only is None:
+        atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
+    if only is None or "sc" in outputs or "sc" not in _outputs(cfg):
+        cache.unlink(missing_ok=True)
     return files
 
 

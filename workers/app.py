@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery.exceptions import Retry
@@ -226,14 +227,21 @@ def report(self, payload: dict) -> dict:
     stage = "build"
     try:
         prediction = Prediction.from_json(payload["prediction"])
-        if not (box / "prediction.json").exists():
-            try:
-                pipeline.build(src, prediction, cfg, box)
-            except BaseException:
-                shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
-                raise
-        stage = "send"
-        result = _deliver(self, sop, box, prediction, payload, base, fetched)
+        phases = _phases()
+        for i, (phase, outputs, destinations) in enumerate(phases):
+            stage = "build"
+            _build_phase(src, prediction, box, phase, outputs, first=i == 0)
+            stage = "send"
+            later = phases[i + 1:]
+
+            def complete(later: list = later) -> None:  # a dead letter holds every result, so replay sends all
+                for p, outs, _ in later:
+                    _build_phase(src, prediction, box, p, outs, first=False)
+
+            result = _deliver(self, sop, box, prediction, payload, base, fetched, phase, destinations,
+                              last=not later, complete=complete)
+            if result.get("status") == "dead_lettered":
+                break
     except Retry:
         raise
     except Exception as exc:  # anything, foreseen or not, in build, delivery or archiving
@@ -247,31 +255,96 @@ def report(self, payload: dict) -> dict:
     return result
 
 
+#: Destination kinds that receive files; the flag channels (hl7, fhir, webhook) report the finding once, with the SR.
+_FILE_KINDS = frozenset({"dicom", "stow", "folder"})
+
+
+def _phases() -> list[tuple[str, tuple[str, ...] | None, tuple]]:
+    """(phase, outputs built in it or None for all, destinations) in order. SR-first: the SR goes to every
+    destination (flags included) before the overlay and GSPS are built and sent to the file destinations."""
+    rest = tuple(o for o in pipeline.output_names(cfg) if o != "sr")
+    if not cfg.outputs.sr_first or not rest:
+        return [("all", None, cfg.destinations)]
+    return [("sr", ("sr",), cfg.destinations),
+            ("images", rest, tuple(d for d in cfg.destinations if d.kind in _FILE_KINDS))]
+
+
+def _build_phase(src: Path, prediction: Prediction, box: Path, phase: str, outputs: tuple[str, ...] | None,
+                 first: bool) -> None:
+    """Build what ``phase`` sends unless an earlier attempt built it (its marker file is there)."""
+    marker = box / ("prediction.json" if first else f"built-{phase}")
+    if marker.exists():
+        return
+    before = set(box.iterdir()) if box.is_dir() else set()
+    try:
+        pipeline.build(src, prediction, cfg, box, only=outputs)
+    except BaseException:
+        if first:
+            shutil.rmtree(box, ignore_errors=True)  # a half-written outbox must not pass for a built one
+        else:  # keep what the earlier phase built (and maybe sent); drop this phase's partial files
+            for f in set(box.iterdir()) - before:
+                f.unlink(missing_ok=True)
+        raise
+    if not first:
+        marker.touch()
+
+
 def _files(box: Path) -> list[Path]:
     return pipeline.result_files(box) + [box / "prediction.json"] if box.is_dir() else []
 
 
-def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, base: dict, fetched: bool) -> dict:
-    """Send what is not yet sent; a send failure is retried ``retry.max_attempts`` times, then dead-lettered."""
-    state_file = box / "sent.json"
+def _phase_files(box: Path, phase: str) -> list[Path]:
     files = pipeline.result_files(box)
-    done = set(json.loads(state_file.read_text())) if state_file.exists() else set()
+    if phase == "sr":
+        return [f for f in files if f.name.startswith("sr-")]
+    if phase == "images":
+        return [f for f in files if not f.name.startswith("sr-")]
+    return files
+
+
+def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, base: dict, fetched: bool,
+             phase: str = "all", destinations: tuple | None = None, last: bool = True,
+             complete: Callable[[], None] | None = None) -> dict:
+    """Send what ``phase`` has not yet sent; a send failure is retried ``retry.max_attempts`` times (the whole task,
+    earlier phases skipped as done), then dead-lettered. Per-phase progress is kept in ``sent.json``."""
+    state_file = box / "sent.json"
+    destinations = cfg.destinations if destinations is None else destinations
+    files = _phase_files(box, phase)
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if isinstance(state, list):  # written by a node before SR-first: one phase
+        state = {"all": state}
+    done = set(state.get(phase, []))
+    if not last and done >= {d.name for d in destinations}:
+        return {"status": "sent"}  # an earlier attempt finished this phase
     try:
-        sent = pipeline.deliver(files, cfg.destinations, done, context=pipeline.result_context(box))
+        sent = pipeline.deliver(files, destinations, done,
+                                context=pipeline.result_context(box) if phase != "images" else None)
     except SendFailed as exc:
-        atomic_write(state_file, json.dumps(sorted(done)).encode())
+        atomic_write(state_file, json.dumps({**state, phase: sorted(done)}).encode())
         if exc.retryable and task.request.retries + 1 < cfg.retry.max_attempts:
             delay = _backoff(task.request.retries)
-            audit.record("retry", reason=str(exc), delay_s=delay, stage="send", **base)
+            audit.record("retry", reason=str(exc), delay_s=delay, stage="send", phase=phase, **base)
             spool.end(sop, "report")
             raise task.retry(countdown=delay, exc=exc) from exc
+        if complete is not None and not last:
+            try:
+                complete()
+            except Exception as build_exc:  # the dead letter still goes, with what was built
+                log.warning("%s: building the rest for the dead letter failed: %s", sop, describe(build_exc))
+        files = pipeline.result_files(box)
         archive(box, prediction, payload)
         _dead_letter(sop, str(exc), payload, fetched, base, files=files + [box / "prediction.json"],
-                     extra={"stage": "send", "sent_to": sorted(done), "attempts": task.request.retries + 1})
+                     extra={"stage": "send", "phase": phase, "sent_to": sorted(done),
+                            "attempts": task.request.retries + 1})
         return {"status": "dead_lettered"}
-    archive(box, prediction, payload)
     latency = round(time.time() - float(payload.get("received_at", time.time())), 3)
-    audit.record("sent", destinations=sorted(done), sent_uids=sorted({u for v in sent.values() for u in v}),
+    uids = sorted(set(state.get("uids", [])) | {u for v in sent.values() for u in v})
+    if not last:
+        atomic_write(state_file, json.dumps({**state, phase: sorted(done), "uids": uids}).encode())
+        audit.record("sr_sent", destinations=sorted(done), sent_uids=uids, latency_s=latency, **base)
+        return {"status": "sent", "latency_s": latency}
+    archive(box, prediction, payload)
+    audit.record("sent", destinations=sorted(d.name for d in cfg.destinations), sent_uids=uids,
                  positive=prediction.positive, probability=round(prediction.probability, 4),
                  boxes=len(prediction.detections), latency_s=latency, **base)
     spool.discard(sop)
@@ -286,5 +359,5 @@ def archive(box: Path, prediction: Prediction, payload: dict) -> None:
     target = Path(cfg.outputs.archive_dir) / payload["sop_instance_uid"]
     target.mkdir(parents=True, exist_ok=True)
     for f in box.iterdir():
-        if f.name != "sent.json":
+        if f.name != "sent.json" and f.name != pipeline.DISPLAY_CACHE and not f.name.startswith("built-"):
             shutil.copy2(f, target / f.name)

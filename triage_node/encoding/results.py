@@ -64,7 +64,7 @@ def is_own_output(ds: Dataset) -> bool:
 
 def build_results(
     source: Dataset,
-    display: np.ndarray,
+    display: np.ndarray | None,
     prediction: Prediction,
     outputs: Iterable[str] = ("sr", "sc"),
     predecessor_sr: Dataset | None = None,
@@ -78,7 +78,7 @@ def build_results(
     source
         The analysed image as read from the spool.
     display
-        2-D uint8 MONOCHROME2 rendering of the source (needed for ``sc``).
+        2-D uint8 MONOCHROME2 rendering of the source (needed for ``sc`` only; None otherwise).
     prediction
         The model's result; boxes in source pixel coordinates.
     outputs
@@ -125,6 +125,7 @@ def build_results(
         if name == "sr":
             results.append(build_sr(cleaned, prediction, predecessor=predecessor_sr))
         elif name == "sc":
+            assert display is not None  # checked above
             results.append(build_overlay(cleaned, display, prediction, encoding=sc_encoding, overlay=overlay))
         else:
             results.append(build_gsps(cleaned, prediction))
