@@ -181,6 +181,7 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     assert total(m, "triage_send_failures_total", destination="pacs", event="dead_lettered") == 1
     assert total(m, "triage_stage_duration_seconds_count", stage="analyse") == n + 1
     assert total(m, "triage_stage_duration_seconds_count", stage="end_to_end") == n
+    assert total(m, "triage_stage_duration_seconds_count", stage="sr_delivered") == n, "SR-first: SR latency"
     assert total(m, "triage_stage_duration_seconds_count", stage="receive") == n + 1
     assert total(m, "triage_stage_duration_seconds_bucket", stage="end_to_end", le="+Inf") == n
     assert total(m, "triage_queue_depth", queue="infer") == 0 and ("triage_queue_depth", (("queue", "report"),)) in m

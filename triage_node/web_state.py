@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 #: stage label -> (audit event, field, factor to seconds)
 STAGES = {"receive": ("received", "ms", 0.001), "analyse": ("analysed", "ms", 0.001),
-          "end_to_end": ("sent", "latency_s", 1.0)}
+          "sr_delivered": ("sr_sent", "latency_s", 1.0), "end_to_end": ("sent", "latency_s", 1.0)}
 #: Audit events counted per stage (analyze, build, send, reconcile) for /metrics and the dashboard.
 FAILURE_EVENTS = ("failed", "retry", "dead_lettered")
 MAX_STUDIES = 2000
