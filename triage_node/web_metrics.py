@@ -66,9 +66,10 @@ class NodeCollector:
         c = CounterMetricFamily("triage_results_replayed", "Dead letters resent successfully (audit 'replayed')")
         c.add_metric([], events.get("replayed", 0))
         yield c
-        h = HistogramMetricFamily("triage_stage_duration_seconds", "Duration per stage: receive (spool+enqueue), "
-                                  "analyse (decode+model), sr_delivered (receive -> SR at every destination, SR-first), "
-                                  "end_to_end (receive -> every result sent)", labels=["stage"])
+        h = HistogramMetricFamily("triage_stage_duration_seconds",
+                                  "Duration per stage: receive (spool+enqueue), analyse (decode+model), sr_delivered "
+                                  "(receive -> SR at every destination, SR-first), end_to_end (receive -> every "
+                                  "result sent)", labels=["stage"])
         for stage in STAGES:
             buckets, total = hists[stage]
             h.add_metric([stage], buckets, total)
