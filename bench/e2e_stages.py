@@ -68,8 +68,11 @@ def main() -> None:
         display = dicom_io.display(img)
         cleaned, _ = timed("clean_source", clean_source, header)
         timed("sr", build_sr, cleaned, pred)
-        overlay = timed("overlay_render", render_overlay, display, pred)
-        sc = timed("overlay_render_encode", build_overlay, cleaned, display, pred)
+        enc = cfg.outputs.sc_transfer_syntax  # the configured overlay encoding (older code: no palette option)
+        palette = ({"palette": enc == "jpeg-ls-palette"}
+                   if "palette" in inspect.signature(render_overlay).parameters else {})
+        overlay = timed("overlay_render", render_overlay, display, pred, **palette)
+        sc = timed("overlay_render_encode", build_overlay, cleaned, display, pred, encoding=enc)
         timed("gsps_not_configured", build_gsps, cleaned, pred)
         sr = build_sr(cleaned, pred)
         timed("write", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)

@@ -177,7 +177,10 @@ def test_overlay_pixels_and_flags():
     sc = roundtrip(build_overlay(source, display, prediction()))
     assert sc.Modality == "OT" and sc.BurnedInAnnotation == "YES"
     assert sc.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless  # the default encoding
-    pixels = sc.pixel_array
+    assert sc.PhotometricInterpretation == "PALETTE COLOR" and sc.pixel_array.shape == display.shape
+    from pydicom.pixels import apply_color_lut
+
+    pixels = (apply_color_lut(sc.pixel_array, sc) >> 8).astype(np.uint8)  # as a viewer shows it
     assert pixels.shape == (*display.shape, 3)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert list(sc.PatientOrientation) == ["L", "F"]

@@ -109,7 +109,12 @@ def test_oddities_corpus_through_a_running_node(corpus, tmp_path, redis_url, mak
                 assert ds.PresentationLUTShape == info.get("gsps_presentation_lut", "IDENTITY"), name
                 assert ("ModalityLUTSequence" in ds) == bool(info.get("gsps_modality_lut")), name
             if f.name.startswith("sc-") and min(ds.Rows, ds.Columns) >= 512:
-                grey = ds.pixel_array.astype(np.float32).mean(axis=2) / 255.0
+                shown = ds.pixel_array
+                if ds.PhotometricInterpretation == "PALETTE COLOR":  # as a viewer shows it
+                    from pydicom.pixels import apply_color_lut
+
+                    shown = apply_color_lut(shown, ds) >> 8
+                grey = shown.astype(np.float32).mean(axis=2) / 255.0
                 top = ds.Rows // 6  # below the banner
                 sc = _on_grid(grey, plain_display.shape)
                 corr, _ = _same_display(sc[top * 1024 // ds.Rows:], plain_display[top * 1024 // ds.Rows:],

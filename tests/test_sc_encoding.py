@@ -23,14 +23,15 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from test_enc_common import RSNA, dciodvfy, display_of, prediction, synthetic_xray, write
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-DCMTK_DECODER = {"jpeg-ls": "dcmdjpls", "rle": "dcmdrle", "jpeg": "dcmdjpeg"}
+DCMTK_DECODER = {"jpeg-ls-palette": "dcmdjpls", "jpeg-ls": "dcmdjpls", "rle": "dcmdrle", "jpeg": "dcmdjpeg"}
 
 
 @pytest.mark.parametrize("encoding", list(SC_ENCODINGS))
 def test_each_encoding_decodes_with_dcmtk_and_validates(encoding, tmp_path):
     source = synthetic_xray("dx")
     display = display_of(source)
-    expected = render_overlay(display, prediction())
+    palette = SC_ENCODINGS[encoding][1] == "PALETTE COLOR"
+    expected = render_overlay(display, prediction(), palette=palette)  # palette: the indices
     path = write(build_overlay(source, display, prediction(), encoding=encoding), tmp_path / "sc.dcm")
     errors, _ = dciodvfy(path)
     assert errors == []
@@ -44,7 +45,9 @@ def test_each_encoding_decodes_with_dcmtk_and_validates(encoding, tmp_path):
         decoded = pydicom.dcmread(plain)
         assert decoded.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         pixels = decoded.pixel_array
-        if decoded.PhotometricInterpretation != "RGB":  # dcmdjpeg keeps YBR_FULL(_422) unless told otherwise
+        if palette:
+            assert decoded.PhotometricInterpretation == "PALETTE COLOR"
+        elif decoded.PhotometricInterpretation != "RGB":  # dcmdjpeg keeps YBR_FULL(_422) unless told otherwise
             from pydicom.pixels import convert_color_space
 
             pixels = convert_color_space(pixels, str(decoded.PhotometricInterpretation), "RGB")
@@ -64,13 +67,33 @@ def test_each_encoding_decodes_with_dcmtk_and_validates(encoding, tmp_path):
 
 
 def test_sizes_in_the_order_the_config_documents(tmp_path):
-    """jpeg < jpeg-ls < rle <= explicit for a real 1024 x 1024 RSNA overlay (the docstring's figures)."""
+    """jpeg-ls-palette < jpeg-ls < rle <= explicit and jpeg < jpeg-ls for a real 1024 x 1024 RSNA overlay (the
+    docstring's figures)."""
     source = pydicom.dcmread(RSNA[0])
     display = display_of(source)
     size = {e: write(build_overlay(source, display, prediction(), encoding=e), tmp_path / f"{e}.dcm").stat().st_size
             for e in SC_ENCODINGS}
     assert size["jpeg"] < size["jpeg-ls"] < size["rle"] <= size["explicit"]
-    assert size["jpeg-ls"] < 0.5 * size["explicit"]
+    assert size["jpeg-ls-palette"] < 0.5 * size["jpeg-ls"] and size["jpeg-ls"] < 0.5 * size["explicit"]
+
+
+def test_palette_overlay_shows_the_rgb_overlay(tmp_path):
+    """The PALETTE COLOR overlay, coloured through its own palette (by pydicom, from the file), is the RGB overlay
+    up to the 252-level gray quantisation and the text drawn without anti-aliasing; the boxes keep their colour."""
+    from pydicom.pixels import apply_color_lut
+
+    source = pydicom.dcmread(RSNA[0])
+    display = display_of(source)
+    back = pydicom.dcmread(write(build_overlay(source, display, prediction(), encoding="jpeg-ls-palette"),
+                                 tmp_path / "sc.dcm"))
+    assert back.PhotometricInterpretation == "PALETTE COLOR" and back.SamplesPerPixel == 1
+    assert list(back.RedPaletteColorLookupTableDescriptor) == [256, 0, 16]
+    rgb = (apply_color_lut(back.pixel_array, back) >> 8).astype(np.uint8)
+    reference = render_overlay(display, prediction())
+    diff = np.abs(rgb.astype(int) - reference.astype(int)).max(axis=2)
+    assert np.percentile(diff, 99) <= 1, "grays within one level of the RGB overlay"
+    box = (reference == (255, 215, 0)).all(axis=2)
+    assert box.sum() > 1000 and (rgb[box] == (255, 215, 0)).all(), "the boxes are amber in both"
 
 
 def test_lossy_history_of_the_source_is_kept_and_extended(tmp_path):
@@ -124,10 +147,13 @@ def _scp(transfer_syntaxes: list[str]):
     ([ExplicitVRLittleEndian, ImplicitVRLittleEndian], None),  # no JPEG-LS codec at the peer: decompressed for it
     ([JPEGLSLossless, ExplicitVRLittleEndian], JPEGLSLossless),  # the peer takes it: sent as built
 ], ids=["peer-without-codec", "peer-with-codec"])
-def test_cstore_falls_back_to_uncompressed_for_a_peer_without_the_codec(peer_syntaxes, expect_syntax, tmp_path):
+@pytest.mark.parametrize("encoding", ["jpeg-ls", "jpeg-ls-palette"])
+def test_cstore_falls_back_to_uncompressed_for_a_peer_without_the_codec(peer_syntaxes, expect_syntax, encoding,
+                                                                        tmp_path):
     source = synthetic_xray("dx")
     display = display_of(source)
-    path = write(build_overlay(source, display, prediction(), encoding="jpeg-ls"), tmp_path / "sc.dcm")
+    palette = encoding == "jpeg-ls-palette"
+    path = write(build_overlay(source, display, prediction(), encoding=encoding), tmp_path / "sc.dcm")
     server, got = _scp(peer_syntaxes)
     try:
         port = server.socket.getsockname()[1]
@@ -140,7 +166,8 @@ def test_cstore_falls_back_to_uncompressed_for_a_peer_without_the_codec(peer_syn
     ts = got[0].file_meta.TransferSyntaxUID
     if expect_syntax is None:
         assert not ts.is_compressed
-        assert got[0].PhotometricInterpretation == "RGB"
+        assert got[0].PhotometricInterpretation == ("PALETTE COLOR" if palette else "RGB")
     else:
         assert ts == expect_syntax
-    np.testing.assert_array_equal(got[0].pixel_array, render_overlay(display, prediction()))  # lossless either way
+    expected = render_overlay(display, prediction(), palette=palette)
+    np.testing.assert_array_equal(got[0].pixel_array, expected)  # lossless either way

@@ -118,7 +118,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     the rest). ``prediction.json`` is written with the SR; the display cache is kept until the overlay is built.
     """
     from .encoding.results import build_results
-    from .encoding.sc import render_overlay
+    from .encoding.sc import SC_ENCODINGS, render_overlay
 
     outputs = _outputs(cfg) if only is None else tuple(o for o in _outputs(cfg) if o in only)
     cache = out_dir / DISPLAY_CACHE
@@ -132,7 +132,8 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     earlier = previous_sr(cfg, str(ds.SOPInstanceUID)) if "sr" in outputs else None
     overlay = None  # the SC's pixels, rendered once: the SC and the preview are made from them
     if "sc" in outputs and display is not None and display.shape == (ds.Rows, ds.Columns):
-        overlay = render_overlay(display, prediction)
+        palette = SC_ENCODINGS[cfg.outputs.sc_transfer_syntax][1] == "PALETTE COLOR"
+        overlay = render_overlay(display, prediction, palette=palette)
     datasets, _changed = build_results(ds, display, prediction, outputs=outputs, predecessor_sr=earlier,
                                        sc_encoding=cfg.outputs.sc_transfer_syntax, overlay=overlay)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,15 +201,22 @@ def write_preview(overlay, png: Path) -> None:
     """A downscaled PNG of the overlay (at most PREVIEW_PX a side) for the dashboard and the ``analyze`` CLI.
 
     Made from the overlay's pixels in memory (decoding the SC just encoded cost ~40 ms), downscaled by an integer
-    box filter (``reduce``: ~1 ms against ~11 ms for ``thumbnail``'s resampling). ``overlay``: an RGB array, or an
-    SC dataset (decoded then).
+    box filter (``reduce``: ~1 ms against ~11 ms for ``thumbnail``'s resampling; a palette overlay is subsampled, then
+    coloured). ``overlay``: an RGB array, a 2-D array of palette indices, or an SC dataset (decoded then).
     """
     from PIL import Image
 
-    im = Image.fromarray(overlay if not hasattr(overlay, "pixel_array") else overlay.pixel_array)
-    factor = -(-max(im.size) // PREVIEW_PX)  # ceil
-    if factor > 1:
-        im = im.reduce(factor)
+    from .encoding.sc import overlay_rgb
+
+    if hasattr(overlay, "pixel_array"):
+        overlay = overlay.pixel_array  # palette indices for a PALETTE COLOR SC
+    factor = -(-max(overlay.shape[:2]) // PREVIEW_PX)  # ceil
+    if overlay.ndim == 2:  # palette indices: subsample (averaging indices would mean nothing), then colour
+        im = Image.fromarray(overlay_rgb(overlay[::factor, ::factor]) if factor > 1 else overlay_rgb(overlay))
+    else:
+        im = Image.fromarray(overlay)
+        if factor > 1:
+            im = im.reduce(factor)
     im.save(png, compress_level=1)
 
 

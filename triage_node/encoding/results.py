@@ -68,7 +68,7 @@ def build_results(
     prediction: Prediction,
     outputs: Iterable[str] = ("sr", "sc"),
     predecessor_sr: Dataset | None = None,
-    sc_encoding: str = "jpeg-ls",
+    sc_encoding: str = "jpeg-ls-palette",
     overlay: np.ndarray | None = None,
 ) -> tuple[list[Dataset], list[str]]:
     """Build the requested outputs for one analysed image.
@@ -88,7 +88,8 @@ def build_results(
     sc_encoding
         Transfer syntax of the SC overlay (``outputs.sc_transfer_syntax``, see :data:`sc.SC_ENCODINGS`).
     overlay
-        The SC's pixels, ``sc.render_overlay(display, prediction)``, when the caller rendered them already.
+        The SC's pixels, ``sc.render_overlay(display, prediction, palette=...)`` (palette for a PALETTE COLOR
+        encoding), when the caller rendered them already.
 
     Returns
     -------

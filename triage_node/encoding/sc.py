@@ -4,9 +4,10 @@ For viewers that render neither SR nor presentation states. Decisions:
 
 * Modality ``OT`` (highdicom's ``SCImage`` fixes it; we keep it on purpose): a PACS routing rule "Modality CR -> AI
   node" must not send our overlay back to be analysed again. :func:`results.is_own_output` is the second guard.
-* RGB: colour separates the annotations from anatomy. Encoded JPEG-LS lossless by default (~1 MB instead of 3 MB
-  uncompressed for a 1024 x 1024 overlay, ~45 ms); ``outputs.sc_transfer_syntax`` picks RLE, uncompressed or
-  lossy JPEG Baseline instead. The C-STORE sender decompresses for a peer that does not accept the syntax.
+* Colour separates the annotations from anatomy. ``jpeg-ls-palette``: PALETTE COLOR, one 8-bit index per pixel
+  (252 grays + the annotation colours), JPEG-LS lossless: ~0.35 MB for a 1024 x 1024 overlay and a third of the
+  encode of RGB. ``jpeg-ls`` (RGB, ~1 MB, ~45 ms to encode), RLE, uncompressed or lossy JPEG Baseline (RGB/YBR) via
+  ``outputs.sc_transfer_syntax``. The C-STORE sender decompresses for a peer that does not accept the syntax.
 * Same pixel geometry as the source (annotations are drawn in source pixel coordinates), so Patient Orientation
   and the lossy-compression history of the source are carried over; Source Image Sequence points at the source.
 * ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in.
@@ -43,6 +44,7 @@ _TEXT = (255, 255, 255)
 _ORIENTATION = frozenset({"A", "P", "R", "L", "H", "F"})
 #: outputs.sc_transfer_syntax -> (transfer syntax, photometric interpretation of the encoded pixels)
 SC_ENCODINGS = {
+    "jpeg-ls-palette": (JPEGLSLossless, "PALETTE COLOR"),
     "jpeg-ls": (JPEGLSLossless, "RGB"),
     "rle": (RLELossless, "RGB"),
     "explicit": (ExplicitVRLittleEndian, "RGB"),
@@ -51,6 +53,29 @@ SC_ENCODINGS = {
 
 
 _FONTS = threading.local()
+
+# PALETTE COLOR overlay: one 8-bit sample per pixel indexing a 256-entry palette. Entries 0..251 are grays (the
+# rendering quantised from 256 to 252 levels, at most 0.5 % of the range off), 252/253 the box and warning colours.
+_GRAY_LEVELS = 252
+_BOX_INDEX, _WARN_INDEX, _TEXT_INDEX = 252, 253, _GRAY_LEVELS - 1
+
+
+def _palette_rgb() -> np.ndarray:
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:_GRAY_LEVELS] = np.round(np.arange(_GRAY_LEVELS) * 255 / (_GRAY_LEVELS - 1)).astype(np.uint8)[:, None]
+    lut[_BOX_INDEX], lut[_WARN_INDEX] = _BOX, _WARN
+    lut[254:] = 255
+    return lut
+
+
+#: The overlay palette as RGB rows (index -> colour); also used to make previews of a palette overlay.
+PALETTE_RGB = _palette_rgb()
+_TO_INDEX = np.round(np.arange(256) * (_GRAY_LEVELS - 1) / 255).astype(np.uint8)  # gray value -> palette index
+
+
+def overlay_rgb(overlay: np.ndarray) -> np.ndarray:
+    """An overlay as RGB: a palette overlay (2-D indices) through :data:`PALETTE_RGB`, an RGB one as is."""
+    return PALETTE_RGB[overlay] if overlay.ndim == 2 else overlay
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -65,14 +90,23 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return fonts[size]
 
 
-def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
-    """Return an RGB uint8 copy of ``display`` with warning banner, result line, boxes and scores drawn.
+def render_overlay(display: np.ndarray, prediction: Prediction, palette: bool = False) -> np.ndarray:
+    """Return an RGB uint8 copy of ``display`` with warning banner, result line, boxes and scores drawn; with
+    ``palette``, a 2-D uint8 array of :data:`PALETTE_RGB` indices instead (text drawn without anti-aliasing, so
+    every pixel is a palette entry).
 
     The banner is drawn first so a box near the top edge stays visible over it.
     """
     rows, columns = display.shape
-    image = Image.fromarray(np.ascontiguousarray(display)).convert("RGB")
+    if palette:
+        image = Image.fromarray(_TO_INDEX[np.asarray(display)])
+        box, warn, text_ink, black = _BOX_INDEX, _WARN_INDEX, _TEXT_INDEX, 0
+    else:
+        image = Image.fromarray(np.ascontiguousarray(display)).convert("RGB")
+        box, warn, text_ink, black = _BOX, _WARN, _TEXT, (0, 0, 0)  # type: ignore[assignment]
     draw = ImageDraw.Draw(image)
+    if palette:
+        draw.fontmode = "1"
     scale = max(min(rows, columns), 256) / 1024
     line = max(2, round(3 * scale))
     small = _font(max(10, round(24 * scale)))
@@ -81,13 +115,13 @@ def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
     model = prediction.model
     verdict = "POSITIVE" if prediction.positive else "negative"
     lines = [
-        (BANNER, _WARN, large),
-        (f"AI: {model.name} {model.version}{' DEMO MODEL' if model.demo else ''}", _TEXT, small),
+        (BANNER, warn, large),
+        (f"AI: {model.name} {model.version}{' DEMO MODEL' if model.demo else ''}", text_ink, small),
         (f"Pneumonia {verdict} p={prediction.probability:.2f}; {len(prediction.detections)} opacity box(es)",
-         _TEXT, small),
+         text_ink, small),
     ]
     heights = [draw.textbbox((0, 0), text, font=font)[3] + line for text, _, font in lines]
-    draw.rectangle([0, 0, columns, sum(heights) + 2 * line], fill=(0, 0, 0))
+    draw.rectangle([0, 0, columns, sum(heights) + 2 * line], fill=black)
     y = line
     for (text, colour, font), height in zip(lines, heights):
         draw.text((2 * line, y), text, fill=colour, font=font)
@@ -96,14 +130,27 @@ def render_overlay(display: np.ndarray, prediction: Prediction) -> np.ndarray:
         x0, y0, x1, y1 = det.xyxy
         x0, x1 = float(np.clip(x0, 0, columns - 1)), float(np.clip(x1, 0, columns - 1))
         y0, y1 = float(np.clip(y0, 0, rows - 1)), float(np.clip(y1, 0, rows - 1))
-        draw.rectangle([x0, y0, x1, y1], outline=_BOX, width=line)
+        draw.rectangle([x0, y0, x1, y1], outline=box, width=line)
         label = f"Opacity {det.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=small)
         ty = y0 - (bottom - top) - 2 * line if y0 - (bottom - top) - 2 * line >= 0 else y1 + line
-        draw.rectangle([x0, ty, x0 + right - left + 2 * line, ty + bottom + line], fill=(0, 0, 0))
-        draw.text((x0 + line, ty), label, fill=_BOX, font=small)
+        draw.rectangle([x0, ty, x0 + right - left + 2 * line, ty + bottom + line], fill=black)
+        draw.text((x0 + line, ty), label, fill=box, font=small)
 
     return np.asarray(image, dtype=np.uint8)
+
+
+def _set_palette(sc: Dataset) -> None:
+    """Make ``sc`` PALETTE COLOR with :data:`PALETTE_RGB` (PS3.3 C.7.6.3: 256 entries, first index 0, 16-bit
+    entries, the widest viewer support)."""
+    sc.PhotometricInterpretation = "PALETTE COLOR"
+    for tag in ("PresentationLUTShape", "WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope"):
+        if tag in sc:
+            del sc[tag]
+    words = PALETTE_RGB.astype("<u2") * 257
+    for i, colour in enumerate(("Red", "Green", "Blue")):
+        setattr(sc, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(sc, f"{colour}PaletteColorLookupTableData", np.ascontiguousarray(words[:, i]).tobytes())
 
 
 def _multi(value) -> list:
@@ -127,7 +174,7 @@ def build_overlay(
     prediction: Prediction,
     *,
     series_number: int = 9902,
-    encoding: str = "jpeg-ls",
+    encoding: str = "jpeg-ls-palette",
     overlay: np.ndarray | None = None,
 ) -> Dataset:
     """Build the annotated Secondary Capture of ``source``.
@@ -145,12 +192,13 @@ def build_overlay(
     encoding
         A key of :data:`SC_ENCODINGS` (``outputs.sc_transfer_syntax``).
     overlay
-        ``render_overlay(display, prediction)`` when the caller already has it (it also makes the preview from it).
+        ``render_overlay(display, prediction, palette=...)`` when the caller already has it (it also makes the
+        preview from it): palette indices for a PALETTE COLOR encoding, else RGB.
 
     Raises
     ------
     ValueError
-        If ``display`` is not a 2-D uint8 array of the source's size, ``overlay`` not its RGB rendering's shape, or
+        If ``display`` is not a 2-D uint8 array of the source's size, ``overlay`` not its rendering's shape, or
         ``encoding`` is unknown.
     """
     if encoding not in SC_ENCODINGS:
@@ -162,10 +210,12 @@ def build_overlay(
         raise ValueError(f"display shape {display.shape} does not match source {expected}")
     if display.dtype != np.uint8:
         raise ValueError(f"display must be uint8, got {display.dtype}")
+    palette = photometric == "PALETTE COLOR"
     if overlay is None:
-        overlay = render_overlay(display, prediction)
-    elif overlay.shape != (*expected, 3) or overlay.dtype != np.uint8:
-        raise ValueError(f"overlay must be uint8 {expected[0]}x{expected[1]}x3, got {overlay.dtype} {overlay.shape}")
+        overlay = render_overlay(display, prediction, palette=palette)
+    elif overlay.shape != (expected if palette else (*expected, 3)) or overlay.dtype != np.uint8:
+        want = f"{expected[0]}x{expected[1]}" + ("" if palette else "x3")
+        raise ValueError(f"overlay must be uint8 {want} for {encoding}, got {overlay.dtype} {overlay.shape}")
     source, _ = clean_source(source)
     model = prediction.model
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -174,7 +224,8 @@ def build_overlay(
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=overlay,
-        photometric_interpretation=photometric,
+        # palette indices are encoded as one 8-bit sample (the JPEG-LS stream does not know what they mean)
+        photometric_interpretation="MONOCHROME2" if palette else photometric,
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=derive_uid(source.SOPInstanceUID, model.version, "sc-series"),
@@ -189,6 +240,8 @@ def build_overlay(
     )
     if not valid_orientation:  # Type 2C: unknown orientation is sent empty, never guessed
         sc["PatientOrientation"].value = None
+    if palette:
+        _set_palette(sc)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{BANNER}. AI result overlay by {model.label}"[:10240]
     sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering"[:1024]
