@@ -103,3 +103,23 @@ def test_overlay_send_failure_retries_without_sending_the_sr_again(tmp_path, red
     assert sum(e["event"] == "sr_sent" for e in entries) == 1
     assert sum(e["event"] == "sent" for e in entries) == 1
     assert not list((tmp_path / "spool" / "outbox").iterdir()), "outbox cleaned after delivery"
+
+
+def test_dashboard_row_shows_sr_sent_then_sent(tmp_path):
+    """Ops see the SR-first step: a study whose SR is out but whose overlay is not yet shows 'SR sent'; the
+    sr_delivered histogram takes its latency."""
+    from triage_node.audit import Audit
+    from triage_node.web_state import AuditState
+
+    path = tmp_path / "audit.jsonl"
+    audit = Audit(path)
+    state = AuditState(path)
+    audit.record("received", sop_instance_uid="1.2.3", study_instance_uid="1.2", ms=3.0)
+    audit.record("analysed", sop_instance_uid="1.2.3", ms=90.0, probability=0.9, positive=True)
+    audit.record("sr_sent", sop_instance_uid="1.2.3", latency_s=0.21, sent_uids=["1.2.3.9"])
+    state.refresh()
+    assert state.studies["1.2.3"]["status"] == "SR sent"
+    assert state.hist["sr_delivered"].total == 1 and state.hist["end_to_end"].total == 0
+    audit.record("sent", sop_instance_uid="1.2.3", latency_s=0.33, positive=True)
+    state.refresh()
+    assert state.studies["1.2.3"]["status"] == "sent" and state.hist["end_to_end"].total == 1

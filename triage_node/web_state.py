@@ -171,7 +171,7 @@ class AuditState:
     def _study(self, ev: str, ts: float, e: dict[str, Any], reason: str) -> None:
         sop = e.get("sop_instance_uid")
         status = {"received": "received", "skipped": "skipped", "refused": "refused", "analysed": "analysed",
-                  "sent": "sent", "dead_lettered": "dead-lettered", "failed": "failed",
+                  "sr_sent": "SR sent", "sent": "sent", "dead_lettered": "dead-lettered", "failed": "failed",
                   "replayed": "sent (replayed)"}.get(ev)
         if not sop or not status or (ev == "received" and e.get("duplicate") and sop in self.studies):
             return
