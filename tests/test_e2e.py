@@ -154,6 +154,23 @@ def test_worker_killed_mid_task_result_arrives_once(tmp_path, redis_url, orthanc
     assert sum(1 for e in entries if e["event"] == "sent") == 1
 
 
+def test_several_inference_processes_share_the_queue(tmp_path, redis_url, orthanc_factory, make_node):
+    """model.processes = 2: two prefork children with the model each take tasks; every instance one result."""
+    pacs = orthanc_factory()
+    dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
+    node = make_node(redis_url, dest, model={"processes": 2})
+    batch = []
+    for i in range(10):
+        ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        batch.append(ds)
+    assert c_store(node.port, batch) == [0] * 10
+    entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 10, timeout=300)
+    analysed = [e for e in entries if e["event"] == "analysed"]
+    assert sorted(e["sop_instance_uid"] for e in analysed) == sorted(d.SOPInstanceUID for d in batch)
+    assert len({e["pid"] for e in analysed}) == 2, "both inference processes took tasks"
+
+
 def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_factory, make_node):
     """batch_size > 1: task threads feed one micro-batcher; every instance still gets exactly one result."""
     pacs = orthanc_factory()

@@ -18,6 +18,7 @@ ENV_OVERRIDES = {
     "TRIAGE_MODEL_PATH": ("model", "path"),
     "TRIAGE_DEVICE": ("model", "device"),
     "TRIAGE_MODEL_THREADS": ("model", "threads"),
+    "TRIAGE_MODEL_PROCESSES": ("model", "processes"),
     "TRIAGE_PORT": ("receiver", "port"),
     "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
     "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),
@@ -114,6 +115,13 @@ class ModelConfig:
     #: OpenMP threads of a ResNet-18 take CPU from the report worker on the same cores (bench/e2e.py; 2 cores:
     #: 5.4 vs 3.5 results/s, and the bare model loop itself 7.6 vs 6.1 CXR/s). Ignored on a GPU.
     threads: int = 1
+    #: Inference processes (prefork children of the infer worker, each with the model and ``threads`` threads)
+    #: when ``batch_size`` is 1; more than one uses more cores on a CPU host (bench/e2e.py, docs/performance.md).
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.processes < 1 or self.batch_size < 1:
+            raise ValueError("model.processes and model.batch_size must be >= 1")
 
 
 SC_TRANSFER_SYNTAXES = ("jpeg-ls-palette", "jpeg-ls", "rle", "explicit", "jpeg")

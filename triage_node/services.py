@@ -79,13 +79,13 @@ def worker_command(queue: str, concurrency: int, pool: str, loglevel: str = "INF
 
 
 def start_workers(env: dict[str, str], loglevel: str = "INFO", log_dir: Path | None = None,
-                  batch_size: int = 1) -> list[subprocess.Popen]:
+                  batch_size: int = 1, processes: int = 1) -> list[subprocess.Popen]:
     """One inference worker and one threaded I/O worker.
 
-    Inference: ``batch_size`` 1 = prefork with one child (CUDA is initialised in the child; a killed child's task is
-    redelivered at once); > 1 = that many task threads in one process feeding a micro-batcher.
+    Inference: ``batch_size`` 1 = prefork with ``processes`` children (CUDA is initialised in the child; a killed
+    child's task is redelivered at once); > 1 = that many task threads in one process feeding a micro-batcher.
     """
-    infer = ("infer", 1, "prefork") if batch_size <= 1 else ("infer", batch_size, "threads")
+    infer = ("infer", max(1, processes), "prefork") if batch_size <= 1 else ("infer", batch_size, "threads")
     procs = []
     for queue, conc, pool in (infer, ("report", 4, "threads")):
         out = open(log_dir / f"worker-{queue}.log", "ab") if log_dir else None
