@@ -139,7 +139,8 @@ ae_title = "ORTHANC"
         if lat:
             print(f"\nnode latency C-STORE received -> results sent: median {sorted(lat)[len(lat) // 2]:.1f} s, "
                   f"max {max(lat):.1f} s (CPU)")
-        model = next(iter(audit.values()), {}).get("model") if audit else None
+        model = next((e.get("model") for e in read_audit(work / "audit.jsonl")
+                      if e["event"] == "analysed" and e.get("model")), None)  # the label the workers report
         print(f"\nWhere to look:\n  Orthanc Explorer: {pacs.url}/app/explorer.html (each study now has an SR and an "
               f"overlay series)\n  DICOMweb: {pacs.dicomweb_url}\n  PNG previews: {work / 'results'}/<SOPInstanceUID>"
               f"/preview.png\n  audit log: {work / 'audit.jsonl'}   status: .venv/bin/triage-node status --config "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,8 @@ def test_demo_once_routes_samples_through_orthanc(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "no result yet" not in res.stdout
     assert res.stdout.count("NOT FOR CLINICAL USE") >= 1
+    assert "model: (none reported)" not in res.stdout and re.search(r"^model: \S+ \S+", res.stdout, re.M), \
+        "the demo names the model the workers used"
     for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in SAMPLES):
         assert str(ds.StudyInstanceUID)[-20:] in res.stdout
     previews = list((tmp_path / "results").glob("*/preview.png"))
