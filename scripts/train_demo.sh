@@ -32,3 +32,27 @@ $PY -m triage_node.cli evaluate --model models/demo --rsna-labels "$DATA/cxr_sam
   --images "$DATA/cxr_samples/rsna_dicom" --out var/eval/rsna10
 $PY -m triage_node.cli evaluate --model models/demo --image-labels "$KER/labels.csv" \
   --split "var/main/split.json:test" --out var/eval/kermany-test
+
+# 5. input-size ablation (issue #10; MODEL_CARD.md "Input size"), not run by default: SIZE_ABLATION=1 runs it
+#    (~45 min of training on 2 cores, then evaluation and a short CPU benchmark, best on an idle machine).
+#    Step 3's recipe at 192, 320 and again 256 px (one seed each; same NIH split as var/main), each evaluated on
+#    its val and held-out test side; the size is chosen on val AUC only. Measured 2026-12-01.
+if [ "${SIZE_ABLATION:-0}" = 1 ]; then
+  for N in 192 320 256; do
+    MAX=()
+    if [ "$N" = 320 ]; then MAX=(--max-minutes 40); fi
+    $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --holdout-boxed \
+      --epochs 16 --patience 6 --lr 2e-3 --size "$N" --batch-size 32 --threads 2 --seed 0 --no-progress \
+      --checkpoint-dir "var/abl-size-$N" --out "var/abl-size-$N/pkg" "${MAX[@]}"
+  done
+  for N in 192 320 256; do
+    for side in val test; do
+      $PY -m triage_node.cli evaluate --model "var/abl-size-$N/pkg" --image-labels "$NIH/labels.csv" \
+        --boxes "$NIH/boxes.csv" --split "var/abl-size-$N/split.json:$side" --threads 2 \
+        --out "var/eval/abl-size-$N-nih-$side"
+    done
+  done
+  for N in 192 320 256; do
+    $PY bench/cpu_infer.py --model "var/abl-size-$N/pkg" --baseline-model models/demo --threads 1 --n 10
+  done
+fi
