@@ -14,7 +14,7 @@ import requests
 from conftest import ROOT, write_toml
 
 from triage_node import config, web
-from triage_node.audit import Audit
+from triage_node.audit import Audit, read
 from triage_node.services import free_port, worker_command
 from triage_node.spool import Spool
 from triage_node.transport import scp
@@ -88,3 +88,42 @@ def test_readyz_says_only_ready_without_login_and_details_with_it(tmp_path, redi
             worker.wait()
         srv.stop()
         receiver.shutdown()
+
+
+def test_receiver_check_by_c_echo_when_the_dashboard_runs_apart(tmp_path):
+    """[web] receiver_address (the dashboard in its own container): /readyz's receiver check is a C-ECHO to that
+    address, not a look at local sockets; it fails with the reason when the probe's AE is not allowed or nothing
+    answers, and it leaves no association open."""
+    from triage_node.web_probes import Probes
+    from triage_node.web_state import AuditState
+
+    port = free_port()
+    cfg = config.Config(
+        receiver=config.ReceiverConfig(port=port, allowed_calling_aets=("ORTHANC", "TRIAGE-WEB")),
+        spool=config.SpoolConfig(directory=str(tmp_path / "spool")),
+        retry=config.RetryConfig(dead_letter_dir=str(tmp_path / "dead")),
+        audit_log=str(tmp_path / "audit.jsonl"))
+    spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir)
+    audit = Audit.from_config(cfg)
+    receiver = scp.start(cfg, spool, lambda *a: "task-id", audit, block=False)
+
+    def probe(**web_kw) -> tuple[bool, str]:
+        # the dashboard's own config: another receiver port locally (nothing listens there), the real one remote
+        c = config.Config(receiver=config.ReceiverConfig(port=free_port()), web=config.WebConfig(**web_kw),
+                          spool=cfg.spool, audit_log=cfg.audit_log)
+        return Probes(c, spool, AuditState(cfg.audit_log)).receiver_listening()
+
+    try:
+        ok, detail = probe(receiver_address=f"127.0.0.1:{port}")
+        assert ok and "answers C-ECHO" in detail, detail
+        assert not probe()[0], "without receiver_address the local check finds nothing on its own port"
+        ok, detail = probe(receiver_address=f"127.0.0.1:{port}", probe_ae_title="INTRUDER")
+        assert not ok and "rejected" in detail, detail
+        assert not probe(receiver_address=f"127.0.0.1:{free_port()}")[0]
+        assert not probe(receiver_address="no-port-here")[0]
+        time.sleep(0.5)
+        assert len(receiver.active_associations) == 0, "the probe released its association"
+    finally:
+        receiver.shutdown()
+    events = [e["event"] for e in read(cfg.audit_log)]
+    assert events.count("evt_accepted") >= 1 and events.count("evt_rejected") >= 1

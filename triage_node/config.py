@@ -24,6 +24,7 @@ ENV_OVERRIDES = {
     "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),
     "TRIAGE_WEB_PORT": ("web", "port"),
     "TRIAGE_WEB_PASSWORD": ("web", "password"),
+    "TRIAGE_WEB_RECEIVER": ("web", "receiver_address"),
     "TRIAGE_DEAD_LETTER_DIR": ("retry", "dead_letter_dir"),
     "TRIAGE_ARCHIVE_DIR": ("outputs", "archive_dir"),
     "TRIAGE_AUDIT_LOG": ("", "audit_log"),
@@ -199,6 +200,11 @@ class WebConfig:
     #: Required (HTTP basic) whenever ``bind`` is not a loopback address; never logged.
     username: str = ""
     password: str = ""
+    #: ``host:port`` of the receiver when the dashboard runs apart from it (another container or host): /readyz then
+    #: checks it with a DICOM C-ECHO (calling AE ``probe_ae_title``, which the receiver's ``allowed_calling_aets``
+    #: must include when that list is set) instead of looking for a local listening socket.
+    receiver_address: str = ""
+    probe_ae_title: str = "TRIAGE-WEB"
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,13 @@ class Probes:
 
     # -- readiness -----------------------------------------------------------------------------------------------
     def receiver_listening(self) -> tuple[bool, str]:
-        """The receiver port is in LISTEN state (Linux: /proc/net/tcp*, no connection is made).
+        """The receiver port is in LISTEN state (Linux: /proc/net/tcp*, no connection is made); with
+        ``[web] receiver_address`` (the receiver on another host or container), it answers a C-ECHO there.
 
         A TCP connect is the fallback only: pynetdicom holds an association slot for each connection until its
         ACSE timeout, so frequent connect probes would make the PACS see "local limit exceeded" rejections."""
+        if self.cfg.web.receiver_address:
+            return self.receiver_echo(self.cfg.web.receiver_address)
         host, port = _loopback(self.cfg.receiver.bind), self.cfg.receiver.port
         found = _proc_listening(port)
         if found is not None:
@@ -136,6 +139,34 @@ class Probes:
                 return True, f"{host}:{port} accepts connections"
         except OSError as exc:
             return False, f"{host}:{port}: {exc.strerror or type(exc).__name__}"
+
+    def receiver_echo(self, address: str, timeout: float = 3.0) -> tuple[bool, str]:
+        """A DICOM C-ECHO to the receiver at ``host:port`` (a whole association, released: no slot left held)."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        host, _, port_s = address.rpartition(":")
+        try:
+            port = int(port_s)
+        except ValueError:
+            return False, f"[web] receiver_address {address!r}: expected host:port"
+        ae = AE(ae_title=self.cfg.web.probe_ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        called = self.cfg.receiver.ae_title
+        assoc = ae.associate(host.strip("[]"), port, ae_title=called)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted or unreachable"
+            return False, f"{host}:{port} ({called}): association {why}"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        code = int(status.get("Status", -1)) if status else -1
+        if code != 0:
+            return False, f"{host}:{port} ({called}): C-ECHO " + ("no response" if code < 0 else f"status 0x{code:04X}")
+        return True, f"{host}:{port} ({called}) answers C-ECHO"
 
     def spool_writable(self) -> tuple[bool, str]:
         try:

@@ -52,6 +52,9 @@ def test_compose_demo_routes_the_samples_through_the_containers(podman_ok, tmp_p
         metrics = requests.get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/metrics", auth=("admin", password),
                                timeout=10).text
         assert f"triage_results_sent_total {float(len(SAMPLES))}" in metrics
+        ready = requests.get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/readyz", auth=("admin", password),
+                             timeout=30).json()
+        assert ready["checks"]["receiver_listening"]["ok"], ready  # C-ECHO from the web container to the receiver
         assert requests.get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/", timeout=10).status_code == 401
     finally:
         for svc in SERVICES:
