@@ -1,41 +1,43 @@
 #!/usr/bin/env bash
-# The exact commands that produced models/demo (0.2.0-demo) on this 2-core CPU machine (~60 min in all).
-# Every stage checkpoints each epoch and resumes when re-run (delete var/<stage> to start it afresh).
+# The exact commands that produced models/demo (0.3.0-demo, 192 px) on this 2-core CPU machine (~20 min of training
+# for steps 1-2). Every stage checkpoints each epoch and resumes when re-run (delete var/<stage> to start afresh).
 #   1. pretrain the classifier on the Kermany pediatric films (image-level, split by id_prefix)
 #   2. train on the NIH adult films (primary source; split by nih_patient_id, every boxed patient held out in
-#      test) mixed with Kermany at weight 0.3, starting from stage 1; operating point: sensitivity 0.90 on val
-#   3. ablation: the same stage 2 from random weights, NIH only (no pretraining, no Kermany)
-#   4. evaluate on the held-out test split, the 10 real RSNA samples and the Kermany held-out groups
+#      test) mixed with Kermany at weight 0.3, starting from stage 1; operating point: sensitivity 0.90 on val;
+#      no test-time augmentation (it doubles the CPU cost)
+#   3. ablation: the same stage 2 from random weights, NIH only (no pretraining, no Kermany), at 256 px
+#   4. evaluate on the val and held-out test splits, the 10 real RSNA samples and the Kermany held-out groups
+# 0.2.0-demo was steps 1-2 at --size 256 (with --tta, which that run did not keep) into var/pretrain and var/main.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${SHARED:-../shared}/data
 NIH=$DATA/nih_adult
 KER=$DATA/kermany_224
-COMMON=(--size 256 --batch-size 32 --threads 2 --seed 0 --no-progress)
+COMMON=(--batch-size 32 --threads 2 --seed 0 --no-progress)
 
 $PY -m triage_node.cli train --image-labels "$KER/labels.csv" --epochs 3 --max-minutes 24 --lr 2e-3 \
-  --checkpoint-dir var/pretrain "${COMMON[@]}"
+  --checkpoint-dir var/pretrain-192 --size 192 "${COMMON[@]}"
 
 $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --image-labels "$KER/labels.csv:0.3" \
-  --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain/checkpoint.pt --epochs 16 --patience 6 \
-  --lr 1e-3 --tta --checkpoint-dir var/main --out models/demo "${COMMON[@]}"
+  --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain-192/checkpoint.pt --epochs 16 --patience 6 \
+  --lr 1e-3 --checkpoint-dir var/main-192 --out models/demo --version 0.3.0-demo --size 192 "${COMMON[@]}"
 
 $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --holdout-boxed \
-  --epochs 16 --patience 6 --lr 2e-3 --checkpoint-dir var/ablation-scratch "${COMMON[@]}"
+  --epochs 16 --patience 6 --lr 2e-3 --checkpoint-dir var/ablation-scratch --size 256 "${COMMON[@]}"
 
 for side in val test; do
   $PY -m triage_node.cli evaluate --model models/demo --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
-    --split "var/main/split.json:$side" --out "var/eval/nih-$side"
+    --split "models/demo/split.json:$side" --out "var/eval/nih-$side"
 done
 $PY -m triage_node.cli evaluate --model models/demo --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
   --images "$DATA/cxr_samples/rsna_dicom" --out var/eval/rsna10
 $PY -m triage_node.cli evaluate --model models/demo --image-labels "$KER/labels.csv" \
-  --split "var/main/split.json:test" --out var/eval/kermany-test
+  --split "models/demo/split.json:test" --out var/eval/kermany-test
 
 # 5. input-size ablation (issue #10; MODEL_CARD.md "Input size"), not run by default: SIZE_ABLATION=1 runs it
 #    (~45 min of training on 2 cores, then evaluation and a short CPU benchmark, best on an idle machine).
-#    Step 3's recipe at 192, 320 and again 256 px (one seed each; same NIH split as var/main), each evaluated on
+#    Step 3's recipe at 192, 320 and again 256 px (one seed each; same NIH split as models/demo), each evaluated on
 #    its val and held-out test side; the size is chosen on val AUC only. Measured 2026-12-01.
 if [ "${SIZE_ABLATION:-0}" = 1 ]; then
   for N in 192 320 256; do

@@ -137,4 +137,4 @@ def test_shipped_demo_model_has_skill_on_held_out_real_films():
             tops.append(np.array([d[0].x, d[0].y, d[0].width, d[0].height]) if d else None)
             gts.append(boxes[src.keys[i]])
     loc = E.localisation(tops, gts)
-    assert loc["boxed_films"] == 26 and loc["top_box_iobb_0.1"] >= 0.35  # measured 0.42; the target (0.70) is not met
+    assert loc["boxed_films"] == 26 and loc["top_box_iobb_0.1"] >= 0.35  # measured 0.46 (0.3.0); the target 0.70 is not met
