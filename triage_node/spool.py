@@ -51,18 +51,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so a reader sees either nothing or the whole file, and it survives a crash."""
+def atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o600, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so a reader sees either nothing or the whole file, and (``durable``) it survives a
+    crash. ``durable=False`` skips the two fsyncs, for state whose loss only repeats idempotent work."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -340,7 +340,8 @@ def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, b
     latency = round(time.time() - float(payload.get("received_at", time.time())), 3)
     uids = sorted(set(state.get("uids", [])) | {u for v in sent.values() for u in v})
     if not last:
-        atomic_write(state_file, json.dumps({**state, phase: sorted(done), "uids": uids}).encode())
+        # not fsynced: lost in a crash, the SR is only sent again under the same UIDs (the PACS keeps one copy)
+        atomic_write(state_file, json.dumps({**state, phase: sorted(done), "uids": uids}).encode(), durable=False)
         audit.record("sr_sent", destinations=sorted(done), sent_uids=uids, latency_s=latency, **base)
         return {"status": "sent", "latency_s": latency}
     archive(box, prediction, payload)
