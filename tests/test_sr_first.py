@@ -106,8 +106,8 @@ def test_overlay_send_failure_retries_without_sending_the_sr_again(tmp_path, red
 
 
 def test_dashboard_row_shows_sr_sent_then_sent(tmp_path):
-    """Ops see the SR-first step: a study whose SR is out but whose overlay is not yet shows 'SR sent'; the
-    sr_delivered histogram takes its latency."""
+    """Ops see the SR-first step: a study whose SR is out but whose overlay is not yet shows 'SR sent' and, when
+    positive, is flagged (read first) already; the sr_delivered histogram takes its latency."""
     from triage_node.audit import Audit
     from triage_node.web_state import AuditState
 
@@ -116,9 +116,14 @@ def test_dashboard_row_shows_sr_sent_then_sent(tmp_path):
     state = AuditState(path)
     audit.record("received", sop_instance_uid="1.2.3", study_instance_uid="1.2", ms=3.0)
     audit.record("analysed", sop_instance_uid="1.2.3", ms=90.0, probability=0.9, positive=True)
-    audit.record("sr_sent", sop_instance_uid="1.2.3", latency_s=0.21, sent_uids=["1.2.3.9"])
+    audit.record("received", sop_instance_uid="1.2.4", study_instance_uid="1.3", ms=3.0)
+    audit.record("sr_sent", sop_instance_uid="1.2.3", latency_s=0.21, sent_uids=["1.2.3.9"], positive=True,
+                 probability=0.9)
     state.refresh()
     assert state.studies["1.2.3"]["status"] == "SR sent"
+    rows = state.recent_studies()
+    assert rows[0]["sop_instance_uid"] == "1.2.3" and rows[0]["flagged"], "a positive is flagged once its SR is out"
+    assert not rows[1]["flagged"]
     assert state.hist["sr_delivered"].total == 1 and state.hist["end_to_end"].total == 0
     audit.record("sent", sop_instance_uid="1.2.3", latency_s=0.33, positive=True)
     state.refresh()

@@ -214,10 +214,10 @@ class AuditState:
         return out
 
     def recent_studies(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Flagged results (sent, positive) first, then everything else; newest first within each group."""
+        """Flagged results (positive, SR at the PACS) first, then everything else; newest first within each group."""
         with self.lock:
             rows = [dict(r) for r in reversed(self.studies.values())]
         for r in rows:
-            r["flagged"] = bool(r.get("positive")) and r["status"].startswith("sent")
+            r["flagged"] = bool(r.get("positive")) and (r["status"].startswith("sent") or r["status"] == "SR sent")
         rows.sort(key=lambda r: not r["flagged"])  # stable: keeps newest-first order inside each group
         return rows[:limit]

@@ -342,7 +342,8 @@ def _deliver(task, sop: str, box: Path, prediction: Prediction, payload: dict, b
     if not last:
         # not fsynced: lost in a crash, the SR is only sent again under the same UIDs (the PACS keeps one copy)
         atomic_write(state_file, json.dumps({**state, phase: sorted(done), "uids": uids}).encode(), durable=False)
-        audit.record("sr_sent", destinations=sorted(done), sent_uids=uids, latency_s=latency, **base)
+        audit.record("sr_sent", destinations=sorted(done), sent_uids=uids, latency_s=latency,
+                     positive=prediction.positive, probability=round(prediction.probability, 4), **base)
         return {"status": "sent", "latency_s": latency}
     archive(box, prediction, payload)
     audit.record("sent", destinations=sorted(d.name for d in cfg.destinations), sent_uids=uids,
