@@ -154,16 +154,22 @@ def test_worker_killed_mid_task_result_arrives_once(tmp_path, redis_url, orthanc
     assert sum(1 for e in entries if e["event"] == "sent") == 1
 
 
+def unique_copies(n: int) -> list[pydicom.Dataset]:
+    """``n`` copies of the shipped samples, each with its own SOP Instance UID."""
+    batch = []
+    for i in range(n):
+        ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        batch.append(ds)
+    return batch
+
+
 def test_several_inference_processes_share_the_queue(tmp_path, redis_url, orthanc_factory, make_node):
     """model.processes = 2: two prefork children with the model each take tasks; every instance one result."""
     pacs = orthanc_factory()
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
     node = make_node(redis_url, dest, model={"processes": 2})
-    batch = []
-    for i in range(10):
-        ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        batch.append(ds)
+    batch = unique_copies(10)
     assert c_store(node.port, batch) == [0] * 10
     entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 10, timeout=300)
     analysed = [e for e in entries if e["event"] == "analysed"]
@@ -176,11 +182,7 @@ def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_fact
     pacs = orthanc_factory()
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
     node = make_node(redis_url, dest, model={"batch_size": 4, "batch_wait_ms": 500})
-    batch = []
-    for i in range(8):
-        ds = pydicom.dcmread(SAMPLES[i % len(SAMPLES)])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        batch.append(ds)
+    batch = unique_copies(8)
     assert c_store(node.port, batch) == [0] * 8
     sent_uids = [d.SOPInstanceUID for d in batch]
     entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 8, timeout=300)

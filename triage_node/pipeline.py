@@ -98,10 +98,6 @@ _KIND_BY_SOP_CLASS = {
 
 def output_names(cfg: Config) -> tuple[str, ...]:
     """The configured outputs, SR first."""
-    return _outputs(cfg)
-
-
-def _outputs(cfg: Config) -> tuple[str, ...]:
     return tuple(k for k, on in (("sr", True), ("sc", cfg.outputs.sc), ("gsps", cfg.outputs.gsps)) if on)
 
 
@@ -120,7 +116,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     from .encoding.results import build_results
     from .encoding.sc import SC_ENCODINGS, render_overlay
 
-    outputs = _outputs(cfg) if only is None else tuple(o for o in _outputs(cfg) if o in only)
+    outputs = output_names(cfg) if only is None else tuple(o for o in output_names(cfg) if o in only)
     cache = out_dir / DISPLAY_CACHE
     display = load_display(cache) if "sc" in outputs else None  # only the overlay needs pixels
     ds = dicom_io.read(path, header_only=display is not None or "sc" not in outputs)
@@ -145,9 +141,9 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
         files.append(f)
     if overlay is not None and (bool(cfg.outputs.archive_dir) if preview is None else preview):
         write_preview(overlay, out_dir / "preview.png")
-    if "sr" in outputs or only is None:
+    if "sr" in outputs:
         atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
-    if only is None or "sc" in outputs or "sc" not in _outputs(cfg):
+    if "sc" in outputs or "sc" not in output_names(cfg):  # else a later phase builds the overlay from it
         cache.unlink(missing_ok=True)
     return files
 

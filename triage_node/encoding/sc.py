@@ -5,7 +5,7 @@ For viewers that render neither SR nor presentation states. Decisions:
 * Modality ``OT`` (highdicom's ``SCImage`` fixes it; we keep it on purpose): a PACS routing rule "Modality CR -> AI
   node" must not send our overlay back to be analysed again. :func:`results.is_own_output` is the second guard.
 * Colour separates the annotations from anatomy. ``jpeg-ls-palette``: PALETTE COLOR, one 8-bit index per pixel
-  (252 grays + the annotation colours), JPEG-LS lossless: ~0.35 MB for a 1024 x 1024 overlay and a third of the
+  (252 grays + the annotation colours), JPEG-LS lossless: ~0.25 MB for a 1024 x 1024 overlay and a third of the
   encode of RGB. ``jpeg-ls`` (RGB, ~1 MB, ~45 ms to encode), RLE, uncompressed or lossy JPEG Baseline (RGB/YBR) via
   ``outputs.sc_transfer_syntax``. The C-STORE sender decompresses for a peer that does not accept the syntax.
 * Same pixel geometry as the source (annotations are drawn in source pixel coordinates), so Patient Orientation
