@@ -214,3 +214,28 @@ def test_compressed_transfer_syntaxes_accepted_and_spooled_as_sent(receiver, tmp
     spooled = pydicom.dcmread(spool.instance_path(str(ds.SOPInstanceUID)))
     assert spooled.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     assert spooled.PixelData == ds.PixelData
+
+
+def test_many_instances_on_one_association_then_release(receiver, redis_url):
+    """Back-to-back C-STOREs are served without returning to pynetdicom's reactor loop between them (scp_server's
+    ``_streaming_serve``): every one is answered, spooled and queued once, and the release that follows the stream
+    is still seen (the association ends released, not aborted or timed out)."""
+    cfg, spool, server = receiver()
+    ae = AE(ae_title="TESTSCU")
+    ds0 = fresh()
+    ae.add_requested_context(str(ds0.SOPClassUID), [str(ds0.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", cfg.receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    served = server.active_associations[0]._serve_request
+    assert served.__qualname__.startswith("_streaming_serve"), "the streaming serve is installed"
+    sent = []
+    for _ in range(25):
+        ds = fresh()
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        sent.append(str(ds.SOPInstanceUID))
+    assoc.release()
+    assert assoc.is_released and not assoc.is_aborted
+    assert sorted(p.stem for p in spool.pending()) == sorted(sent)
+    assert len(queued(redis_url)) == 25
+    received = [e["sop_instance_uid"] for e in read(cfg.audit_log) if e.get("event") == "received"]
+    assert sorted(received) == sorted(sent)

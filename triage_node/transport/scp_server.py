@@ -13,7 +13,8 @@ pynetdicom's ``ThreadedAssociationServer`` with four changes:
 * **Idle peers let go.** The accepted socket times out after ``idle_timeout`` without a byte (a peer that stops
   inside a PDU no longer holds the association thread for ever), and every chunk received restarts pynetdicom's
   idle timer, so a slow but steady sender of one large PDU is not cut off while an idle one is.
-* **Shorter polling.** The DUL reactor polls its queues every 0.2 ms instead of 1 ms while data flows.
+* **Shorter polling.** The DUL reactor polls its queues every 0.2 ms instead of 1 ms while data flows, and the
+  association serves back-to-back requests without returning to its reactor loop (which sleeps 1 ms per turn).
 """
 
 from __future__ import annotations
@@ -111,10 +112,34 @@ def _waiting_get_msg(dimse: Any) -> Any:
     return get_msg
 
 
+def _streaming_serve(assoc: Any) -> Any:
+    """``assoc._serve_request`` that, once a request is answered, serves the next one as soon as the DUL has decoded
+    it (waiting up to ``REACTOR_WAIT_S``), instead of going back to the acceptor's reactor loop, whose every turn
+    starts with a 1 ms sleep: at one association that sleep was a tenth of the time per instance. When no request
+    follows in time, the loop resumes and does its release, abort, DUL and idle checks as before."""
+    serve = assoc._serve_request
+    msg_queue = assoc.dimse.msg_queue
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        while True:
+            serve(msg, context_id)
+            if assoc._kill or not assoc.is_established or not assoc.dul.is_alive():
+                return
+            try:
+                context_id, msg = msg_queue.get(block=True, timeout=REACTOR_WAIT_S)
+            except queue.Empty:
+                return
+            if msg is None:
+                return
+
+    return serve_request
+
+
 class ReceiverRequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         setattr(assoc.dimse, "get_msg", _waiting_get_msg(assoc.dimse))  # noqa: B010 - instance override
+        setattr(assoc, "_serve_request", _streaming_serve(assoc))  # noqa: B010 - instance override
         assoc.dul.socket.__class__ = ReceiverSocket  # same object, recv() replaced (a subclass adding no state)
         assoc.dul._run_loop_delay = DUL_LOOP_DELAY
         setattr(assoc.dul, "receive_pdu", _closing_aware_receive(assoc.dul))  # noqa: B010 - instance override
