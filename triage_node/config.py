@@ -19,6 +19,7 @@ ENV_OVERRIDES = {
     "TRIAGE_DEVICE": ("model", "device"),
     "TRIAGE_MODEL_THREADS": ("model", "threads"),
     "TRIAGE_MODEL_PROCESSES": ("model", "processes"),
+    "TRIAGE_MODEL_BATCH_SIZE": ("model", "batch_size"),
     "TRIAGE_PORT": ("receiver", "port"),
     "TRIAGE_AE_TITLE": ("receiver", "ae_title"),
     "TRIAGE_RECEIVER_PROCESSES": ("receiver", "processes"),

@@ -16,7 +16,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from celery.exceptions import Retry
 
@@ -45,11 +47,15 @@ _batcher = None
 _batcher_lock = threading.Lock()
 
 
-def _predict():
-    """Image -> Prediction; through a shared micro-batcher when the worker runs several task threads."""
+def _predict() -> AbstractContextManager[Callable[[Any], Any] | None]:
+    """For one analyze task: a context giving the image -> Prediction callable, through the worker's shared
+    micro-batcher when it runs several task threads (``model.batch_size`` > 1; None otherwise: one at a time).
+
+    The task enters it before decoding, so the batcher knows an image is coming and waits for it (up to
+    ``model.batch_wait_ms``) only then: under a backlog the task threads fill batches, a lone CXR runs at once."""
     global _batcher
     if cfg.model.batch_size <= 1:
-        return None
+        return nullcontext(None)
     with _batcher_lock:
         if _batcher is None:
             from triage_node.batching import MicroBatcher
@@ -60,8 +66,9 @@ def _predict():
                     p.timings_ms["batch"] = len(images)
                 return preds
 
-            _batcher = MicroBatcher(run, cfg.model.batch_size, cfg.model.batch_wait_ms / 1000)
-    return _batcher.submit
+            _batcher = MicroBatcher(run, cfg.model.batch_size, cfg.model.batch_wait_ms / 1000,
+                                    wait_for_announced=True)
+    return _batcher.ticket()
 
 
 def _backoff(attempt: int) -> float:
@@ -174,8 +181,9 @@ def analyze(self, payload: dict) -> dict:
     t0 = time.time()
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
-        pred = pipeline.analyze(path, cfg, predict=_predict(),
-                                display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)  # decoded once per node
+        with _predict() as predict:
+            pred = pipeline.analyze(path, cfg, predict=predict,
+                                    display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)  # decoded once per node
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
