@@ -58,3 +58,32 @@ if [ "${SIZE_ABLATION:-0}" = 1 ]; then
     $PY bench/cpu_infer.py --model "var/abl-size-$N/pkg" --baseline-model models/demo --threads 1 --n 10
   done
 fi
+
+# 6. fine-tuning ablation from the shipped 0.3.0 weights (MODEL_CARD.md, "Two fine-tuning runs"), not run by
+#    default: FINETUNE_ABLATION=1 runs it (~8 min of training on 2 cores, then evaluation). The init is 0.3.0's
+#    gate as shipped (fp16 in git at 0e9c67c, widened to fp32); the hemithorax-MIL run and its plain control, both
+#    compared film for film with 0.3.0 (evaluate --compare: paired bootstrap).
+if [ "${FINETUNE_ABLATION:-0}" = 1 ]; then
+  mkdir -p var/halves
+  git show 0e9c67c:models/demo/gate.safetensors > var/halves/gate-0.3.0.safetensors
+  $PY -c "import torch; from safetensors.torch import load_file; torch.save({k: v.float() for k, v in \
+load_file('var/halves/gate-0.3.0.safetensors').items()}, 'var/halves/init-0.3.0.pt')"
+  for side in val test; do
+    $PY -m triage_node.cli evaluate --model models/demo --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
+      --split "models/demo/split.json:$side" --threads 2 --out "var/eval/shipped-nih-$side"
+  done
+  for V in halves:resnet18-halves control:resnet18; do
+    NAME=${V%%:*}; ARCH=${V#*:}
+    $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --image-labels "$KER/labels.csv:0.3" \
+      --boxes "$NIH/boxes.csv" --holdout-boxed --init var/halves/init-0.3.0.pt --arch "$ARCH" --epochs 12 \
+      --patience 5 --lr 5e-4 --checkpoint-dir "var/halves/$NAME" --out "var/halves/$NAME-pkg" \
+      --version "0.4.0-$NAME" --size 192 "${COMMON[@]}"
+    for side in val test; do
+      $PY -m triage_node.cli evaluate --model "var/halves/$NAME-pkg" --image-labels "$NIH/labels.csv" \
+        --boxes "$NIH/boxes.csv" --split "var/halves/$NAME-pkg/split.json:$side" --threads 2 \
+        --compare "var/eval/shipped-nih-$side" --out "var/eval/$NAME-nih-$side"
+    done
+    $PY -m triage_node.cli evaluate --model "var/halves/$NAME-pkg" --image-labels "$KER/labels.csv" \
+      --split "var/halves/$NAME-pkg/split.json:test" --threads 2 --out "var/eval/kermany-$NAME"
+  done
+fi

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def test_a_few_steps_on_real_films_lower_the_loss_and_beat_untrained(tmp_path):
     assert trained > max(base, 0.5) + 0.2, (trained, base)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet18-lunglse"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet18-lunglse", "resnet18-halves"])
 def test_the_map_pools_to_the_logit(arch):
     torch.manual_seed(0)
     m = build_classifier(arch).eval()
@@ -95,6 +96,18 @@ def test_the_map_pools_to_the_logit(arch):
             lung[0, :, 5, 2] = 20 * w
             p0, pc, pl = (float(m._pool(m._map(f))) for f in (base, corner, lung))
             assert pl - p0 > 5 * (pc - p0) and pl - p0 > 1
+        elif arch.endswith("halves"):
+            # each half's map is exact for that half's logit; the film's logit is their soft maximum
+            halves = torch.stack([cam[..., :2].mean((1, 2)), cam[..., 2:].mean((1, 2))], 1) + m.fc.bias[0]
+            lse = (torch.logsumexp(5.0 * halves, 1) - math.log(2)) / 5.0
+            assert torch.allclose(logits, lse, atol=1e-4)
+            assert (logits >= halves.max(1).values - math.log(2) / 5.0 - 1e-4).all()
+            # a half cannot see the other: changing the right half leaves the left half's map as it was
+            y = x.clone()
+            y[..., 64:] = torch.rand(2, 1, 128, 64)
+            _, cam_y = m.forward_cam(y)
+            assert torch.allclose(cam[..., :2], cam_y[..., :2], atol=1e-5)
+            assert not torch.allclose(cam[..., 2:], cam_y[..., 2:], atol=1e-3)
         else:
             assert torch.allclose(logits, cam.mean((1, 2)) + m.fc.bias[0], atol=1e-4)
 
@@ -201,3 +214,23 @@ def test_inference_worker_imports_no_training_code(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["bad"] == [] and 0.0 <= out["p"] <= 1.0
+
+
+def test_paired_auc_difference_hand_worked():
+    y = np.array([1, 1, 0, 0])
+    new = np.array([0.9, 0.8, 0.1, 0.2])  # AUC 1.0
+    old = np.array([0.1, 0.8, 0.9, 0.2])  # one of four positive-negative pairs ordered right: AUC 0.25
+    d = E.paired_auc_difference(y, new, old, n=500)
+    assert d["difference"] == pytest.approx(0.75)
+    assert d["ci95_low"] <= 0.75 <= d["ci95_high"] and d["share_of_resamples_new_better"] > 0.5
+    same = E.paired_auc_difference(y, new, new, n=200)
+    assert same["difference"] == 0 and same["ci95_low"] == 0 and same["ci95_high"] == 0
+
+
+def test_compare_reads_the_other_runs_scores_by_film(tmp_path):
+    (tmp_path / "per_image.csv").write_text("key,label,view,probability,positive,top_box_xywh,gt_boxes\n"
+                                            "a,1,,0.1,0,,\nb,0,,0.9,1,,\nc,1,,0.6,1,,\nz,0,,0.5,0,,\n")
+    out = E.compare_with(tmp_path, ["a", "b", "c", "d"], np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.6, 0.2]))
+    assert out["films_in_common"] == 3 and out["films_only_here"] == 1
+    # on a, b, c: this run orders both positive-negative pairs right (1.0), the other neither (0.0)
+    assert out["auc_difference_this_minus_other"]["difference"] == pytest.approx(1.0)

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-CAM_ARCHS = ("resnet18", "resnet34", "resnet18-lunglse")
+CAM_ARCHS = ("resnet18", "resnet34", "resnet18-lunglse", "resnet18-halves")
 MEAN, STD = 0.5, 0.25
 LSE_R = 5.0
 
@@ -30,6 +30,12 @@ class CamClassifier(nn.Module):
     log-sum-exp (r = 5; between mean and max), as ChestX-ray8 used LSE pooling for weakly supervised localisation:
     the logit rises only where the map is high *inside the lungs*, so evidence at the film's borders or markers
     cannot carry it, and the map's peak is where the model saw the finding.
+    ``resnet18-halves``: multiple-instance learning over the two halves of the film (the hemithoraces, split at the
+    image's vertical midline). The trunk sees each half on its own (shared weights), each half gets its own logit
+    (global average pooling, so each half's map is exact), and the film's logit is a soft maximum of the two
+    (log-sum-exp, r = 5): a positive film needs one positive half. A map that cannot see the other half cannot
+    raise the logit by contrasting an opaque lung with a clear one, which put the plain model's peak on the
+    *clearer* lung (mirror-image boxes). The map of the film is the two half maps side by side.
     """
 
     lung: torch.Tensor  # buffer (``lunglse`` only): the RSNA lung prior, 1 x 1 x H x W
@@ -56,9 +62,21 @@ class CamClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk((x - MEAN) / STD)
 
+    @staticmethod
+    def _split(x: torch.Tensor) -> torch.Tensor:
+        """N x C x H x W -> 2N x C x H x W/2: the left halves, then the right halves."""
+        w = x.shape[-1] // 2
+        return torch.cat([x[..., :w], x[..., w:2 * w]], 0)
+
+    @staticmethod
+    def _either(half_logits: torch.Tensor) -> torch.Tensor:
+        """2N half logits (left halves first) -> N film logits: log-sum-exp over the two halves, r = LSE_R."""
+        pair = torch.stack(half_logits.chunk(2), 1)
+        return (torch.logsumexp(LSE_R * pair, dim=1) - math.log(2)) / LSE_R
+
     def _map(self, f: torch.Tensor) -> torch.Tensor:
         cam = torch.einsum("nchw,c->nhw", f, self.fc.weight[0])
-        if self.pool == "avg":
+        if self.pool in ("avg", "halves"):
             return cam
         w = nn.functional.adaptive_avg_pool2d(self.lung, (cam.shape[-2], cam.shape[-1]))[0, 0]
         return cam * (w / w.max())  # lungs first: the map is damped where RSNA boxes never were
@@ -70,6 +88,8 @@ class CamClassifier(nn.Module):
         return (torch.logsumexp(LSE_R * cam, dim=(1, 2)) - math.log(n)) / LSE_R + self.fc.bias[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "halves":
+            return self._either(self.fc(self.dropout(self.features(self._split(x)).mean((2, 3)))).squeeze(1))
         f = self.features(x)
         if self.pool == "avg":
             return self.fc(self.dropout(f.mean((2, 3)))).squeeze(1)
@@ -77,6 +97,10 @@ class CamClassifier(nn.Module):
 
     def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits N, map N x h x w); the logits are the map pooled as ``forward`` pools it (eval mode)."""
+        if self.pool == "halves":
+            half = self._map(self.features(self._split(x)))  # 2N x h x w/2
+            logits = self._either(half.mean((1, 2)) + self.fc.bias[0])
+            return logits, torch.cat(half.chunk(2), -1)
         cam = self._map(self.features(x))
         return self._pool(cam), cam
 

@@ -57,6 +57,43 @@ def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) ->
     return float(lo), float(hi)
 
 
+def _mw_auc(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean())
+
+
+def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n: int = 2000,
+                          seed: int = 0) -> dict[str, float | int]:
+    """AUC(new) - AUC(old) on the same films, with a 95 % CI from a paired stratified bootstrap: each resample
+    draws the same positives and negatives for both models, so film-to-film difficulty cancels out (two separate
+    CIs that overlap say little about whether one model is better)."""
+    y, a, b = np.asarray(y).astype(bool), np.asarray(p_new, np.float64), np.asarray(p_old, np.float64)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    diff = _mw_auc(a[pos], a[neg]) - _mw_auc(b[pos], b[neg])
+    if len(pos) < 2 or len(neg) < 2:
+        return {"n": int(len(y)), "difference": diff, "ci95_low": float("nan"), "ci95_high": float("nan")}
+    rng = np.random.default_rng(seed)
+    ds = []
+    for _ in range(n):
+        ip, ineg = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
+        ds.append(_mw_auc(a[ip], a[ineg]) - _mw_auc(b[ip], b[ineg]))
+    lo, hi = np.percentile(ds, (2.5, 97.5))
+    return {"n": int(len(y)), "difference": diff, "ci95_low": float(lo), "ci95_high": float(hi),
+            "share_of_resamples_new_better": float(np.mean(np.array(ds) > 0))}
+
+
+def compare_with(report_dir: Path, keys: list[str], y: np.ndarray, p: np.ndarray, seed: int = 0) -> dict:
+    """Paired comparison with another ``evaluate`` run (its ``per_image.csv``) on the films both scored."""
+    with open(report_dir / "per_image.csv", newline="") as f:
+        other = {r["key"]: float(r["probability"]) for r in csv.DictReader(f)}
+    common = [i for i, k in enumerate(keys) if k in other]
+    if not common:
+        raise SystemExit(f"--compare {report_dir}: no film in common with this evaluation")
+    idx = np.array(common)
+    out = paired_auc_difference(y[idx], p[idx], np.array([other[keys[i]] for i in common]), seed=seed)
+    return {"other": str(report_dir), "films_in_common": len(common), "films_only_here": len(keys) - len(common),
+            "auc_difference_this_minus_other": out}
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95 % interval of a proportion k/n."""
     if n == 0:
@@ -171,6 +208,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-images", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", type=Path, metavar="REPORT_DIR",
+                   help="another evaluate run on the same films: paired bootstrap CI of the AUC difference")
     return p
 
 
@@ -228,6 +267,8 @@ def main(args: argparse.Namespace) -> int:
             w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
                         "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel())])
+    if args.compare:
+        report["compare"] = compare_with(args.compare, [it.key for it in items], y, p, args.seed)
     if len(set(y.tolist())) == 2:
         plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", model.threshold)
     report["seconds"] = round(time.monotonic() - t0, 1)
@@ -242,6 +283,10 @@ def main(args: argparse.Namespace) -> int:
               f"IoU>=0.4 {loc['top_box_iou_0.4']:.3f}")
     if "rsna_metric" in report:
         print(f"  RSNA metric {report['rsna_metric']:.4f}")
+    if "compare" in report:
+        d = report["compare"]["auc_difference_this_minus_other"]
+        print(f"  vs {args.compare} ({report['compare']['films_in_common']} films in common): AUC difference "
+              f"{d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] (paired bootstrap)")
     print(f"wrote {out / 'report.json'}")
     return 0
 
