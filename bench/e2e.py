@@ -8,6 +8,9 @@ by C-STORE; this script C-STOREs unique copies of the RSNA samples to the node o
   /statistics), results/s and the ratio to the bare loop;
 * paced: ``--paced`` instances at ``--rate`` per second (below capacity), C-STORE start -> the SR seen in Orthanc's
   /changes (polled every 10 ms), percentiles;
+* backfill (``--backfill N``): N further instances stored in Orthanc (StudyDate 19990101) are re-analysed through
+  ``triage-node backfill`` (QIDO-RS + WADO-RS from Orthanc, no request-rate limit) by the same running node; from
+  the backfill's start to the last result in Orthanc, results/s and the ratio to the sustained C-STORE figure;
 * CPU ms per CXR: by node process (receiver, infer worker, report worker, Redis; from /proc over the burst) and by
   stage (decode, model, SR, overlay, GSPS, write, preview, build total, send; ``time.process_time`` around the same
   functions, one instance at a time, in a separate process running the same code); peak RSS per node process.
@@ -17,6 +20,7 @@ by C-STORE; this script C-STOREs unique copies of the RSNA samples to the node o
 
     .venv/bin/python bench/e2e.py --n 200 --rate 1 --paced 30
     .venv/bin/python bench/e2e.py --n 200 --baseline /tmp/main-copy      # before / after in one run
+    .venv/bin/python bench/e2e.py --n 200 --backfill 200                  # + the archive backfill, same node
     .venv/bin/python bench/e2e.py --n 3 --paced 2 --bare 3               # smoke test (tests/test_bench_e2e.py)
 """
 
@@ -59,7 +63,10 @@ def sources() -> list[Path]:
     return files
 
 
-def make_instances(n: int, out: Path, prefix: str) -> list[Path]:
+BACKFILL_DATE = "19990101"  # the backfill instances' StudyDate: nothing else in the bench's Orthanc has it
+
+
+def make_instances(n: int, out: Path, prefix: str, study_date: str = "") -> list[Path]:
     """n unique instances (new Study/Series/SOP UIDs) from the RSNA samples."""
     import pydicom
     from pydicom.uid import generate_uid
@@ -71,6 +78,8 @@ def make_instances(n: int, out: Path, prefix: str) -> list[Path]:
         ds = srcs[i % len(srcs)]
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        if study_date:
+            ds.StudyDate = study_date
         paths.append(out / f"{prefix}{i:05d}.dcm")
         ds.save_as(paths[-1])
     return paths
@@ -306,6 +315,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         rss: dict[str, float] = {}
         for pid, role in node_processes(pgid).items():
             rss[role] = max(rss.get(role, 0.0), peak_rss_mb(pid))
+        backfill = run_backfill(args, code, work, pacs, procs, extra) if args.backfill else None
         entries = read_audit(Path(cfg["audit_log"]))
     finally:
         stop_node(node)
@@ -322,7 +332,44 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
         "cpu_ms_per_cxr_by_process": cpu_ms | {"node_total": round(node_total, 1)},
         "peak_rss_mb": rss | {"node_total": round(sum(rss.values()), 1)},
         "dead_lettered_or_failed": sum(1 for e in entries if e.get("event") in ("dead_lettered", "failed")),
-    }
+    } | ({"backfill": backfill} if backfill else {})
+
+
+def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extra: dict[str, int]) -> dict:
+    """``--backfill`` N instances, stored in Orthanc first, re-analysed by the running node through
+    ``triage-node backfill``: clock from the backfill's start to the last of their results (SR + SC) in Orthanc."""
+    import resource
+
+    import requests
+
+    files = make_instances(args.backfill, work / "in", "backfill", study_date=BACKFILL_DATE)
+    with requests.Session() as http:
+        for f in files:  # into the archive before the clock starts
+            http.post(f"{pacs.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
+    phase(f"backfill of {args.backfill} from Orthanc (DICOMweb) through the running node")
+    base = count_instances(pacs)
+    cpu0 = cpu_by_role(procs, extra)
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    env = dict(os.environ, PYTHONPATH=str(code))
+    res = subprocess.run([sys.executable, "-m", "triage_node.cli", "backfill", "--config", str(work / "node.toml"),
+                          "--url", pacs.dicomweb_url, "--from", BACKFILL_DATE, "--to", BACKFILL_DATE,
+                          "--concurrency", "4", "--rate", "0", "--no-progress"],
+                         cwd=code, env=env, capture_output=True, text=True, timeout=600, check=False)
+    t_fed = time.time() - t0
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    deadline = time.time() + 120 + 10 * args.backfill
+    while count_instances(pacs) < base + 2 * args.backfill and time.time() < deadline:
+        time.sleep(0.1)
+    t_done = time.time() - t0
+    cpu1 = cpu_by_role(procs, extra)
+    node_ms = sum(cpu1[r] - cpu0.get(r, 0.0) for r in cpu1 if r != "orthanc") * 1000 / args.backfill
+    backfill_ms = ((child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)) * 1000 / args.backfill
+    return {"n": args.backfill, "exit": res.returncode, "complete": count_instances(pacs) >= base + 2 * args.backfill,
+            "fed_s": round(t_fed, 2), "wall_s": round(t_done, 2), "results_per_s": round(args.backfill / t_done, 2),
+            "summary": res.stdout.strip().splitlines()[-3:],
+            "cpu_ms_per_cxr": {"backfill_process": round(backfill_ms, 1), "node": round(node_ms, 1),
+                               "orthanc": round((cpu1["orthanc"] - cpu0["orthanc"]) * 1000 / args.backfill, 1)}}
 
 
 def stage_profile(code: Path, model: str, files: list[Path], work: Path) -> dict:
@@ -377,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=10, help="instances in the per-stage CPU profile (default 10)")
     ap.add_argument("--model", default=str(ROOT / "models" / "demo"), help="model package, or 'untrained'")
     ap.add_argument("--baseline", type=Path, help="another checkout of the code to measure the same way")
+    ap.add_argument("--backfill", type=int, default=0,
+                    help="also re-analyse this many instances from Orthanc through `triage-node backfill` (0 = skip)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     model = args.model if args.model == "untrained" else str(Path(args.model).resolve())
@@ -397,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             r["added_cpu_ms_per_cxr"] = round(node_total - bare["cpu_ms_per_cxr"], 1)
             r["non_model_cpu_ms_per_cxr"] = round(r["added_cpu_ms_per_cxr"] + bare["decode_cpu_ms_per_cxr"], 1)
             r["sustained"]["ratio_to_bare"] = round(r["sustained"]["results_per_s"] / bare["cxr_per_s"], 2)
+            if "backfill" in r:
+                r["backfill"]["ratio_to_sustained"] = round(
+                    r["backfill"]["results_per_s"] / r["sustained"]["results_per_s"], 2)
             runs[label] = r
         res = {"suite": "e2e", "bare": bare, **runs, "cpus": os.cpu_count(),
                "machine_busy": bool(busy), "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),

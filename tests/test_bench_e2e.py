@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_e2e_bench_reports_every_figure(tmp_path):
     require("Orthanc", "redis-server")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--n", "2", "--paced", "2", "--rate", "2",
-                          "--bare", "2", "--stages", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          "--bare", "2", "--stages", "1", "--backfill", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
@@ -36,3 +36,7 @@ def test_e2e_bench_reports_every_figure(tmp_path):
             "build_total", "send"} <= set(stages)
     assert run["peak_rss_mb"]["infer_worker"] > 0 and run["peak_rss_mb"]["report_worker"] > 0
     assert "non_model_cpu_ms_per_cxr" in run and run["dead_lettered_or_failed"] == 0
+    backfill = run["backfill"]  # both instances came back from Orthanc through QIDO/WADO and were analysed
+    assert backfill["exit"] == 0 and backfill["complete"] is True and backfill["n"] == 2
+    assert backfill["results_per_s"] > 0 and "ratio_to_sustained" in backfill
+    assert any("received 2" in line for line in backfill["summary"]), backfill["summary"]
