@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -358,18 +359,22 @@ def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extr
                          cwd=code, env=env, capture_output=True, text=True, timeout=600, check=False)
     t_fed = time.time() - t0
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    deadline = time.time() + 120 + 10 * args.backfill
-    while count_instances(pacs) < base + 2 * args.backfill and time.time() < deadline:
+    got = re.search(r"received (\d+)", res.stdout)
+    received = int(got[1]) if got else 0  # what the backfill handed to the node (a backfill that misses studies
+    deadline = time.time() + 120 + 10 * max(received, 1)  # is reported as incomplete, not waited for)
+    while count_instances(pacs) < base + 2 * received and time.time() < deadline:
         time.sleep(0.1)
     t_done = time.time() - t0
     cpu1 = cpu_by_role(procs, extra)
-    node_ms = sum(cpu1[r] - cpu0.get(r, 0.0) for r in cpu1 if r != "orthanc") * 1000 / args.backfill
-    backfill_ms = ((child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)) * 1000 / args.backfill
-    return {"n": args.backfill, "exit": res.returncode, "complete": count_instances(pacs) >= base + 2 * args.backfill,
-            "fed_s": round(t_fed, 2), "wall_s": round(t_done, 2), "results_per_s": round(args.backfill / t_done, 2),
+    n = max(received, 1)
+    node_ms = sum(cpu1[r] - cpu0.get(r, 0.0) for r in cpu1 if r != "orthanc") * 1000 / n
+    backfill_ms = ((child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)) * 1000 / n
+    return {"n": args.backfill, "received": received, "exit": res.returncode,
+            "complete": received == args.backfill and count_instances(pacs) >= base + 2 * received,
+            "fed_s": round(t_fed, 2), "wall_s": round(t_done, 2), "results_per_s": round(received / t_done, 2),
             "summary": res.stdout.strip().splitlines()[-3:],
             "cpu_ms_per_cxr": {"backfill_process": round(backfill_ms, 1), "node": round(node_ms, 1),
-                               "orthanc": round((cpu1["orthanc"] - cpu0["orthanc"]) * 1000 / args.backfill, 1)}}
+                               "orthanc": round((cpu1["orthanc"] - cpu0["orthanc"]) * 1000 / n, 1)}}
 
 
 def stage_profile(code: Path, model: str, files: list[Path], work: Path) -> dict:

@@ -154,3 +154,30 @@ def test_backfill_recovers_the_audit_line_lost_between_enqueue_and_audit(tmp_pat
     received = [e for e in read(cfg["audit_log"]) if e["event"] == "received"]
     assert Counter(e["sop_instance_uid"] for e in received) == Counter({a: 1, b: 1})
     assert [e.get("recovered") for e in received if e["sop_instance_uid"] == a] == [True]
+
+
+def test_backfill_finds_every_study_when_the_archive_holds_more_than_one_page(tmp_path, orthanc_factory, redis_url):
+    """Orthanc answers the second page of a QIDO query that filters on ModalitiesInStudy with nothing: with more
+    matching studies than one page, only the first page used to be backfilled. Page size 7 here: a range whose
+    first page is full is split by dates; a single day with more than a page of CR studies is paged by date alone."""
+    require("storescu")
+    pacs = orthanc_factory()
+    want = make_instances(tmp_path / "a", 12, 1, "20240103")            # one day, more than a page of CR studies
+    make_instances(tmp_path / "a", 3, 1, "20240103", "OT")               # same day, another modality
+    for day in range(10, 19):                                            # nine days with one CR study each
+        want += make_instances(tmp_path / "a", 1, 2, f"202401{day}")
+    want += make_instances(tmp_path / "a", 3, 1, "20240120", "DX")
+    make_instances(tmp_path / "a", 2, 1, "20231230")                     # before the range
+    upload(pacs, tmp_path / "a")
+    cfg = {"audit_log": str(tmp_path / "audit.jsonl"), "spool": {"directory": str(tmp_path / "spool")},
+           "broker": {"url": redis_url}, "retry": {"dead_letter_dir": str(tmp_path / "dead")},
+           "backfill": {"url": pacs.dicomweb_url, "concurrency": 2, "rate_limit": 0.0, "page_size": 7,
+                        "state": str(tmp_path / "backfill.sqlite")}}
+    config = write_toml(tmp_path / "node.toml", cfg)
+    run = subprocess.run([sys.executable, "-m", "triage_node.cli", "backfill", "--config", str(config),
+                          "--from", "20240101", "--to", "20240131", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    q = queued(redis_url)
+    assert set(q) == set(want), f"missed {len(set(want) - set(q))}, extra {len(set(q) - set(want))}"
+    assert max(q.values()) == 1

@@ -10,10 +10,17 @@ the next run and nothing done is fetched twice. An instance whose gate answer wa
 the enqueue, before the done-set write) is recognised by the broker's queued-marker and not queued twice.
 Bounded: ``concurrency`` retrievals at once, at most ``rate_limit`` DICOMweb requests per second, and a pause while
 the node's queue holds more than ``max_backlog`` tasks.
+
+Study enumeration never pages a query that filters on ModalitiesInStudy: Orthanc (1.10, DICOMweb plugin 1.7)
+answers such a query's second page (``offset`` = page size) with nothing, so an archive with more matching studies
+than one page lost all but the first page, silently. A query whose first page comes back full is split into two date
+ranges instead, down to single days. A day that still fills a page is paged by date alone, which Orthanc does
+page correctly, and the modality is then checked at the series level, as it is for every study.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import sqlite3
@@ -32,6 +39,19 @@ from .ingest import OUT_OF_RESOURCES, Ingest
 log = logging.getLogger(__name__)
 _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 _MODALITY, _BODY_PART = "00080060", "00180015"
+
+
+def split_date_range(date_range: str) -> tuple[str, str] | None:
+    """``YYYYMMDD-YYYYMMDD`` -> its two halves (by days); None for one day, an open range or anything else."""
+    first, sep, last = date_range.partition("-")
+    try:
+        a, b = dt.datetime.strptime(first, "%Y%m%d").date(), dt.datetime.strptime(last, "%Y%m%d").date()
+    except ValueError:
+        return None
+    if not sep or b <= a:
+        return None
+    mid = a + (b - a) // 2
+    return f"{a:%Y%m%d}-{mid:%Y%m%d}", f"{mid + dt.timedelta(days=1):%Y%m%d}-{b:%Y%m%d}"
 
 
 def _value(item: dict, tag: str) -> str:
@@ -145,14 +165,29 @@ class Backfill:
     def studies(self) -> Iterator[str]:
         seen: set[str] = set()
         for modality in self.cfg.modalities:
-            filters = {"ModalitiesInStudy": modality}
-            if self.date_range:
-                filters["StudyDate"] = self.date_range
-            for item in self._paged("search_for_studies", search_filters=filters, fields=["StudyInstanceUID"]):
-                uid = _value(item, _STUDY)
+            for uid in self._studies_with(modality, self.date_range):
                 if uid and uid not in seen:
                     seen.add(uid)
                     yield uid
+
+    def _studies_with(self, modality: str, date_range: str) -> Iterator[str]:
+        """Study UIDs in ``date_range`` with a series of ``modality``, without paging a ModalitiesInStudy query."""
+        filters = {"ModalitiesInStudy": modality} | ({"StudyDate": date_range} if date_range else {})
+        page = self._call("search_for_studies", search_filters=filters, fields=["StudyInstanceUID"],
+                          limit=self.cfg.page_size) or []
+        if len(page) < self.cfg.page_size:  # complete in one page: no offset needed
+            yield from (_value(item, _STUDY) for item in page)
+            return
+        halves = split_date_range(date_range)
+        if halves:
+            for half in halves:
+                yield from self._studies_with(modality, half)
+            return
+        # one day (or an open range) with a full page: page by date only; instances() checks the modality
+        log.info("backfill: %s studies on %s fill a page; enumerating by date alone", modality, date_range or "all")
+        by_date = {"StudyDate": date_range} if date_range else {}
+        for item in self._paged("search_for_studies", search_filters=by_date, fields=["StudyInstanceUID"]):
+            yield _value(item, _STUDY)
 
     def instances(self, study: str) -> Iterator[tuple[str, str]]:
         """(series, SOP Instance UID) of the study's wanted series, each once (Orthanc's QIDO answers one series
