@@ -220,6 +220,7 @@ def cmd_up(args) -> int:
         server.shutdown()
         if receivers:
             receivers.stop()
+        spool.close()
         stop_all(workers)
         if redis:
             redis.stop()
@@ -284,6 +285,7 @@ def cmd_serve(args) -> int:
             pool.stop()
         for extra in extras:
             extra.stop()
+        spool.close()  # this process's pre-created tmp files (after the drain: no write in flight)
     return 0
 
 
