@@ -72,10 +72,13 @@ def test_a_pool_left_by_a_dead_process_is_swept_and_a_live_ones_kept(tmp_path):
     live.mkdir()
     other_host = root / "another-host-12345"
     other_host.mkdir()
+    prefixed = root / f"{host}-west-{dead}"  # a host whose name starts with ours: not ours either
+    prefixed.mkdir()
     pool = PrecreatedFiles(root, depth=2)
     try:
         assert not (root / f"{host}-{dead}").exists(), "a dead process's pool is removed"
         assert live.exists() and other_host.exists(), "a live process's and another host's pools are left alone"
+        assert prefixed.exists(), "another host whose name begins with this one's"
     finally:
         pool.close()
 

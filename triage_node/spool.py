@@ -116,16 +116,19 @@ class PrecreatedFiles:
         self._thread.start()
 
     def _sweep(self) -> None:
-        host = socket.gethostname()
-        for d in self.root.glob(f"{host}-*") if self.root.is_dir() else []:
+        """Remove pools of this host's processes that are gone. Exactly ``<this host>-<pid>``: with a spool shared
+        by several hosts, another host's pools (and its PIDs, which mean nothing here) are left alone."""
+        mine = re.compile(rf"^{re.escape(socket.gethostname())}-(\d+)$")
+        for d in self.root.iterdir() if self.root.is_dir() else []:
+            m = mine.match(d.name)
+            if not m:
+                continue
             try:
-                pid = int(d.name.rsplit("-", 1)[1])
-                os.kill(pid, 0)
-                continue  # alive (or not ours to signal): leave it
-            except (ValueError, ProcessLookupError):
+                os.kill(int(m[1]), 0)
+            except ProcessLookupError:
                 shutil.rmtree(d, ignore_errors=True)
             except PermissionError:
-                continue
+                pass  # alive, another user's
 
     def _create(self) -> tuple[int, str]:
         self._n += 1
