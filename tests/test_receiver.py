@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 import pydicom
 import pytest
 import redis
+from conftest import SAMPLES, require
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import SAMPLES, require
 from triage_node import config
 from triage_node.audit import Audit, read
 from triage_node.cli import _submitter
