@@ -35,8 +35,7 @@ class Ticket(Generic[T, R]):
     def __call__(self, item: T, timeout: float | None = None) -> R:
         if not self._open:
             raise RuntimeError("a ticket submits one item")
-        fut: Future = Future()
-        self._batcher._q.put((item, fut))  # queued before it stops counting as coming: never a gap in between
+        fut = self._batcher._enqueue(item)  # queued before it stops counting as coming: never a gap in between
         self._close()
         return fut.result(timeout)
 
@@ -53,9 +52,12 @@ class MicroBatcher(Generic[T, R]):
         threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
 
     def submit(self, item: T, timeout: float | None = None) -> R:
+        return self._enqueue(item).result(timeout)
+
+    def _enqueue(self, item: T) -> Future:
         fut: Future = Future()
         self._q.put((item, fut))
-        return fut.result(timeout)
+        return fut
 
     def _announced(self, delta: int) -> None:
         with self._lock:

@@ -48,17 +48,14 @@ def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) ->
     if len(pos) < 2 or len(neg) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n):
-        a, b = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
-        # Mann-Whitney with ties counted half, vectorised
-        aucs.append((a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean())
+    aucs = [_mw_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)]
     lo, hi = np.percentile(aucs, (2.5, 97.5))
     return float(lo), float(hi)
 
 
-def _mw_auc(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean())
+def _mw_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUC of positive scores ``pos`` over negative scores ``neg``: Mann-Whitney, ties counted half, vectorised."""
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n: int = 2000,
