@@ -4,6 +4,11 @@ Each stage is timed with ``time.process_time`` (all threads of this process: pyn
 threads) around the functions the workers call, one instance at a time, after one warm-up instance. Prints one JSON
 line: the mean per stage. Works on checkouts from before the result-building changes too (then ``build`` decodes
 the source again and the preview decodes the SC).
+
+Without ``--port`` it starts a private Orthanc for the send stage (``triage_node.localpacs``), so it runs on its own::
+
+    PYTHONPATH=<checkout> .venv/bin/python bench/e2e_stages.py --model models/demo --out /tmp/stages --repeat 3 \
+        ../shared/data/cxr_samples/rsna_dicom/*.dcm
 """
 
 from __future__ import annotations
@@ -20,11 +25,27 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--port", type=int, required=True, help="Orthanc DICOM port (the send stage)")
+    ap.add_argument("--port", type=int, default=0,
+                    help="Orthanc DICOM port (the send stage); default: start a private Orthanc")
+    ap.add_argument("--repeat", type=int, default=1, help="go over the files this many times (default 1)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.port:
+        run(args)
+        return
+    from triage_node.localpacs import LocalOrthanc
+
+    pacs = LocalOrthanc(args.out / "orthanc").start()
+    try:
+        args.port = pacs.dicom_port
+        run(args)
+    finally:
+        pacs.stop()
+
+
+def run(args: argparse.Namespace) -> None:
 
     import pydicom
 
@@ -50,7 +71,8 @@ def main() -> None:
         totals[name] = totals.get(name, 0.0) + time.process_time() - c0
         return out
 
-    for i, f in enumerate([args.files[0]] + list(args.files)):
+    phased = "only" in inspect.signature(pipeline.build).parameters
+    for i, f in enumerate([args.files[0]] + list(args.files) * args.repeat):
         if i == 1:
             totals.clear()  # the first instance was the warm-up
         # the node's own path: infer worker (decode + model), report worker (build, send)
@@ -62,6 +84,11 @@ def main() -> None:
             timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
                                                                                        dicom_io.display(im)))
         files = timed("build_total", pipeline.build, f, pred, cfg, box)
+        if phased:  # the report worker's SR-first phases: build the SR alone, then the rest from the display cache
+            pbox = args.out / f"phased{i}"
+            pipeline.save_display(pbox / pipeline.DISPLAY_CACHE, dicom_io.display(img))
+            timed("build_sr_phase", pipeline.build, f, pred, cfg, pbox, only=("sr",))
+            timed("build_images_phase", pipeline.build, f, pred, cfg, pbox, only=("sc", "gsps"))
         timed("send", CStoreSender(dest).send, files)
         # the parts of build, on their own
         header = pydicom.dcmread(f, stop_before_pixels=True)
@@ -75,13 +102,14 @@ def main() -> None:
         sc = timed("overlay_render_encode", build_overlay, cleaned, display, pred, encoding=enc)
         timed("gsps_not_configured", build_gsps, cleaned, pred)
         sr = build_sr(cleaned, pred)
-        timed("write", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)
-        timed("write", sc.save_as, args.out / f"sc{i}.dcm", enforce_file_format=True)
+        timed("write_sr", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)
+        timed("write_sc", sc.save_as, args.out / f"sc{i}.dcm", enforce_file_format=True)
         try:
             timed("preview", pipeline.write_preview, overlay, args.out / f"p{i}.png")
         except AttributeError:  # older code: the preview is made from the SC dataset (decoding it)
             timed("preview", pipeline.write_preview, sc, args.out / f"p{i}.png")
-    n = len(args.files)
+    n = len(args.files) * args.repeat
+    totals["write"] = totals.get("write_sr", 0.0) + totals.get("write_sc", 0.0)
     res = {k: round(v * 1000 / n, 1) for k, v in totals.items()}
     res["overlay_encode"] = round(res.pop("overlay_render_encode") - res["overlay_render"], 1)
     res["n"] = n
