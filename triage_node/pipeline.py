@@ -113,6 +113,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     ``only``: build just these of the configured outputs (the report worker's SR-first phases: ``("sr",)``, then
     the rest). ``prediction.json`` is written with the SR; the display cache is kept until the overlay is built.
     """
+    from .encoding import dcmwrite
     from .encoding.results import build_results
     from .encoding.sc import SC_ENCODINGS, render_overlay
 
@@ -137,7 +138,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     for out in datasets:
         kind = _KIND_BY_SOP_CLASS.get(str(out.SOPClassUID), "obj")
         f = out_dir / f"{kind}-{out.SOPInstanceUID}.dcm"
-        out.save_as(f, enforce_file_format=True)
+        dcmwrite.save(out, f)  # the bytes of out.save_as(f, enforce_file_format=True), a fifth of the CPU
         files.append(f)
     if overlay is not None and (bool(cfg.outputs.archive_dir) if preview is None else preview):
         write_preview(overlay, out_dir / "preview.png")
