@@ -154,3 +154,23 @@ def test_cstore_reuses_one_association_and_replaces_one_the_peer_closed(tmp_path
     for f, uid in zip(files, uids):  # the files went out as stored, byte for byte (no decode and re-encode)
         _meta, offset = split_dataset(f)
         assert raw[uid] == f.read_bytes()[offset:]
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1000, 750), (200, 180)], ids=["1024", "odd", "small"])
+def test_palette_preview_shows_the_colours_of_the_rgb_preview(tmp_path, shape):
+    """The preview of a palette overlay is a palette PNG: decoded to RGB it is, pixel for pixel, the subsampled
+    overlay coloured through the SC's palette (what the RGB preview was)."""
+    from PIL import Image
+
+    from triage_node.encoding.sc import overlay_rgb, render_overlay
+
+    rng = np.random.default_rng(7)
+    display = rng.integers(0, 256, shape, dtype=np.uint8)
+    overlay = render_overlay(display, prediction(boxes=BOXES), palette=True)
+    png = tmp_path / "preview.png"
+    pipeline.write_preview(overlay, png)
+    factor = -(-max(shape) // pipeline.PREVIEW_PX)
+    expected = overlay_rgb(overlay[::factor, ::factor])
+    with Image.open(png) as im:
+        assert im.mode == "P" and max(im.size) <= pipeline.PREVIEW_PX
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), expected)

@@ -198,18 +198,22 @@ def write_preview(overlay, png: Path) -> None:
     """A downscaled PNG of the overlay (at most PREVIEW_PX a side) for the dashboard and the ``analyze`` CLI.
 
     Made from the overlay's pixels in memory (decoding the SC just encoded cost ~40 ms), downscaled by an integer
-    box filter (``reduce``: ~1 ms against ~11 ms for ``thumbnail``'s resampling; a palette overlay is subsampled, then
-    coloured). ``overlay``: an RGB array, a 2-D array of palette indices, or an SC dataset (decoded then).
+    box filter (``reduce``: ~1 ms against ~11 ms for ``thumbnail``'s resampling; a palette overlay is subsampled and
+    written as a palette PNG with the SC's palette: the same colours as RGB, 1.4 ms against 3.6 and ~20 % smaller).
+    ``overlay``: an RGB array, a 2-D array of palette indices, or an SC dataset (decoded then).
     """
+    import numpy as np
     from PIL import Image
 
-    from .encoding.sc import overlay_rgb
+    from .encoding.sc import PALETTE_RGB
 
     if hasattr(overlay, "pixel_array"):
         overlay = overlay.pixel_array  # palette indices for a PALETTE COLOR SC
     factor = -(-max(overlay.shape[:2]) // PREVIEW_PX)  # ceil
-    if overlay.ndim == 2:  # palette indices: subsample (averaging indices would mean nothing), then colour
-        im = Image.fromarray(overlay_rgb(overlay[::factor, ::factor]) if factor > 1 else overlay_rgb(overlay))
+    if overlay.ndim == 2:  # palette indices: subsample (averaging indices would mean nothing)
+        indices = np.ascontiguousarray(overlay[::factor, ::factor] if factor > 1 else overlay, dtype=np.uint8)
+        im = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.tobytes())
+        im.putpalette(PALETTE_RGB.tobytes())
     else:
         im = Image.fromarray(overlay)
         if factor > 1:
