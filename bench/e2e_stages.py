@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> None:
     from triage_node.encoding.sr import build_sr
     from triage_node.transport.senders import CStoreSender
 
+    try:  # the writer pipeline.build uses (newer code)
+        from triage_node.encoding.dcmwrite import save
+    except ImportError:
+        save = None
+
     cfg = config.Config()
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model),
                               outputs=dataclasses.replace(cfg.outputs, archive_dir=str(args.out / "archive")))
@@ -102,8 +107,12 @@ def run(args: argparse.Namespace) -> None:
         sc = timed("overlay_render_encode", build_overlay, cleaned, display, pred, encoding=enc)
         timed("gsps_not_configured", build_gsps, cleaned, pred)
         sr = build_sr(cleaned, pred)
-        timed("write_sr", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)
-        timed("write_sc", sc.save_as, args.out / f"sc{i}.dcm", enforce_file_format=True)
+        if save is None:  # older code: pydicom's writer, as its pipeline.build used
+            timed("write_sr", sr.save_as, args.out / f"sr{i}.dcm", enforce_file_format=True)
+            timed("write_sc", sc.save_as, args.out / f"sc{i}.dcm", enforce_file_format=True)
+        else:
+            timed("write_sr", save, sr, args.out / f"sr{i}.dcm")
+            timed("write_sc", save, sc, args.out / f"sc{i}.dcm")
         try:
             timed("preview", pipeline.write_preview, overlay, args.out / f"p{i}.png")
         except AttributeError:  # older code: the preview is made from the SC dataset (decoding it)
