@@ -171,3 +171,14 @@ def test_cstore_falls_back_to_uncompressed_for_a_peer_without_the_codec(peer_syn
         assert ts == expect_syntax
     expected = render_overlay(display, prediction(), palette=palette)
     np.testing.assert_array_equal(got[0].pixel_array, expected)  # lossless either way
+
+
+def test_palette_rendering_maps_every_gray_level_as_the_numpy_lut_does():
+    """render_overlay maps gray levels to palette indices with Pillow's point(); outside the drawn banner and
+    boxes every pixel is _TO_INDEX[gray], for all 256 levels."""
+    from triage_node.encoding.sc import _TO_INDEX, render_overlay
+
+    display = np.tile(np.arange(256, dtype=np.uint8), (512, 2))  # every level in every row: 512 x 512
+    overlay = render_overlay(display, prediction(boxes=()), palette=True)
+    below_banner = slice(300, 512)
+    np.testing.assert_array_equal(overlay[below_banner], _TO_INDEX[display[below_banner]])
