@@ -178,6 +178,20 @@ def test_train_cli_writes_a_package_that_loads_evaluates_and_resumes(tmp_path):
     assert [h["epoch"] for h in hist2] == [1, 2] and hist2[0] == hist1[0]
     cfg = json.loads((out / "model.json").read_text())
     assert cfg["architecture"]["detector"] == "cam" and "detector.safetensors" not in cfg["files"]
+    # the side prior's atlas is fitted on the training negatives and packaged by default
+    assert cfg["localiser"]["side"] == "density" and "atlas.safetensors" in cfg["files"]
+    assert 0 < cfg["localiser"]["atlas"]["films"] < 24
+    # a soup of the run with itself repackages the same weights, with its operating point chosen on val again
+    soup = tmp_path / "soup"
+    r = subprocess.run(base + ["--soup", str(ck / "checkpoint.pt"), str(ck / "checkpoint.pt"), "--out", str(soup),
+                               "--checkpoint-dir", str(tmp_path / "ck-soup"), "--side-prior", "none"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scfg = json.loads((soup / "model.json").read_text())
+    assert scfg["files"]["gate.safetensors"]["sha256"] == cfg["files"]["gate.safetensors"]["sha256"]
+    assert scfg["thresholds"]["gate"] == pytest.approx(cfg["thresholds"]["gate"])
+    assert "side" not in scfg["localiser"] and "atlas.safetensors" not in scfg["files"]
+    assert scfg["metrics"]["stopped"] == "soup of 2 run(s)"
     assert cfg["demo"] is True and "not for clinical use" in cfg["intended_use"]
     split = json.loads((ck / "split.json").read_text())[labels.parent.name]
     assert not set(split["train"]) & set(split["test"])

@@ -131,12 +131,14 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
 
 
 def boxes_from_cam(cam: np.ndarray, lung: np.ndarray, rel_threshold: float = 0.5, max_boxes: int = 3,
-                   upsample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                   upsample: int = 4, half: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (xyxy, in units of the unit square) and relative peak scores in (0, 1] from one activation map.
 
     The map is upsampled ``upsample`` times (bilinear), weighted by the lung prior ``lung`` (same grid after
     resizing), shifted so its lowest value inside the lungs is 0, and cut at ``rel_threshold`` of its peak; each
     connected region is one box scored by its own peak over the global peak. Nothing positive: no box.
+    ``half`` = ``"left"`` / ``"right"``: only that half of the image (a hemithorax, e.g. the denser one by
+    ``prior.DensityAtlas``) can hold a box.
     """
     t = torch.from_numpy(np.asarray(cam, np.float32))[None, None]
     h, w = cam.shape[0] * upsample, cam.shape[1] * upsample
@@ -144,6 +146,11 @@ def boxes_from_cam(cam: np.ndarray, lung: np.ndarray, rel_threshold: float = 0.5
     lp = nn.functional.interpolate(torch.from_numpy(np.asarray(lung, np.float32))[None, None], size=(h, w),
                                    mode="bilinear", align_corners=False)[0, 0].numpy()
     inside = lp >= 0.05
+    if half is not None:
+        if half not in ("left", "right"):
+            raise ValueError(f"half must be 'left' or 'right', got {half!r}")
+        cols = np.arange(w) < w // 2
+        inside &= cols[None, :] if half == "left" else ~cols[None, :]
     if not inside.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     m = np.where(inside, up - up[inside].min(), 0.0) * np.clip(lp, 0, 1)

@@ -20,12 +20,13 @@ from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, boxes_fro
 from triage_node.inference.detector import DEFAULT_ARCH, LABEL, build_detector
 from triage_node.inference.gate import GATE_ARCH, GATE_SIZE, build_gate
 from triage_node.inference.preprocess import resize_batch, to_batch
-from triage_node.inference.prior import LungPrior
+from triage_node.inference.prior import DensityAtlas, LungPrior
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
 log = logging.getLogger(__name__)
 FORMAT = 1
 WEIGHT_FILES = ("detector.safetensors", "gate.safetensors", "prior.safetensors")
+ATLAS_FILE = "atlas.safetensors"  # optional: the density atlas of the CAM localiser's side prior
 CAM = "cam"  # detector architecture name: boxes from the gate's class-activation map, no detector weights
 
 
@@ -62,7 +63,8 @@ class TriageModel:
                  threshold: float = 0.5, box_threshold: float = 0.2, input_size: int = 512,
                  gate_size: int = GATE_SIZE, detector_arch: str = DEFAULT_ARCH, gate_arch: str = GATE_ARCH,
                  device: str = "auto", batch_size: int | None = None, meta: dict | None = None,
-                 tta: bool = False, cam_threshold: float = 0.5, max_boxes: int = 3) -> None:
+                 tta: bool = False, cam_threshold: float = 0.5, max_boxes: int = 3,
+                 atlas: DensityAtlas | None = None) -> None:
         self.device = resolve_device(device)
         self.detector, self.gate, self.prior, self.info = detector, gate, prior, info
         self.threshold, self.box_threshold = float(threshold), float(box_threshold)
@@ -77,6 +79,10 @@ class TriageModel:
         self.channels_last = self.device.type == "cuda" or detector is None
         self.meta = meta or {}
         self.tta, self.cam_threshold, self.max_boxes = bool(tta), float(cam_threshold), int(max_boxes)
+        if atlas is not None and (detector is not None or atlas.size != self.gate_size):
+            raise ModelError("a density atlas needs the CAM localiser and the classifier's input size "
+                             f"({self.gate_size} px; the atlas is {atlas.size} px)")
+        self.atlas = atlas
         if detector is None and not isinstance(gate, CamClassifier):
             raise ModelError("a model without a detector needs a class-activation-map classifier as its gate")
         # fp16 rather than bf16 by default: FCOS decodes boxes inside the autocast region, and bf16's 8-bit
@@ -152,11 +158,13 @@ class TriageModel:
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         cams_np = cams.float().cpu().numpy()
         t1 = time.perf_counter()
+        sides = self.atlas.sides(g) if self.atlas is not None else None
         res = []
         for i, (rows, cols) in enumerate(shapes):
             b, s = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
             if (run_detector is None or run_detector[i]) or probs[i] >= self.threshold:
-                b, s = boxes_from_cam(cams_np[i], self.prior.heat, self.cam_threshold, self.max_boxes)
+                half = None if sides is None else "left" if sides[i, 0] > sides[i, 1] else "right"
+                b, s = boxes_from_cam(cams_np[i], self.prior.heat, self.cam_threshold, self.max_boxes, half=half)
                 b = b * np.array([cols, rows, cols, rows], np.float32)
                 s = s * float(probs[i])
             res.append(RawOutput(b, s, self.prior.box_means(b, cols, rows), float(probs[i]), rows, cols))
@@ -223,7 +231,8 @@ class TriageModel:
             "input_size": self.input_size,
             "gate_input_size": self.gate_size,
             "thresholds": {"gate": self.threshold, "box_score": self.box_threshold, "prior": self.prior.settings()},
-            "localiser": {"cam_threshold": self.cam_threshold, "max_boxes": self.max_boxes},
+            "localiser": {"cam_threshold": self.cam_threshold, "max_boxes": self.max_boxes}
+            | ({"side": "density", "atlas": self.atlas.settings()} if self.atlas is not None else {}),
             "tta": ["hflip"] if self.tta else [],
         }
 
@@ -250,9 +259,15 @@ def save_package(model: TriageModel, path: str | os.PathLike, extra: dict | None
         save_file(_half(model.detector.state_dict()), d / "detector.safetensors")
     save_file(_half(model.gate.state_dict()), d / "gate.safetensors")
     save_file({"heat": torch.from_numpy(model.prior.heat.copy())}, d / "prior.safetensors")
+    files = list(weight_files(model.detector_arch))
+    if model.atlas is not None:
+        save_file({"mean": torch.from_numpy(model.atlas.mean.copy()), "sd": torch.from_numpy(model.atlas.sd.copy())},
+                  d / ATLAS_FILE)
+        files.append(ATLAS_FILE)
+    elif (d / ATLAS_FILE).exists():
+        (d / ATLAS_FILE).unlink()  # a package rewritten without its atlas must not keep a stale one
     cfg = model.config() | (extra or {})
-    cfg["files"] = {f: {"sha256": _sha256(d / f), "bytes": (d / f).stat().st_size}
-                    for f in weight_files(model.detector_arch)}
+    cfg["files"] = {f: {"sha256": _sha256(d / f), "bytes": (d / f).stat().st_size} for f in files}
     (d / "model.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if card is not None:
         (d / "MODEL_CARD.md").write_text(card)
@@ -319,6 +334,21 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
         heat = load_file(str(d / "prior.safetensors"))["heat"].numpy()
     except Exception as e:
         raise ModelError(f"cannot load prior {d / 'prior.safetensors'}: {e}") from None
+    atlas = None
+    if loc.get("side") == "density":
+        if ATLAS_FILE not in cfg["files"]:
+            raise ModelError(f"model package {d}: the localiser uses a density atlas but model.json lists no "
+                             f"checksum for {ATLAS_FILE}")
+        try:
+            a, at = load_file(str(d / ATLAS_FILE)), loc.get("atlas") or {}
+            atlas = DensityAtlas(a["mean"].float().numpy(), a["sd"].float().numpy(), heat,
+                                 lung_threshold=float(at.get("lung_threshold", 0.3)),
+                                 smooth=int(at.get("smooth", 15)), sd_floor=float(at.get("sd_floor", 0.05)),
+                                 n_films=int(at.get("films", 0)), source=str(at.get("source", "")))
+        except Exception as e:
+            raise ModelError(f"cannot load the density atlas {d / ATLAS_FILE}: {str(e)[:300]}") from None
+    elif loc.get("side") not in (None, "none"):
+        raise ModelError(f"model package {d}: unknown localiser side prior {loc.get('side')!r}")
     info = ModelInfo(name=cfg["name"], version=cfg["version"], architecture=arch.get("summary", ""),
                      manufacturer=cfg.get("manufacturer", ModelInfo.manufacturer), demo=bool(cfg.get("demo", True)),
                      intended_use=cfg.get("intended_use", ModelInfo.intended_use),
@@ -327,7 +357,8 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
                        threshold=th["gate"], box_threshold=th["box_score"], input_size=int(cfg["input_size"]),
                        gate_size=int(cfg.get("gate_input_size", GATE_SIZE)), detector_arch=arch["detector"],
                        gate_arch=arch["gate"], device=device, meta=cfg, tta="hflip" in (cfg.get("tta") or []),
-                       cam_threshold=float(loc.get("cam_threshold", 0.5)), max_boxes=int(loc.get("max_boxes", 3)))
+                       cam_threshold=float(loc.get("cam_threshold", 0.5)), max_boxes=int(loc.get("max_boxes", 3)),
+                       atlas=atlas)
 
 
 def arch_summary(detector_arch: str, gate_arch: str, input_size: int) -> str:

@@ -132,13 +132,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0, help="evaluate/ship an EMA of the weights (decay per step)")
     p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better val AUC")
     p.add_argument("--init", help="start from these weights (checkpoint.pt of an earlier run, e.g. pretraining)")
+    p.add_argument("--soup", nargs="+", metavar="CHECKPOINT",
+                   help="no training: take the uniform average of these runs' best weights (a weight soup, Wortsman "
+                        "et al. 2022: runs fine-tuned from one init), then choose the operating point on val and "
+                        "package as usual; one checkpoint repackages it")
+    p.add_argument("--side-prior", choices=["density", "none"], default="density",
+                   help="package a density atlas of the primary source's training negatives: boxes go to the "
+                        "hemithorax denser than normal (prior.DensityAtlas); none = the plain CAM boxes")
     p.add_argument("--checkpoint-dir", default="var/train", help="checkpoint.pt, split.json, history (resumes)")
     p.add_argument("--cache-dir", default="var/cache")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this long (checkpoint kept)")
     p.add_argument("--target-sensitivity", type=float, default=0.90, help="operating point on validation")
     p.add_argument("--tta", action="store_true", help="ship flip test-time augmentation")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (and of training, unless --train-seed)")
+    p.add_argument("--train-seed", type=int, help="seed of initialisation, sampling and augmentation only: "
+                   "runs that differ in it share one split (e.g. the members of a weight soup)")
     p.add_argument("--out", help="write a model package here (needs the lung prior; see model.json)")
     p.add_argument("--name", default="cxr-triage-demo")
     p.add_argument("--version", default="0.2.0-demo")
@@ -173,17 +182,37 @@ def _atomic_save(obj: object, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_init(model: torch.nn.Module, path: str) -> None:
-    """Weights of an earlier run's checkpoint (its best epoch) or a bare state dict."""
+def _best_state(path: str) -> dict:
     saved = torch.load(path, map_location="cpu", weights_only=False)
     best = (saved.get("state") or {}).get("best_state") if isinstance(saved, dict) else None
-    model.load_state_dict(best or saved.get("model") or saved)
+    return best or saved.get("model") or saved
+
+
+def load_init(model: torch.nn.Module, path: str) -> None:
+    """Weights of an earlier run's checkpoint (its best epoch) or a bare state dict."""
+    model.load_state_dict(_best_state(path))
+
+
+def soup(arch: str, paths: list[str]) -> CamClassifier:
+    """Uniform weight soup: the mean of each floating-point tensor (weights and BatchNorm statistics) over the
+    runs' best states; integer buffers (BatchNorm's step counters) from the first run."""
+    states = [_best_state(p) for p in paths]
+    keys = set(states[0])
+    for p, st in zip(paths[1:], states[1:]):
+        if set(st) != keys:
+            raise ValueError(f"{p}: not the same architecture as {paths[0]}")
+    avg = {k: (torch.stack([st[k].float() for st in states]).mean(0) if states[0][k].is_floating_point()
+               else states[0][k]) for k in states[0]}
+    model = build_classifier(arch)
+    model.load_state_dict(avg)
+    return model.eval()
 
 
 def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> tuple[CamClassifier, dict]:
     """The training loop; returns the model at its best validation epoch and the history."""
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
+    seed = args.seed if getattr(args, "train_seed", None) is None else args.train_seed
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = build_classifier(args.arch)
     ckdir = Path(args.checkpoint_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +306,12 @@ def main(args: argparse.Namespace) -> int:
     for s, a, b in zip(tr, va, te):
         print(f"{s.name}: train {len(s)} ({int(s.labels.sum())} pos), val {len(a)} ({int(a.labels.sum())} pos), "
               f"test {len(b)} ({int(b.labels.sum())} pos), weight {s.weight}", flush=True)
-    model, state = train(args, tr, va)
+    if args.soup:
+        model = soup(args.arch, args.soup)
+        auc0 = roc_auc(va[0].labels, predict_probs(model, va[0].images)) if len(va[0]) else float("nan")
+        state = {"best_auc": auc0, "history": [], "best_epoch": None, "stopped": f"soup of {len(args.soup)} run(s)"}
+    else:
+        model, state = train(args, tr, va)
     p_val = predict_probs(model, va[0].images, tta=args.tta)
     t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
     others = {s.name: operating_point(s.labels, p, t) | {"auc": roc_auc(s.labels, p)}
@@ -294,7 +328,9 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         from triage_node.training.package import write_cam_package
 
-        write_cam_package(model, args, summary, manifest, Path(args.out))
+        negatives = [p for p, y in zip(tr[0].paths, tr[0].labels) if y == 0]
+        write_cam_package(model, args, summary, manifest, Path(args.out),
+                          atlas_films=negatives if args.side_prior == "density" else None)
         print(f"wrote {args.out}", flush=True)
     return 0
 

@@ -205,6 +205,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-images", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loc-subset", action="append", default=[], metavar="JSON:KEY",
+                   help="also report localisation on the films listed under KEY of JSON (repeatable), e.g. "
+                        "scripts/loc_split.json:test_images")
     p.add_argument("--compare", type=Path, metavar="REPORT_DIR",
                    help="another evaluate run on the same films: paired bootstrap CI of the AUC difference")
     return p
@@ -254,16 +257,24 @@ def main(args: argparse.Namespace) -> int:
     if any(g is not None and len(g) for g in gts):
         report["localisation"] = {"top_box_any_probability": localisation(tops, gts),
                                   "top_box_as_sent (gated)": localisation(gated_tops, gts)}
+        for spec in args.loc_subset:
+            path, _, key = spec.rpartition(":")
+            keep = set(json.loads(Path(path).read_text())[key])
+            sel = [i for i, it in enumerate(items) if it.key in keep]
+            report["localisation"][f"subset {spec}"] = localisation([tops[i] for i in sel], [gts[i] for i in sel])
     annotated = [g for g in gts if g is not None]
     if len(annotated) == len(gts):  # every film annotated (RSNA format): Kaggle's metric
         report["rsna_metric"] = rsna_score(annotated, preds, scores)
     with open(out / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes"])
+        w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes", "top_box_iobb"])
         for it, r, top in zip(items, raws, tops):
+            has_gt = it.boxes is not None and len(it.boxes) > 0
             w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
-                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel())])
+                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()),
+                        f"{iobb(top, it.boxes).max():.3f}" if has_gt and top is not None else
+                        "0.000" if has_gt else ""])
     if args.compare:
         report["compare"] = compare_with(args.compare, [it.key for it in items], y, p, args.seed)
     if len(set(y.tolist())) == 2:

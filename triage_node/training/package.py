@@ -10,7 +10,7 @@ import torch
 
 from triage_node.inference.classifier import CamClassifier
 from triage_node.inference.model import CAM, TriageModel, save_package
-from triage_node.inference.prior import LungPrior
+from triage_node.inference.prior import DensityAtlas, LungPrior
 from triage_node.inference.types import ModelInfo
 
 PRIOR_MIN_MEAN = 0.3  # as the earlier package: a box whose mean RSNA-box coverage is below this is dropped
@@ -21,18 +21,33 @@ def cam_summary(arch: str, size: int, tta: bool) -> str:
             f"+ RSNA box-coverage lung prior")
 
 
+def fit_atlas(paths: list[Path], size: int, prior: LungPrior, source: str = "") -> DensityAtlas:
+    """The side prior's atlas from films without a finding, decoded and resized exactly as inference does."""
+    from triage_node.inference.preprocess import to_batch
+    from triage_node.training.data import load_image
+
+    films = torch.cat([to_batch([load_image(p)], size, torch.device("cpu"))[:, 0] for p in paths])
+    return DensityAtlas.fit(films, prior.heat, source=source)
+
+
 def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: dict, manifest: dict,
-                      out: Path) -> Path:
-    """Package ``model`` with the operating point chosen on validation data; the card is written separately."""
+                      out: Path, atlas_films: list[Path] | None = None) -> Path:
+    """Package ``model`` with the operating point chosen on validation data; the card is written separately.
+    ``atlas_films``: films without a finding (the primary source's training split) for the density side prior."""
     from pydicom.uid import generate_uid
 
     info = ModelInfo(name=args.name, version=args.version, architecture=cam_summary(args.arch, args.size, args.tta),
                      demo=True, intended_use="demo model, not for clinical use",
                      device_uid=generate_uid(entropy_srcs=["triage-node model", args.name, args.version]))
     t = float(summary["operating_point"]["threshold"])
-    tm = TriageModel(None, model, LungPrior.from_box_stats(min_mean=PRIOR_MIN_MEAN), info, threshold=t,
-                     box_threshold=0.0, input_size=args.size, gate_size=args.size, detector_arch=CAM,
-                     gate_arch=args.arch, device="cpu", tta=args.tta)
+    prior = LungPrior.from_box_stats(min_mean=PRIOR_MIN_MEAN)
+    atlas = None
+    if atlas_films:
+        atlas = fit_atlas(atlas_films, args.size, prior,
+                          source=f"{len(atlas_films)} training films without a finding of the primary source")
+    tm = TriageModel(None, model, prior, info, threshold=t, box_threshold=0.0, input_size=args.size,
+                     gate_size=args.size, detector_arch=CAM, gate_arch=args.arch, device="cpu", tta=args.tta,
+                     atlas=atlas)
     extra = {
         "training_data": {
             "sources": {src: {"weight": m["weight"], "train": len(m["train"]), "val": len(m["val"]),
@@ -40,13 +55,17 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
             "split": f"by patient/group column, val {args.val_frac}, test {args.test_frac}, seed {args.seed}"
                      + ("; every patient with an NIH box held out in test" if args.holdout_boxed else ""),
             "prior": "coverage heatmap of the 9,555 boxes of RSNA stage_2_train_labels.csv",
-            "localisation": "no box supervision: boxes are read from the class-activation map",
+            "localisation": "no box supervision: boxes are read from the class-activation map"
+                            + ("; the hemithorax denser than a normal film (density atlas of the training "
+                               "negatives) holds them" if atlas is not None else ""),
         },
         "training": {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
-                     "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "seed": args.seed, "train_seed": getattr(args, "train_seed", None), "epochs": args.epochs,
+                     "batch_size": args.batch_size, "lr": args.lr,
                      "weight_decay": args.weight_decay, "augmentation": args.aug, "input_size": args.size,
                      "ema_decay": getattr(args, "ema", 0.0),
-                     "init": args.init or "random (weights=None)"},
+                     "init": args.init or "random (weights=None)",
+                     "soup": list(getattr(args, "soup", None) or [])},
         "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
                                             "other_val_sources", "stopped", "history")},
     }
