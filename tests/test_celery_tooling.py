@@ -19,7 +19,10 @@ from triage_node.services import free_port, wait_port
 pytestmark = pytest.mark.integration
 
 
-def test_celery_inspect_and_flower_see_the_node(tmp_path, redis_url, make_node):
+@pytest.mark.parametrize("task_events", [True, False], ids=["events", "events-off"])
+def test_celery_inspect_and_flower_see_the_node(tmp_path, redis_url, make_node, task_events, monkeypatch):
+    # [broker] task_events = false: Flower turns the workers' events on when it starts, and still lists the tasks
+    monkeypatch.setenv("TRIAGE_BROKER_TASK_EVENTS", "1" if task_events else "0")
     node = make_node(redis_url, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}])
     env = dict(os.environ, TRIAGE_BROKER_URL=redis_url, TRIAGE_CONFIG=str(node.config_path),
                FLOWER_UNAUTHENTICATED_API="1")  # loopback-only test instance

@@ -46,8 +46,8 @@ def make_app(cfg: Config, name: str = "triage_node") -> Celery:
             "max_retries": 1,
         },
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=cfg.broker.task_events,
+        task_send_sent_event=cfg.broker.task_events,
         task_track_started=True,
     )
     return app
