@@ -52,6 +52,10 @@ def test_atlas_points_at_the_hemithorax_denser_than_normal():
     assert sr[1] > sr[0] + 0.5
     # brightness and contrast of the whole film do not decide the side (each film is standardised in its lungs)
     assert np.allclose(atlas.sides((0.5 * left + 0.2)[None]), sl[None], atol=1e-3)
+    # the fast path (one weighted sum per half) equals the box filter then the mean over each half
+    many = np.random.default_rng(5).random((6, S, S), dtype=np.float32)
+    assert np.allclose(atlas.sides(many), atlas.sides_reference(many), atol=1e-4)
+    assert np.allclose(atlas.sides(left[None]), atlas.sides_reference(left[None]), atol=1e-4)
     with pytest.raises(ValueError, match="64 px"):
         atlas.sides(np.zeros((1, 32, 32), np.float32))
     with pytest.raises(ValueError, match="at least 2 films"):
