@@ -100,7 +100,7 @@ class DensityAtlas:
         self._lung_t = torch.from_numpy(self.lung)
 
     @staticmethod
-    def standardise(x, lung: np.ndarray):
+    def standardise(x, lung):
         """N x S x S (numpy or torch) -> each film minus its lung-field mean, over its lung-field std."""
         import torch
 
