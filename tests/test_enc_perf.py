@@ -174,3 +174,41 @@ def test_palette_preview_shows_the_colours_of_the_rgb_preview(tmp_path, shape):
     with Image.open(png) as im:
         assert im.mode == "P" and max(im.size) <= pipeline.PREVIEW_PX
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), expected)
+
+
+def test_fast_coded_concept_hash_equals_highdicoms():
+    import highdicom as hd
+    from highdicom.sr.coding import CodedConcept
+
+    fast = CodedConcept.__hash__
+    original = fast.original
+    long_value = "x" * 20  # > 16 characters: LongCodeValue
+    urn = "urn:oid:1.2.3.4"
+    concepts = [hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"), hd.sr.CodedConcept(long_value, "99X", "Long"),
+                hd.sr.CodedConcept(urn, "99X", "URN"), hd.sr.CodedConcept("%", "UCUM", "percent")]
+    read = pydicom.dcmread(io.BytesIO(_file_with(concepts[0])))  # raw elements: highdicom's own hash
+    concepts.append(CodedConcept.from_dataset(read.ConceptNameCodeSequence[0]))
+    for c in concepts:
+        assert fast(c) == original(c) == hash(c)
+    assert len({*concepts}) == 4  # the read copy of concept 0 is equal to it
+
+
+def _file_with(code) -> bytes:
+    ds = pydicom.Dataset()
+    ds.ConceptNameCodeSequence = [code]
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_sr_built_with_highdicoms_own_code_hash_is_the_same(monkeypatch):
+    from highdicom.sr.coding import CodedConcept
+
+    ds = synthetic_xray("cr")
+    fast = _bytes(build_sr(ds, prediction(boxes=BOXES)))
+    monkeypatch.setattr(CodedConcept, "__hash__", CodedConcept.__hash__.original)
+    assert _bytes(build_sr(ds, prediction(boxes=BOXES))) == fast

@@ -53,3 +53,36 @@ def _cache_iod_lookups() -> None:
 
 
 _cache_iod_lookups()
+
+
+def _fast_code_hashes() -> None:
+    """highdicom's ``CodedConcept.__hash__`` (``hash(scheme_designator + value)``) reads three attributes through
+    pydicom's attribute lookup; content sequences hash every item's concept name on append, ~270 times per SR: 1/6
+    of building it. The same hash, read from the dataset's elements (anything unusual: highdicom's own code)."""
+    from highdicom.sr.coding import CodedConcept
+    from pydicom.dataelem import DataElement
+    from pydicom.tag import Tag
+
+    original = CodedConcept.__hash__
+    if getattr(original, "_triage_fast", False):
+        return
+    scheme_tag = Tag("CodingSchemeDesignator")
+    value_tags = (Tag("CodeValue"), Tag("LongCodeValue"), Tag("URNCodeValue"))  # highdicom's order of precedence
+
+    def code_hash(self) -> int:
+        elements = self._dict
+        scheme = elements.get(scheme_tag)
+        for tag in value_tags:
+            value = elements.get(tag)
+            if value is not None:
+                break
+        if type(scheme) is DataElement and type(value) is DataElement:
+            return hash(scheme.value + value.value)
+        return original(self)
+
+    code_hash._triage_fast = True  # type: ignore[attr-defined]
+    code_hash.original = original  # type: ignore[attr-defined]
+    CodedConcept.__hash__ = code_hash  # type: ignore[method-assign]
+
+
+_fast_code_hashes()
