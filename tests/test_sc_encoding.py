@@ -23,7 +23,8 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from test_enc_common import RSNA, dciodvfy, display_of, prediction, synthetic_xray, write
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-DCMTK_DECODER = {"jpeg-ls-palette": "dcmdjpls", "jpeg-ls": "dcmdjpls", "rle": "dcmdrle", "jpeg": "dcmdjpeg"}
+DCMTK_DECODER = {"jpeg-ls-palette": "dcmdjpls", "jpeg-ls": "dcmdjpls", "rle-palette": "dcmdrle", "rle": "dcmdrle",
+                 "jpeg": "dcmdjpeg"}
 
 
 @pytest.mark.parametrize("encoding", list(SC_ENCODINGS))

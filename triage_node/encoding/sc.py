@@ -6,8 +6,9 @@ For viewers that render neither SR nor presentation states. Decisions:
   node" must not send our overlay back to be analysed again. :func:`results.is_own_output` is the second guard.
 * Colour separates the annotations from anatomy. ``jpeg-ls-palette``: PALETTE COLOR, one 8-bit index per pixel
   (252 grays + the annotation colours), JPEG-LS lossless: ~0.25 MB for a 1024 x 1024 overlay and a third of the
-  encode of RGB. ``jpeg-ls`` (RGB, ~1 MB, ~45 ms to encode), RLE, uncompressed or lossy JPEG Baseline (RGB/YBR) via
-  ``outputs.sc_transfer_syntax``. The C-STORE sender decompresses for a peer that does not accept the syntax.
+  encode of RGB. ``jpeg-ls`` (RGB, ~1 MB, ~45 ms to encode), RLE (palette: ~6 ms less to encode than JPEG-LS,
+  ~0.8 MB; or RGB), uncompressed or lossy JPEG Baseline (RGB/YBR) via ``outputs.sc_transfer_syntax``. The C-STORE
+  sender decompresses for a peer that does not accept the syntax.
 * Same pixel geometry as the source (annotations are drawn in source pixel coordinates), so Patient Orientation
   and the lossy-compression history of the source are carried over; Source Image Sequence points at the source.
 * ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in.
@@ -46,6 +47,7 @@ _ORIENTATION = frozenset({"A", "P", "R", "L", "H", "F"})
 SC_ENCODINGS = {
     "jpeg-ls-palette": (JPEGLSLossless, "PALETTE COLOR"),
     "jpeg-ls": (JPEGLSLossless, "RGB"),
+    "rle-palette": (RLELossless, "PALETTE COLOR"),
     "rle": (RLELossless, "RGB"),
     "explicit": (ExplicitVRLittleEndian, "RGB"),
     "jpeg": (JPEGBaseline8Bit, "YBR_FULL_422"),
