@@ -212,3 +212,39 @@ def test_sr_built_with_highdicoms_own_code_hash_is_the_same(monkeypatch):
     fast = _bytes(build_sr(ds, prediction(boxes=BOXES)))
     monkeypatch.setattr(CodedConcept, "__hash__", CodedConcept.__hash__.original)
     assert _bytes(build_sr(ds, prediction(boxes=BOXES))) == fast
+
+
+def test_every_group_carries_the_algorithm_identification_a_fresh_build_gives():
+    """build_sr builds TID 4019 once and puts the same items in every measurement group: each group, as written,
+    holds exactly the items a fresh AlgorithmIdentification gives (nothing altered them on the way)."""
+    from triage_node.encoding.sr import _algorithm_id
+
+    pred = prediction(boxes=BOXES)
+    sr = pydicom.dcmread(io.BytesIO(_bytes(build_sr(synthetic_xray("cr"), pred))))
+    fresh = pydicom.Dataset()
+    fresh.ContentSequence = list(_algorithm_id(pred))
+    fresh = pydicom.dcmread(io.BytesIO(_file_with_items(fresh)))
+    expected = [_item_bytes(i) for i in fresh.ContentSequence]
+    names = {i.ConceptNameCodeSequence[0].CodeValue for i in fresh.ContentSequence}
+    imaging = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    groups = [g for g in imaging.ContentSequence if g.ValueType == "CONTAINER"]
+    assert len(groups) == 1 + len(BOXES)
+    for group in groups:
+        got = [_item_bytes(i) for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue in names]
+        assert got == expected
+
+
+def _file_with_items(ds) -> bytes:
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _item_bytes(item) -> bytes:
+    holder = pydicom.Dataset()
+    holder.ContentSequence = [item]
+    return _file_with_items(holder)

@@ -104,13 +104,16 @@ def _algorithm_id(prediction: Prediction) -> AlgorithmIdentification:
 def _groups(source: Dataset, prediction: Prediction) -> list:
     sop_uid = source.SOPInstanceUID
     version = prediction.model.version
+    # One Algorithm Identification (TID 4019) for every group: the same items, written once per group (built three
+    # times for two boxes, it was ~1/6 of the SR's construction). Nothing changes items once they are in the tree.
+    algorithm_id = _algorithm_id(prediction)
     image_group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid(sop_uid, version, "image"),
             identifier=f"Pneumonia {'present' if prediction.positive else 'absent'} "
             f"(probability {prediction.probability:.2f})",
         ),
-        algorithm_id=_algorithm_id(prediction),
+        algorithm_id=algorithm_id,
         finding_sites=[FindingSite(LUNG)],
         # INFERRED FROM a whole-image SCOORD: OHIF 3.x crashes on a measurement group without any geometry
         # (and this way it shows the image-level result too, as a frame around the image).
@@ -142,7 +145,7 @@ def _groups(source: Dataset, prediction: Prediction) -> list:
                 ),
                 referenced_region=region,
                 finding_type=OPACITY,
-                algorithm_id=_algorithm_id(prediction),
+                algorithm_id=algorithm_id,
                 measurements=[Measurement(name=OPACITY_CONFIDENCE, value=round(100 * float(det.score), 1),
                                           unit=UNIT_PERCENT, finding_sites=[FindingSite(LUNG)])],
             )
