@@ -269,12 +269,11 @@ def main(args: argparse.Namespace) -> int:
         w = csv.writer(f)
         w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes", "top_box_iobb"])
         for it, r, top in zip(items, raws, tops):
-            has_gt = it.boxes is not None and len(it.boxes) > 0
+            gt = it.boxes if it.boxes is not None and len(it.boxes) else None
+            hit = "" if gt is None else "0.000" if top is None else f"{iobb(top, gt).max():.3f}"
             w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
-                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()),
-                        f"{iobb(top, it.boxes).max():.3f}" if has_gt and top is not None else
-                        "0.000" if has_gt else ""])
+                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit])
     if args.compare:
         report["compare"] = compare_with(args.compare, [it.key for it in items], y, p, args.seed)
     if len(set(y.tolist())) == 2:
