@@ -248,3 +248,7 @@ def test_compare_reads_the_other_runs_scores_by_film(tmp_path):
     assert out["films_in_common"] == 3 and out["films_only_here"] == 1
     # on a, b, c: this run orders both positive-negative pairs right (1.0), the other neither (0.0)
     assert out["auc_difference_this_minus_other"]["difference"] == pytest.approx(1.0)
+    # no film in common: recorded, not fatal; a folder without per_image.csv: a clear error, not a traceback
+    assert E.compare_with(tmp_path, ["q"], np.array([1]), np.array([0.5]))["error"].startswith("no film in common")
+    with pytest.raises(SystemExit, match="not an evaluate report folder"):
+        E.read_other_scores(tmp_path / "nowhere")

@@ -78,16 +78,29 @@ def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n
             "share_of_resamples_new_better": float(np.mean(np.array(ds) > 0))}
 
 
-def compare_with(report_dir: Path, keys: list[str], y: np.ndarray, p: np.ndarray, seed: int = 0) -> dict:
-    """Paired comparison with another ``evaluate`` run (its ``per_image.csv``) on the films both scored."""
-    with open(report_dir / "per_image.csv", newline="") as f:
-        other = {r["key"]: float(r["probability"]) for r in csv.DictReader(f)}
+def read_other_scores(report_dir: Path) -> dict[str, float]:
+    """Another ``evaluate`` run's per-image probabilities; a clear error (before any film is scored) if unreadable."""
+    try:
+        with open(report_dir / "per_image.csv", newline="") as f:
+            return {r["key"]: float(r["probability"]) for r in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"--compare {report_dir}: not an evaluate report folder with a readable per_image.csv "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def compare_with(other: Path | dict[str, float], keys: list[str], y: np.ndarray, p: np.ndarray,
+                 seed: int = 0) -> dict:
+    """Paired comparison with another ``evaluate`` run (its folder, or its scores by film) on the films both
+    scored. No film in common: ``{"error": ...}`` (this run's own report is still written)."""
+    source = str(other)
+    if not isinstance(other, dict):
+        other = read_other_scores(other)
     common = [i for i, k in enumerate(keys) if k in other]
     if not common:
-        raise SystemExit(f"--compare {report_dir}: no film in common with this evaluation")
+        return {"other": source, "error": "no film in common with this evaluation"}
     idx = np.array(common)
     out = paired_auc_difference(y[idx], p[idx], np.array([other[keys[i]] for i in common]), seed=seed)
-    return {"other": str(report_dir), "films_in_common": len(common), "films_only_here": len(keys) - len(common),
+    return {"other": source, "films_in_common": len(common), "films_only_here": len(keys) - len(common),
             "auc_difference_this_minus_other": out}
 
 
@@ -228,6 +241,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     items = read_items(args)
+    other = read_other_scores(args.compare) if args.compare else None
     raws = run(model, items)
     y = np.array([it.label for it in items])
     p = np.array([r.probability for r in raws])
@@ -274,8 +288,9 @@ def main(args: argparse.Namespace) -> int:
             w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
                         "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit])
-    if args.compare:
-        report["compare"] = compare_with(args.compare, [it.key for it in items], y, p, args.seed)
+    if other is not None:
+        report["compare"] = compare_with(other, [it.key for it in items], y, p, args.seed)
+        report["compare"]["other"] = str(args.compare)
     if len(set(y.tolist())) == 2:
         plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", model.threshold)
     report["seconds"] = round(time.monotonic() - t0, 1)
@@ -290,7 +305,9 @@ def main(args: argparse.Namespace) -> int:
               f"IoU>=0.4 {loc['top_box_iou_0.4']:.3f}")
     if "rsna_metric" in report:
         print(f"  RSNA metric {report['rsna_metric']:.4f}")
-    if "compare" in report:
+    if "compare" in report and "error" in report["compare"]:
+        print(f"  vs {args.compare}: {report['compare']['error']} (no comparison)")
+    elif "compare" in report:
         d = report["compare"]["auc_difference_this_minus_other"]
         print(f"  vs {args.compare} ({report['compare']['films_in_common']} films in common): AUC difference "
               f"{d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] (paired bootstrap)")

@@ -21,6 +21,26 @@ def cam_summary(arch: str, size: int, tta: bool) -> str:
             f"+ RSNA box-coverage lung prior")
 
 
+def _training_record(args: argparse.Namespace, summary: dict) -> dict:
+    soup = list(getattr(args, "soup", None) or [])
+    if soup:  # no training in this step: say what the weights are, not the unused schedule's defaults
+        return {"device": "cpu", "minutes": summary["minutes"], "input_size": args.size,
+                "soup": [{"checkpoint": Path(p).name, "sha256": _file_sha256(Path(p))} for p in soup],
+                "note": f"no training in this step: the uniform average of {len(soup)} run(s)' best weights "
+                        "(one run = those weights repackaged); see the model card for how they were trained"}
+    return {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
+            "seed": args.seed, "train_seed": getattr(args, "train_seed", None), "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
+            "init": args.init or "random (weights=None)"}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def fit_atlas(paths: list[Path], size: int, prior: LungPrior, source: str = "") -> DensityAtlas:
     """The side prior's atlas from films without a finding, decoded and resized exactly as inference does."""
     from triage_node.inference.preprocess import to_batch
@@ -59,13 +79,7 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
                             + ("; the hemithorax denser than a normal film (density atlas of the training "
                                "negatives) holds them" if atlas is not None else ""),
         },
-        "training": {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
-                     "seed": args.seed, "train_seed": getattr(args, "train_seed", None), "epochs": args.epochs,
-                     "batch_size": args.batch_size, "lr": args.lr,
-                     "weight_decay": args.weight_decay, "augmentation": args.aug, "input_size": args.size,
-                     "ema_decay": getattr(args, "ema", 0.0),
-                     "init": args.init or "random (weights=None)",
-                     "soup": list(getattr(args, "soup", None) or [])},
+        "training": _training_record(args, summary),
         "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
                                             "other_val_sources", "stopped", "history")},
     }
