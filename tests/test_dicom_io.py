@@ -137,3 +137,59 @@ def test_configurable_views():
     ds.BodyPartExamined = ""
     ds.ViewPosition = "PA"
     dicom_io.check_eligible(ds, EligibilityConfig())  # blank body part is accepted
+
+
+def _window_reference(raw: np.ndarray, padding: np.ndarray | None, invert: bool) -> np.ndarray:
+    """The general path of dicom_io._pixels for stored integers: np.percentile of a float copy, clip, invert."""
+    arr = raw.astype(np.float32)
+    field = arr if padding is None else arr[~padding]
+    lo, hi = np.percentile(field, (0.5, 99.5))
+    if hi <= lo:
+        lo, hi = float(field.min()), float(field.max())
+    img = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    if invert:
+        img = 1.0 - img
+    if padding is not None:
+        img[padding] = 0.0
+    return img
+
+
+@pytest.mark.parametrize("dtype,low,high", [(np.uint8, 0, 256), (np.uint16, 0, 4096), (np.int16, -3000, 3000),
+                                            (np.uint16, 1000, 1003)])
+def test_window_by_table_equals_the_percentile_path(dtype, low, high):
+    rng = np.random.default_rng(int(high))
+    for trial in range(12):
+        raw = rng.integers(low, high, size=(97, 131)).astype(dtype)
+        pad = rng.random(raw.shape) < 0.1 if trial % 2 else None
+        if trial % 4 == 1:
+            raw[pad] = raw.max()  # padding at the top of the range: outside the histogram, inside the table
+        for invert in (False, True):
+            got = dicom_io._window_by_table(raw, pad, invert)
+            assert got.dtype == np.float32 and got.shape == raw.shape
+            assert np.array_equal(got, _window_reference(raw, pad, invert)), (dtype, trial, invert)
+    flat = np.full((8, 8), 7, np.uint8)  # one value: hi <= lo
+    assert np.array_equal(dicom_io._window_by_table(flat, None, False), _window_reference(flat, None, False))
+    assert not dicom_io._window_by_table(flat, np.ones((8, 8), bool), False).any()  # everything padding
+
+
+def test_real_jpeg_baseline_films_decode_and_window_as_the_general_path():
+    """Pillow first for JPEG Baseline: the same pixels as pydicom's default decoder order; the table window: the
+    same image as the percentile path (RSNA samples, MONOCHROME1 variant)."""
+    from pydicom.pixels import pixel_array
+
+    assert SAMPLES
+    for f in SAMPLES:
+        ds = pydicom.dcmread(f)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+        raw = pixel_array(ds, decoding_plugin="gdcm") if _has_gdcm() else ds.pixel_array
+        assert np.array_equal(dicom_io._decode(ds), raw)
+        invert = ds.PhotometricInterpretation == "MONOCHROME1"
+        assert np.array_equal(dicom_io.pixels(ds), _window_reference(raw, dicom_io._padding(raw, ds), invert))
+
+
+def _has_gdcm() -> bool:
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -119,13 +119,21 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
         raise BadDataset(f"unsupported BitsAllocated/BitsStored {bits_alloc}/{bits_stored}")
     _check_encapsulated(ds, rows, cols)
     try:
-        raw = ds.pixel_array
+        raw = _decode(ds)
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         raise BadDataset(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
     if raw.ndim != 2 or raw.shape != (rows, cols):
         raise BadDataset(f"decoded shape {raw.shape} does not match {rows}x{cols}")
     padding = _padding(raw, ds)
     arr = _modality_lut(raw, ds)  # integers stay integers for a VOI LUT Sequence (indices, not floats)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    # MONOCHROME1 is displayed inverted. So is MONOCHROME2 with Presentation LUT Shape INVERSE (CR/DX vendors store
+    # inverted data that way); MONOCHROME1 + INVERSE is the DX IOD's own spelling of MONOCHROME1 (one inversion).
+    invert = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+    if arr is raw and raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2 and not (
+            "WindowCenter" in ds or "VOILUTSequence" in ds):
+        return _window_by_table(raw, padding, invert)  # most CR/DX: stored values straight to the window
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         try:
             arr = apply_voi_lut(arr, ds, prefer_lut=True)
@@ -137,12 +145,63 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     if hi <= lo:
         lo, hi = float(field.min()), float(field.max())
     img = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
-    # MONOCHROME1 is displayed inverted. So is MONOCHROME2 with Presentation LUT Shape INVERSE (CR/DX vendors store
-    # inverted data that way); MONOCHROME1 + INVERSE is the DX IOD's own spelling of MONOCHROME1 (one inversion).
-    if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE"):
+    if invert:
         img = 1.0 - img
+    if padding is not None:
+        img[padding] = 0.0
+    return img
+
+
+# JPEG Baseline (8-bit): Pillow's libjpeg-turbo decodes a 1024 x 1024 CXR in ~2.5 ms of CPU against GDCM's ~7 ms
+# (pydicom's first choice when both are installed) with identical pixels; pylibjpeg's IDCT differs by 1 grey level.
+_PILLOW_FIRST = {"1.2.840.10008.1.2.4.50"}
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    """``ds.pixel_array``, with the fastest exact decoder for a single-sample JPEG Baseline frame."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if ts in _PILLOW_FIRST and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("BitsAllocated", 0)) == 8:
+        try:
+            from pydicom.pixels import pixel_array
+
+            return pixel_array(ds, decoding_plugin="pillow")
+        except Exception:  # Pillow missing or refusing this stream: pydicom's usual order decides
+            log.debug("Pillow could not decode %s; pydicom's default decoders", ds.get("SOPInstanceUID", "?"))
+    return ds.pixel_array
+
+
+def _window_by_table(raw: np.ndarray, padding: np.ndarray | None, invert: bool) -> np.ndarray:
+    """The 0.5-99.5 percentile window of integer stored values through a lookup table: what the general path of
+    ``_pixels`` computes (np.percentile's linear interpolation, the same clip, the same inversion), from a histogram
+    of the values instead of a sort of a float copy, and one table look-up per pixel (~4x less CPU on a CXR)."""
+    base = int(raw.min())
+    idx = raw.astype(np.intp) - base if base else raw
+    size = int(raw.max()) - base + 1  # the table covers padding values too (they are set to 0 after)
+    counts = np.bincount((idx if padding is None else idx[~padding]).ravel(), minlength=size)
+    n = int(counts.sum())
+    if n == 0:
+        return np.zeros(raw.shape, np.float32)
+    cum = np.cumsum(counts)
+
+    def order_stat(k: int) -> float:  # the k-th smallest value (0-based) of the non-padding pixels
+        return float(np.searchsorted(cum, k, side="right") + base)
+
+    def percentile(q: float) -> float:  # numpy's "linear" method, including its two-sided lerp
+        virtual = (n - 1) * q
+        k = int(np.floor(virtual))
+        a, b = order_stat(k), order_stat(min(k + 1, n - 1))
+        t = virtual - k
+        return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+    lo, hi = percentile(0.005), percentile(0.995)
+    if hi <= lo:
+        nz = np.nonzero(counts)[0]
+        lo, hi = float(nz[0] + base), float(nz[-1] + base)
+    values = np.arange(base, base + len(counts), dtype=np.float64)
+    table = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    if invert:
+        table = 1.0 - table
+    img = table[idx]
     if padding is not None:
         img[padding] = 0.0
     return img
