@@ -329,8 +329,11 @@ def main(args: argparse.Namespace) -> int:
         from triage_node.training.package import write_cam_package
 
         negatives = [p for p, y in zip(tr[0].paths, tr[0].labels) if y == 0]
+        if args.side_prior == "density" and len(negatives) < 2:
+            log.warning("side prior left out: the training split of %s has %d film(s) without a finding (needs 2+)",
+                        tr[0].name, len(negatives))
         write_cam_package(model, args, summary, manifest, Path(args.out),
-                          atlas_films=negatives if args.side_prior == "density" else None)
+                          atlas_films=negatives if args.side_prior == "density" and len(negatives) >= 2 else None)
         print(f"wrote {args.out}", flush=True)
     return 0
 
