@@ -140,3 +140,18 @@ def test_weight_soup_is_the_mean_of_the_runs(tmp_path):
     torch.save({k: v for k, v in a.items() if k != w}, tmp_path / "c.pt")
     with pytest.raises(ValueError, match="not the same architecture"):
         CT.soup("resnet18", [str(tmp_path / "a.pt"), str(tmp_path / "c.pt")])
+
+
+def test_atlas_films_are_the_training_negatives_and_too_few_leave_the_prior_out(tmp_path, caplog):
+    from pathlib import Path
+
+    from triage_node.training.images import Source
+
+    paths = [Path(f"/x/{i}.dcm") for i in range(5)]
+    src = Source("nih", tmp_path / "l.csv", 1.0, paths, np.array([1, 0, 1, 0, 0]), ["a"] * 5, [""] * 5,
+                 [p.stem for p in paths])
+    assert CT.atlas_films(src, "density") == [paths[1], paths[3], paths[4]]
+    assert CT.atlas_films(src, "none") is None
+    one = Source("nih", tmp_path / "l.csv", 1.0, paths[:2], np.array([1, 0]), ["a"] * 2, [""] * 2, ["0", "1"])
+    assert CT.atlas_films(one, "density") is None
+    assert "side prior left out" in caplog.text

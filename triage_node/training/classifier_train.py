@@ -176,6 +176,20 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
     return tr, va, te, manifest
 
 
+def atlas_films(primary: I.Source, side_prior: str) -> list[Path] | None:
+    """The films the side prior's atlas is fitted on: the primary source's training films without a finding.
+    None (no side prior) when it is not wanted, or, with a warning, when there are fewer than 2 of them: a package
+    without the prior rather than a run that fails after its last epoch."""
+    if side_prior != "density":
+        return None
+    negatives = [p for p, y in zip(primary.paths, primary.labels) if y == 0]
+    if len(negatives) < 2:
+        log.warning("side prior left out: the training split of %s has %d film(s) without a finding (needs 2+)",
+                    primary.name, len(negatives))
+        return None
+    return negatives
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -328,12 +342,8 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         from triage_node.training.package import write_cam_package
 
-        negatives = [p for p, y in zip(tr[0].paths, tr[0].labels) if y == 0]
-        if args.side_prior == "density" and len(negatives) < 2:
-            log.warning("side prior left out: the training split of %s has %d film(s) without a finding (needs 2+)",
-                        tr[0].name, len(negatives))
         write_cam_package(model, args, summary, manifest, Path(args.out),
-                          atlas_films=negatives if args.side_prior == "density" and len(negatives) >= 2 else None)
+                          atlas_films=atlas_films(tr[0], args.side_prior))
         print(f"wrote {args.out}", flush=True)
     return 0
 
