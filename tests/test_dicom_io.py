@@ -141,17 +141,7 @@ def test_configurable_views():
 
 def _window_reference(raw: np.ndarray, padding: np.ndarray | None, invert: bool) -> np.ndarray:
     """The general path of dicom_io._pixels for stored integers: np.percentile of a float copy, clip, invert."""
-    arr = raw.astype(np.float32)
-    field = arr if padding is None else arr[~padding]
-    lo, hi = np.percentile(field, (0.5, 99.5))
-    if hi <= lo:
-        lo, hi = float(field.min()), float(field.max())
-    img = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-    if invert:
-        img = 1.0 - img
-    if padding is not None:
-        img[padding] = 0.0
-    return img
+    return dicom_io._window_by_percentile(raw.astype(np.float32), padding, invert)
 
 
 @pytest.mark.parametrize("dtype,low,high", [(np.uint8, 0, 256), (np.uint16, 0, 4096), (np.int16, -3000, 3000),

@@ -196,13 +196,7 @@ def test_fast_coded_concept_hash_equals_highdicoms():
 def _file_with(code) -> bytes:
     ds = pydicom.Dataset()
     ds.ConceptNameCodeSequence = [code]
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.3"
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return _file_with_items(ds)
 
 
 def test_sr_built_with_highdicoms_own_code_hash_is_the_same(monkeypatch):

@@ -16,6 +16,18 @@ from triage_node.training import classifier_train as CT
 S = 64
 
 
+def _sides_reference(atlas: DensityAtlas, x: np.ndarray) -> np.ndarray:
+    """``DensityAtlas.sides`` the long way: the box-filtered residual, then its mean over each half of the lungs."""
+    t = torch.as_tensor(x, dtype=torch.float32)
+    z = atlas.standardise(t, atlas.lung) - torch.from_numpy(atlas.mean)
+    z = z / (torch.from_numpy(atlas.sd) + atlas.sd_floor)
+    z = torch.nn.functional.avg_pool2d(z[:, None], atlas.smooth, 1, atlas.smooth // 2, count_include_pad=False)[:, 0]
+    left = np.zeros_like(atlas.lung)
+    left[:, : S // 2] = True
+    return torch.stack([z[:, torch.from_numpy(h)].mean(1) for h in (atlas.lung & left, atlas.lung & ~left)],
+                       1).numpy()
+
+
 def _lung() -> np.ndarray:
     heat = np.zeros((64, 64), np.float32)
     heat[8:56, 6:28] = 1.0  # image-left lung field
@@ -54,8 +66,8 @@ def test_atlas_points_at_the_hemithorax_denser_than_normal():
     assert np.allclose(atlas.sides((0.5 * left + 0.2)[None]), sl[None], atol=1e-3)
     # the fast path (one weighted sum per half) equals the box filter then the mean over each half
     many = np.random.default_rng(5).random((6, S, S), dtype=np.float32)
-    assert np.allclose(atlas.sides(many), atlas.sides_reference(many), atol=1e-4)
-    assert np.allclose(atlas.sides(left[None]), atlas.sides_reference(left[None]), atol=1e-4)
+    assert np.allclose(atlas.sides(many), _sides_reference(atlas, many), atol=1e-4)
+    assert np.allclose(atlas.sides(left[None]), _sides_reference(atlas, left[None]), atol=1e-4)
     with pytest.raises(ValueError, match="64 px"):
         atlas.sides(np.zeros((1, 32, 32), np.float32))
     with pytest.raises(ValueError, match="at least 2 films"):

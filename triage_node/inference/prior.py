@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 STATS_PATH = Path(__file__).resolve().parent.parent / "data" / "rsna_box_stats.json"
 
@@ -65,9 +67,6 @@ class DensityAtlas:
 
     def __init__(self, mean: np.ndarray, sd: np.ndarray, heat: np.ndarray, lung_threshold: float = 0.3,
                  smooth: int = 15, sd_floor: float = 0.05, n_films: int = 0, source: str = "") -> None:
-        import torch
-        import torch.nn.functional as F
-
         self.mean = np.asarray(mean, np.float32)
         self.sd = np.asarray(sd, np.float32)
         if self.mean.ndim != 2 or self.mean.shape != self.sd.shape or self.mean.shape[0] != self.mean.shape[1]:
@@ -75,11 +74,7 @@ class DensityAtlas:
         self.size = int(self.mean.shape[0])
         self.lung_threshold, self.smooth, self.sd_floor = float(lung_threshold), int(smooth), float(sd_floor)
         self.n_films, self.source = int(n_films), source
-        lung = F.interpolate(torch.from_numpy(np.asarray(heat, np.float32))[None, None], size=(self.size,) * 2,
-                             mode="bilinear", align_corners=False)[0, 0]
-        self.lung = (lung >= self.lung_threshold).numpy()
-        if not self.lung.any():
-            raise ValueError("the lung prior selects no pixel at this threshold")
+        self.lung = self.lung_mask(heat, self.size, self.lung_threshold)
         left = np.zeros_like(self.lung)
         left[:, : self.size // 2] = True
         self._halves = (self.lung & left, self.lung & ~left)
@@ -100,32 +95,36 @@ class DensityAtlas:
         self._lung_t = torch.from_numpy(self.lung)
 
     @staticmethod
+    def lung_mask(heat: np.ndarray, size: int, threshold: float) -> np.ndarray:
+        """The lung field: the lung prior resized to ``size`` x ``size``, at or above ``threshold``."""
+        lung = F.interpolate(torch.from_numpy(np.asarray(heat, np.float32))[None, None], size=(size, size),
+                             mode="bilinear", align_corners=False)[0, 0]
+        mask = (lung >= threshold).numpy()
+        if not mask.any():
+            raise ValueError("the lung prior selects no pixel at this threshold")
+        return mask
+
+    @staticmethod
     def standardise(x, lung):
         """N x S x S (numpy or torch) -> each film minus its lung-field mean, over its lung-field std."""
-        import torch
-
         t = torch.as_tensor(x, dtype=torch.float32)
         m = torch.as_tensor(lung, device=t.device)
         v = t[:, m]
         return (t - v.mean(1)[:, None, None]) / (v.std(1, unbiased=False)[:, None, None] + 1e-6)
 
     @classmethod
-    def fit(cls, normals, heat: np.ndarray, **kw) -> DensityAtlas:
+    def fit(cls, normals, heat: np.ndarray, lung_threshold: float = 0.3, **kw) -> DensityAtlas:
         """From N x S x S films without a finding, values in [0, 1] as the network sees them."""
-        import torch
-
         n = torch.as_tensor(normals, dtype=torch.float32)
         if n.ndim != 3 or len(n) < 2:
             raise ValueError(f"need at least 2 films as N x S x S, got {tuple(n.shape)}")
-        probe = cls(np.zeros(n.shape[1:], np.float32), np.ones(n.shape[1:], np.float32), heat, **kw)
-        z = cls.standardise(n, probe.lung)
-        return cls(z.mean(0).numpy(), z.std(0, unbiased=False).numpy(), heat, n_films=len(n), **kw)
+        z = cls.standardise(n, cls.lung_mask(heat, n.shape[-1], lung_threshold))
+        return cls(z.mean(0).numpy(), z.std(0, unbiased=False).numpy(), heat, lung_threshold=lung_threshold,
+                   n_films=len(n), **kw)
 
     def sides(self, x) -> np.ndarray:
         """N x 2: mean smoothed residual over the left and right image halves of the lung field (N x 1 x S x S or
         N x S x S in [0, 1], at this atlas's size; torch on any device, or numpy)."""
-        import torch
-
         t = torch.as_tensor(x, dtype=torch.float32)
         if t.ndim == 4:
             t = t[:, 0]
@@ -134,17 +133,6 @@ class DensityAtlas:
         dev = t.device
         std = self.standardise(t, self._lung_t.to(dev))
         return (std.reshape(len(std), -1) @ self._a.to(dev) - self._c.to(dev)).cpu().numpy()
-
-    def sides_reference(self, x) -> np.ndarray:
-        """``sides`` computed the long way (box filter, then the mean over each half): what it must equal."""
-        import torch
-        import torch.nn.functional as F
-
-        t = torch.as_tensor(x, dtype=torch.float32)
-        t = t[:, 0] if t.ndim == 4 else t
-        z = (self.standardise(t, self.lung) - torch.from_numpy(self.mean)) / (torch.from_numpy(self.sd) + self.sd_floor)
-        z = F.avg_pool2d(z[:, None], self.smooth, 1, self.smooth // 2, count_include_pad=False)[:, 0]
-        return torch.stack([z[:, torch.from_numpy(h)].mean(1) for h in self._halves], 1).numpy()
 
     def settings(self) -> dict:
         return {"size": self.size, "lung_threshold": self.lung_threshold, "smooth": self.smooth,

@@ -89,12 +89,11 @@ def read_other_scores(report_dir: Path) -> dict[str, float]:
 
 
 def compare_with(other: Path | dict[str, float], keys: list[str], y: np.ndarray, p: np.ndarray,
-                 seed: int = 0) -> dict:
-    """Paired comparison with another ``evaluate`` run (its folder, or its scores by film) on the films both
-    scored. No film in common: ``{"error": ...}`` (this run's own report is still written)."""
-    source = str(other)
+                 seed: int = 0, source: str = "") -> dict:
+    """Paired comparison with another ``evaluate`` run (its folder, or its scores by film read from ``source``) on
+    the films both scored. No film in common: ``{"error": ...}`` (this run's own report is still written)."""
     if not isinstance(other, dict):
-        other = read_other_scores(other)
+        source, other = source or str(other), read_other_scores(other)
     common = [i for i, k in enumerate(keys) if k in other]
     if not common:
         return {"other": source, "error": "no film in common with this evaluation"}
@@ -289,8 +288,7 @@ def main(args: argparse.Namespace) -> int:
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
                         "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit])
     if other is not None:
-        report["compare"] = compare_with(other, [it.key for it in items], y, p, args.seed)
-        report["compare"]["other"] = str(args.compare)
+        report["compare"] = compare_with(other, [it.key for it in items], y, p, args.seed, str(args.compare))
     if len(set(y.tolist())) == 2:
         plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", model.threshold)
     report["seconds"] = round(time.monotonic() - t0, 1)

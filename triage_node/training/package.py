@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from triage_node.inference.classifier import CamClassifier
-from triage_node.inference.model import CAM, TriageModel, save_package
+from triage_node.inference.model import CAM, TriageModel, _sha256, save_package
 from triage_node.inference.prior import DensityAtlas, LungPrior
 from triage_node.inference.types import ModelInfo
 
@@ -25,7 +25,7 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
     soup = list(getattr(args, "soup", None) or [])
     if soup:  # no training in this step: say what the weights are, not the unused schedule's defaults
         return {"device": "cpu", "minutes": summary["minutes"], "input_size": args.size,
-                "soup": [{"checkpoint": Path(p).name, "sha256": _file_sha256(Path(p))} for p in soup],
+                "soup": [{"checkpoint": Path(p).name, "sha256": _sha256(Path(p))} for p in soup],
                 "note": f"no training in this step: the uniform average of {len(soup)} run(s)' best weights "
                         "(one run = those weights repackaged); see the model card for how they were trained"}
     return {"device": "cpu", "threads": torch.get_num_threads(), "minutes": summary["minutes"],
@@ -33,12 +33,6 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
             "init": args.init or "random (weights=None)"}
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fit_atlas(paths: list[Path], size: int, prior: LungPrior, source: str = "") -> DensityAtlas:
