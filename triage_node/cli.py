@@ -1,4 +1,4 @@
-"""``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | synth``.
+"""``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | cv-report | synth``.
 
 Errors are translated to exit codes here: 0 ok, 1 failure, 2 usage / not eligible / bad input.
 """
@@ -412,6 +412,7 @@ def _delegate(module: str):
 _DELEGATED = {
     "train": ("triage_node.training.classifier_train", "train the classifier + CAM localiser on image-level CSVs"),
     "evaluate": ("triage_node.training.evaluate", "AUC (bootstrap CI), operating point, per view, localisation"),
+    "cv-report": ("triage_node.training.cv_report", "pool k-fold train --cv runs: out-of-fold AUC, epoch, threshold"),
     "train-detector": ("triage_node.training.detector_train", "train the FCOS detector on RSNA-format boxes"),
     "evaluate-boxes": ("triage_node.training.evaluate_boxes", "RSNA metric / mAP ablation on RSNA-format boxes"),
     "synth": ("triage_node.training.synth", "write synthetic RSNA-format DICOM data"),

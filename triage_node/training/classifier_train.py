@@ -121,6 +121,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--boxes", help="boxes CSV (image_id,x,y,width,height) of the primary source")
     p.add_argument("--holdout-boxed", action="store_true", help="patients with boxes go to the test split")
     p.add_argument("--val-frac", type=float, default=0.15)
+    p.add_argument("--cv", metavar="K:FOLD",
+                   help="k-fold cross-validation on the primary source: its train + val pool (the test split is "
+                        "unchanged) is dealt into K folds by group; FOLD (0..K-1) validates, the others train. "
+                        "K:all trains on the whole pool without validation (give --threshold and --stop-epoch, "
+                        "e.g. from `triage-node cv-report`)")
+    p.add_argument("--threshold", type=float,
+                   help="operating threshold to package when there is no validation split (--cv K:all)")
+    p.add_argument("--stop-epoch", type=int, default=0,
+                   help="stop after this epoch of the --epochs long one-cycle schedule (0 = run it all)")
     p.add_argument("--test-frac", type=float, default=0.15)
     p.add_argument("--arch", default="resnet18", choices=CAM_ARCHS)
     p.add_argument("--size", type=int, default=256, help="input size (images are squashed to size x size)")
@@ -166,6 +175,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
                             Path(args.cache_dir), progress=not args.no_progress)
         force = {g for g, k in zip(src.groups, src.keys) if k in boxed} if j == 0 else set()
         a, b, c = I.group_split(src.groups, (args.val_frac, args.test_frac), args.seed, force)
+        if j == 0 and getattr(args, "cv", None):
+            a, b = cv_split(src.groups, a, b, args.cv, args.seed)
         tr.append(src.subset(a))
         va.append(src.subset(b))
         te.append(src.subset(c))
@@ -173,7 +184,33 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
                               "test": te[-1].keys, "weight": src.weight,
                               "positives": {k: int(s.labels.sum()) for k, s in
                                             (("train", tr[-1]), ("val", va[-1]), ("test", te[-1]))}}
+        if j == 0 and getattr(args, "cv", None):
+            manifest[src.name]["cv"] = args.cv
     return tr, va, te, manifest
+
+
+def parse_cv(spec: str) -> tuple[int, int | None]:
+    """``K:FOLD`` -> (K, FOLD); ``K:all`` -> (K, None)."""
+    k, sep, fold = spec.partition(":")
+    try:
+        n = int(k)
+        f = None if fold == "all" else int(fold)
+    except ValueError:
+        raise ValueError(f"--cv {spec!r}: expected K:FOLD (e.g. 4:0) or K:all") from None
+    if not sep or n < 2 or (f is not None and not 0 <= f < n):
+        raise ValueError(f"--cv {spec!r}: K must be >= 2 and FOLD in 0..K-1 or 'all'")
+    return n, f
+
+
+def cv_split(groups: list[str], train: np.ndarray, val: np.ndarray, spec: str,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of one cross-validation fold of the pool ``train + val`` (by group)."""
+    k, fold = parse_cv(spec)
+    pool = np.sort(np.concatenate([train, val]))
+    folds = I.cv_folds([groups[i] for i in pool], k, seed)
+    if fold is None:
+        return pool, pool[:0]
+    return pool[folds != fold], pool[folds == fold]
 
 
 def atlas_films(primary: I.Source, side_prior: str) -> list[Path] | None:
@@ -266,7 +303,9 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     t_start = time.monotonic()
     from tqdm import tqdm
 
-    while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
+    no_val = len(va[0]) == 0
+    last = min(args.epochs, args.stop_epoch) if getattr(args, "stop_epoch", 0) else args.epochs
+    while state["epoch"] < last and state["bad_epochs"] < args.patience:
         ep = state["epoch"] + 1
         model.train()
         losses = []
@@ -284,11 +323,13 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
                 ema.update_parameters(model)
             losses.append(float(loss.detach()))
         judged = ema.module if ema is not None else model
-        auc = roc_auc(va[0].labels, predict_probs(judged, va[0].images)) if len(va[0]) else float("nan")
+        p_val = predict_probs(judged, va[0].images)
+        auc = roc_auc(va[0].labels, p_val) if len(va[0]) else float("nan")
         rec = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc,
                "minutes": round((time.monotonic() - t_start) / 60, 2)}
-        state["history"].append(rec)
-        if auc > state["best_auc"] or state["best_state"] is None:
+        # each epoch's validation scores (a cross-validation's out-of-fold predictions, by epoch)
+        state["history"].append(rec | {"val_p": [round(float(v), 5) for v in p_val]})
+        if no_val or auc > state["best_auc"] or state["best_state"] is None:  # no validation: the last epoch
             state.update(best_auc=auc, best_epoch=ep, bad_epochs=0,
                          best_state={k: v.detach().clone() for k, v in judged.state_dict().items()})
         else:
@@ -312,6 +353,14 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "cv", None):  # a bad spec, or a final run without its threshold, fails before any work
+        try:
+            _, fold = parse_cv(args.cv)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if fold is None and (args.threshold is None or args.soup):
+            raise SystemExit(f"--cv {args.cv} trains without a validation split: give --threshold (and "
+                             "--stop-epoch), e.g. from `triage-node cv-report`")
     t0 = time.monotonic()
     tr, va, te, manifest = prepare(args)
     ckdir = Path(args.checkpoint_dir)
@@ -327,15 +376,24 @@ def main(args: argparse.Namespace) -> int:
     else:
         model, state = train(args, tr, va)
     p_val = predict_probs(model, va[0].images, tta=args.tta)
-    t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
+    if len(va[0]):
+        t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
+        point = operating_point(va[0].labels, p_val, t) | {
+            "rule": f"highest threshold with sensitivity >= {args.target_sensitivity} on the "
+                    f"{va[0].name} validation split"}
+    elif getattr(args, "threshold", None) is not None:
+        t = float(args.threshold)
+        point = {"threshold": t, "rule": "given (--threshold): no validation split in this run "
+                                         "(e.g. chosen on a cross-validation's out-of-fold scores)"}
+    else:
+        raise SystemExit("no validation split to choose the operating point on: give --threshold")
     others = {s.name: operating_point(s.labels, p, t) | {"auc": roc_auc(s.labels, p)}
               for s in va[1:] if len(s) for p in [predict_probs(model, s.images, tta=args.tta)]}
     summary = {"best_epoch": state.get("best_epoch"), "best_val_auc": state["best_auc"],
                "stopped": state.get("stopped", "epochs"), "history": state["history"],
-               "val_auc_shipped": roc_auc(va[0].labels, p_val), "tta": bool(args.tta),
-               "operating_point": operating_point(va[0].labels, p_val, t) | {
-                   "rule": f"highest threshold with sensitivity >= {args.target_sensitivity} on the "
-                           f"{va[0].name} validation split"},
+               "val_auc_shipped": roc_auc(va[0].labels, p_val) if len(va[0]) else float("nan"),
+               "tta": bool(args.tta), "operating_point": point,
+               "val_predictions": dict(zip(va[0].keys, (round(float(v), 5) for v in p_val))),
                "other_val_sources": others, "minutes": round((time.monotonic() - t0) / 60, 1)}
     (ckdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=float), flush=True)

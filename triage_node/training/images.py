@@ -101,6 +101,21 @@ def group_split(groups: list[str], fractions: tuple[float, float], seed: int = 0
     return np.nonzero(side == 0)[0], np.nonzero(side == 1)[0], np.nonzero(side == 2)[0]
 
 
+def cv_folds(groups: list[str], k: int, seed: int = 0) -> np.ndarray:
+    """The cross-validation fold (0 .. k-1) of each row, by group: a patient's films share a fold. Seeded and
+    independent of row order (groups sorted, shuffled, dealt round-robin), so the folds of one pool are the same in
+    every run of a cross-validation."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, not {k}")
+    uniq = sorted(set(groups))
+    if len(uniq) < k:
+        raise ValueError(f"{len(uniq)} group(s) cannot fill {k} folds")
+    rng = np.random.default_rng([seed, 1_000_003])  # not the train/val/test split's own stream
+    rng.shuffle(uniq)
+    fold = {g: i % k for i, g in enumerate(uniq)}
+    return np.array([fold[g] for g in groups], int)
+
+
 def decode(path: Path, size: int) -> np.ndarray:
     """One image as the node sees it, squashed to ``size`` x ``size`` uint8."""
     from triage_node.inference.preprocess import to_batch

@@ -32,7 +32,7 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
             "seed": args.seed, "train_seed": getattr(args, "train_seed", None), "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
-            "init": args.init or "random (weights=None)"}
+            "init": args.init or "random (weights=None)", "stop_epoch": getattr(args, "stop_epoch", 0) or None}
 
 
 def fit_atlas(paths: list[Path], size: int, prior: LungPrior, source: str = "") -> DensityAtlas:
@@ -67,7 +67,9 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
             "sources": {src: {"weight": m["weight"], "train": len(m["train"]), "val": len(m["val"]),
                               "test": len(m["test"]), "positives": m["positives"]} for src, m in manifest.items()},
             "split": f"by patient/group column, val {args.val_frac}, test {args.test_frac}, seed {args.seed}"
-                     + ("; every patient with an NIH box held out in test" if args.holdout_boxed else ""),
+                     + ("; every patient with an NIH box held out in test" if args.holdout_boxed else "")
+                     + (f"; cross-validation {args.cv} of the primary source's train + val pool"
+                        if getattr(args, "cv", None) else ""),
             "prior": "coverage heatmap of the 9,555 boxes of RSNA stage_2_train_labels.csv",
             "localisation": "no box supervision: boxes are read from the class-activation map"
                             + ("; the hemithorax denser than a normal film (density atlas of the training "
@@ -75,7 +77,8 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
         },
         "training": _training_record(args, summary),
         "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
-                                            "other_val_sources", "stopped", "history")},
+                                            "other_val_sources", "stopped")}
+        | {"history": [{k: v for k, v in h.items() if k != "val_p"} for h in summary["history"]]},
     }
     d = save_package(tm, out, extra=extra)
     # which films trained, validated and tested it (keys only), so anyone can evaluate on its held-out split

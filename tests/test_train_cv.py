@@ -1,0 +1,141 @@
+"""k-fold cross-validation of the classifier (train --cv, cv-report) on real NIH films."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_data
+
+from triage_node.training import classifier_train as CT
+from triage_node.training import cv_report as CV
+from triage_node.training import images as I
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_folds_partition_the_pool_by_patient_and_leave_test_alone():
+    src = I.read_source(str(shared_data("nih_adult", "labels.csv")))
+    boxed = set(I.read_boxes(shared_data("nih_adult", "boxes.csv")))
+    force = {g for g, k in zip(src.groups, src.keys) if k in boxed}
+    tr, va, te = I.group_split(src.groups, (0.15, 0.15), 0, force)
+    pool = set(tr) | set(va)
+    vals = []
+    for fold in range(4):
+        a, b = CT.cv_split(src.groups, tr, va, f"4:{fold}", 0)
+        assert set(a) | set(b) == pool and not set(a) & set(b)  # the test split is never touched
+        assert not {src.groups[i] for i in a} & {src.groups[i] for i in b}  # no patient on both sides
+        assert 0.15 < len(b) / len(pool) < 0.35
+        vals.append(set(b))
+    assert set().union(*vals) == pool and sum(map(len, vals)) == len(pool)  # each film validated exactly once
+    a, b = CT.cv_split(src.groups, tr, va, "4:all", 0)
+    assert set(a) == pool and len(b) == 0
+    # the folds depend on the groups, not on row order
+    groups = [src.groups[i] for i in sorted(pool)]
+    perm = np.random.default_rng(1).permutation(len(groups))
+    f1, f2 = I.cv_folds(groups, 4, 0), I.cv_folds([groups[i] for i in perm], 4, 0)
+    assert all(f1[perm[j]] == f2[j] for j in range(len(groups)))
+    for bad in ("4", "1:0", "4:4", "x:1", "4:-1"):
+        with pytest.raises(ValueError):
+            CT.parse_cv(bad)
+    with pytest.raises(ValueError, match="cannot fill"):
+        I.cv_folds(["a", "b"], 3)
+
+
+def _fold(run: Path, k: int, fold: int, keys: list[str], scores: list[list[float]], best: int) -> Path:
+    run.mkdir(parents=True)
+    (run / "split.json").write_text(json.dumps({"src": {"val": keys, "cv": f"{k}:{fold}"}}))
+    (run / "summary.json").write_text(json.dumps({"best_epoch": best, "history": [
+        {"epoch": e + 1, "val_p": s} for e, s in enumerate(scores)]}))
+    return run
+
+
+def test_cv_report_rule_on_a_hand_worked_case(tmp_path):
+    labels = {"a": 1, "b": 0, "c": 1, "d": 0}
+    views = {"a": "PA", "b": "PA", "c": "AP", "d": "AP"}
+    # fold 0 (a, b): epoch 1 wrong way round, epoch 2 right; fold 1 (c, d): right at both epochs, 3 epochs run
+    f0 = CV.read_fold(_fold(tmp_path / "f0", 2, 0, ["a", "b"], [[0.2, 0.8], [0.9, 0.1]], best=2))
+    f1 = CV.read_fold(_fold(tmp_path / "f1", 2, 1, ["c", "d"], [[0.7, 0.6], [0.6, 0.5], [0.2, 0.9]], best=3))
+    rep = CV.report([f0, f1], labels, views, target=0.9)
+    assert rep["epochs_reached"] == [2, 3] and [c["mean_fold_auc"] for c in rep["curve"]] == [0.5, 1.0]
+    assert rep["chosen_epoch"] == 2  # only the epochs every fold reached count
+    assert rep["at_chosen_epoch"]["auc"] == pytest.approx(1.0)  # pooled: 0.9, 0.6 above 0.1, 0.5
+    assert rep["at_chosen_epoch"]["by_view"] == {"AP": {"n": 2, "auc": 1.0}, "PA": {"n": 2, "auc": 1.0}}
+    # sensitivity 0.9 of 2 positives needs both: threshold between the lower positive (0.6) and the next score
+    assert 0.5 < rep["operating_point"]["threshold"] <= 0.6
+    assert rep["operating_point"]["sensitivity"] == 1.0 and rep["operating_point"]["specificity"] == 1.0
+    assert rep["at_each_folds_best_epoch"]["epochs"] == [2, 3]
+    # positives 0.9, 0.2 against negatives 0.1, 0.9: (1 + 0.5 + 1 + 0) / 4
+    assert rep["at_each_folds_best_epoch"]["auc"] == pytest.approx(0.625)
+    assert rep["at_last_common_epoch"]["epoch"] == 2
+    # a film validated by two runs, or runs of different cross-validations, are refused
+    dup = CV.read_fold(_fold(tmp_path / "dup", 2, 1, ["b", "c"], [[0.1, 0.2]], best=1))
+    with pytest.raises(SystemExit, match="validated by two runs"):
+        CV.report([f0, dup], labels, views, 0.9)
+    other = CV.read_fold(_fold(tmp_path / "k3", 3, 1, ["c"], [[0.1]], best=1))
+    with pytest.raises(SystemExit, match="not folds of one"):
+        CV.report([f0, other], labels, views, 0.9)
+    with pytest.raises(SystemExit, match="not a finished training run"):
+        CV.read_fold(tmp_path / "nothing")
+
+
+def _subset_csv(tmp_path: Path, n: int = 24) -> Path:
+    src = shared_data("nih_adult", "labels.csv")
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
+    out = tmp_path / "labels.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in pick:
+            w.writerow(r | {"path": str(src.parent / r["path"])})
+    return out
+
+
+def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
+    labels = _subset_csv(tmp_path, 24)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(labels), "--size", "64",
+            "--batch-size", "8", "--val-frac", "0.25", "--test-frac", "0.25", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--threads", "1", "--epochs", "3", "--side-prior", "none"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(base + list(extra), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+    # a final run without its threshold fails before any work
+    r = run("--cv", "2:all", "--checkpoint-dir", str(tmp_path / "nothr"))
+    assert r.returncode != 0 and "--threshold" in r.stderr and not (tmp_path / "nothr").exists()
+    runs = []
+    for fold in (0, 1):
+        ck = tmp_path / f"f{fold}"
+        r = run("--cv", f"2:{fold}", "--checkpoint-dir", str(ck), "--stop-epoch", "2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        hist = json.loads((ck / "summary.json").read_text())["history"]
+        assert [h["epoch"] for h in hist] == [1, 2]  # --stop-epoch 2 of a 3-epoch schedule
+        runs += ["--run", str(ck)]
+    splits = [json.loads((tmp_path / f"f{i}" / "split.json").read_text())[labels.parent.name] for i in (0, 1)]
+    assert splits[0]["test"] == splits[1]["test"] and not set(splits[0]["val"]) & set(splits[1]["val"])
+    assert set(splits[0]["val"]) | set(splits[1]["val"]) == set(splits[0]["train"]) | set(splits[0]["val"])
+    out = tmp_path / "cv.json"
+    r = subprocess.run([sys.executable, "-m", "triage_node.cli", "cv-report", *runs, "--image-labels", str(labels),
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["at_chosen_epoch"]["n"] == len(set(splits[0]["train"]) | set(splits[0]["val"]))
+    assert set(rep["out_of_fold"]) == set(splits[0]["val"]) | set(splits[1]["val"])
+    t, e = rep["operating_point"]["threshold"], rep["chosen_epoch"]
+    pkg = tmp_path / "pkg"
+    r = run("--cv", "2:all", "--threshold", str(t), "--stop-epoch", str(e), "--checkpoint-dir",
+            str(tmp_path / "final"), "--out", str(pkg), "--version", "0.0.1-cv-test")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((pkg / "model.json").read_text())
+    assert cfg["thresholds"]["gate"] == pytest.approx(t, abs=1e-6)
+    assert "cross-validation 2:all" in cfg["training_data"]["split"]
+    assert len(cfg["metrics"]["history"]) == e and "val_p" not in cfg["metrics"]["history"][0]
+    final = json.loads((tmp_path / "final" / "split.json").read_text())[labels.parent.name]
+    assert set(final["train"]) == set(rep["out_of_fold"]) and final["val"] == [] and final["test"] == splits[0]["test"]

@@ -1,0 +1,159 @@
+"""Pool a k-fold cross-validation of ``triage-node train --cv K:FOLD`` runs into one estimate, and choose the epoch
+count and the operating threshold of the final run on the whole pool (``--cv K:all``).
+
+    triage-node cv-report --run var/cv/f0 --run var/cv/f1 --run var/cv/f2 --run var/cv/f3 \\
+        --image-labels ../shared/data/nih_adult/labels.csv --out var/cv/report.json
+
+Each fold run records its validation scores after every epoch (``summary.json``: ``history[].val_p``, in the order
+of its ``split.json`` val keys). Every film of the pool is validated by exactly one fold, so the pooled
+out-of-fold scores cover the whole pool (500 films instead of one 84-film validation split). The rule, fixed here
+before any run is read:
+
+* **epoch** = the epoch with the highest mean per-fold validation AUC, over the epochs every fold reached;
+* **threshold** = the highest threshold with sensitivity >= ``--target-sensitivity`` on the pooled out-of-fold
+  scores at that epoch.
+
+Pooled AUC mixes the scores of K models (their calibrations differ a little); the mean of the per-fold AUCs is
+reported beside it. The chosen epoch is picked on the same scores, so the AUC at it is slightly optimistic; the AUC
+at each fold's own best epoch (what early stopping would give) and at a fixed last epoch are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from triage_node.inference.gate import roc_auc
+from triage_node.training import images as I
+from triage_node.training.classifier_train import operating_point, parse_cv, threshold_for_sensitivity
+from triage_node.training.evaluate import bootstrap_auc
+
+
+def read_fold(run: Path) -> dict:
+    """One fold run: its cv spec, val keys and per-epoch val scores (from split.json and summary.json)."""
+    try:
+        manifest = json.loads((run / "split.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+    except FileNotFoundError as e:
+        raise SystemExit(f"{run}: not a finished training run ({Path(e.filename).name} missing)") from None
+    name, primary = next(iter(manifest.items()))
+    if "cv" not in primary:
+        raise SystemExit(f"{run}: not a cross-validation run (train --cv K:FOLD)")
+    k, fold = parse_cv(primary["cv"])
+    if fold is None:
+        raise SystemExit(f"{run}: the final run on the whole pool (--cv {primary['cv']}) has no out-of-fold scores")
+    keys = primary["val"]
+    epochs = [np.asarray(h["val_p"], np.float64) for h in summary["history"] if "val_p" in h]
+    if not epochs or any(len(e) != len(keys) for e in epochs):
+        raise SystemExit(f"{run}: per-epoch validation scores missing or not matching its split")
+    return {"run": str(run), "source": name, "k": k, "fold": fold, "keys": keys, "scores": epochs,
+            "best_epoch": summary.get("best_epoch")}
+
+
+def pool(folds: list[dict], labels: dict[str, int]) -> dict:
+    """Checks that the folds belong to one cross-validation and do not overlap."""
+    ks = {f["k"] for f in folds}
+    if len(ks) != 1 or len({f["source"] for f in folds}) != 1:
+        raise SystemExit("the runs are not folds of one cross-validation (different K or primary source)")
+    seen: dict[str, int] = {}
+    for f in folds:
+        for key in f["keys"]:
+            if key in seen:
+                raise SystemExit(f"film {key} is validated by two runs (folds {seen[key]} and {f['fold']})")
+            if key not in labels:
+                raise SystemExit(f"film {key} of fold {f['fold']} is not in the labels CSV")
+            seen[key] = f["fold"]
+    return {"k": ks.pop(), "folds_present": sorted(f["fold"] for f in folds)}
+
+
+def oof(folds: list[dict], epoch_of: list[int]) -> tuple[list[str], np.ndarray]:
+    """Pooled out-of-fold scores, fold i taken at epoch ``epoch_of[i]`` (1-based)."""
+    keys: list[str] = []
+    scores: list[np.ndarray] = []
+    for f, e in zip(folds, epoch_of):
+        keys += f["keys"]
+        scores.append(f["scores"][e - 1])
+    return keys, np.concatenate(scores)
+
+
+def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dict[str, str], seed: int) -> dict:
+    y = np.array([labels[k] for k in keys])
+    out: dict = {"n": len(y), "positives": int(y.sum()), "auc": roc_auc(y, p),
+                 "auc_ci95": bootstrap_auc(y, p, seed=seed)}
+    v = np.array([views.get(k, "") for k in keys])
+    out["by_view"] = {view: {"n": int(m.sum()), "auc": roc_auc(y[m], p[m])}
+                      for view in sorted(set(v) - {""}) for m in [v == view]}
+    return out
+
+
+def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], target: float, seed: int = 0) -> dict:
+    meta = pool(folds, labels)
+    reached = min(len(f["scores"]) for f in folds)
+    curve: list[dict] = []
+    for e in range(1, reached + 1):
+        per_fold = [roc_auc([labels[k] for k in f["keys"]], f["scores"][e - 1]) for f in folds]
+        curve.append({"epoch": e, "mean_fold_auc": float(np.mean(per_fold)), "fold_aucs": per_fold,
+                      "pooled_auc": roc_auc(*_yp(folds, [e] * len(folds), labels))})
+    chosen = int(max(curve, key=lambda c: float(c["mean_fold_auc"]))["epoch"])
+    keys, p = oof(folds, [chosen] * len(folds))
+    y = np.array([labels[k] for k in keys])
+    t = threshold_for_sensitivity(y, p, target)
+    best = [int(f["best_epoch"] or len(f["scores"])) for f in folds]
+    return meta | {
+        "rule": "epoch: highest mean per-fold validation AUC over the epochs every fold reached; threshold: highest "
+                f"with sensitivity >= {target} on the pooled out-of-fold scores at that epoch",
+        "epochs_reached": [len(f["scores"]) for f in folds], "chosen_epoch": chosen,
+        "at_chosen_epoch": summarise(keys, p, labels, views, seed)
+        | {"mean_fold_auc": curve[chosen - 1]["mean_fold_auc"]},
+        "operating_point": operating_point(y, p, t),
+        "at_each_folds_best_epoch": summarise(*oof(folds, best), labels, views, seed) | {"epochs": best},
+        "at_last_common_epoch": summarise(*oof(folds, [reached] * len(folds)), labels, views, seed)
+        | {"epoch": reached},
+        "curve": curve, "runs": [f["run"] for f in folds],
+        "out_of_fold": dict(zip(keys, (round(float(v), 5) for v in p))),
+    }
+
+
+def _yp(folds: list[dict], epochs: list[int], labels: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    keys, p = oof(folds, epochs)
+    return np.array([labels[k] for k in keys]), p
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pool k-fold cross-validation runs: out-of-fold AUC, epoch, threshold",
+                                add_help=add_help)
+    p.add_argument("--run", action="append", required=True, type=Path, help="a fold's --checkpoint-dir (repeat)")
+    p.add_argument("--image-labels", required=True, help="the primary source's path,label[,view] CSV")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", type=Path, default=Path("var/cv/report.json"))
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    src = I.read_source(args.image_labels)
+    labels = {k: int(v) for k, v in zip(src.keys, src.labels)}
+    views = {k: v for k, v in zip(src.keys, src.views) if v}
+    folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
+    rep = report(folds, labels, views, args.target_sensitivity, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rep, indent=1, default=float) + "\n")
+    for c in rep["curve"]:
+        print(f"epoch {c['epoch']:2d}: mean fold AUC {c['mean_fold_auc']:.3f}  pooled {c['pooled_auc']:.3f}  "
+              f"folds {' '.join(f'{a:.3f}' for a in c['fold_aucs'])}")
+    a, op = rep["at_chosen_epoch"], rep["operating_point"]
+    print(f"{rep['k']}-fold CV, folds {rep['folds_present']}: chosen epoch {rep['chosen_epoch']}; out-of-fold "
+          f"n {a['n']} ({a['positives']} pos) AUC {a['auc']:.3f} [{a['auc_ci95'][0]:.3f}, {a['auc_ci95'][1]:.3f}] "
+          + " ".join(f"{v} {d['auc']:.3f} (n {d['n']})" for v, d in a["by_view"].items()))
+    print(f"threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.3f} specificity {op['specificity']:.3f}")
+    b = rep["at_each_folds_best_epoch"]
+    print(f"at each fold's best epoch {b['epochs']}: AUC {b['auc']:.3f} (optimistic: early stopping on these films)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
