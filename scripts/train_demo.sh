@@ -19,6 +19,8 @@ COMMON=(--batch-size 32 --threads 2 --seed 0 --no-progress)
 $PY -m triage_node.cli train --image-labels "$KER/labels.csv" --epochs 3 --max-minutes 24 --lr 2e-3 \
   --checkpoint-dir var/pretrain-192 --size 192 "${COMMON[@]}"
 
+# MAIN=0 skips steps 2-4 (e.g. `MAIN=0 CV=1 bash scripts/train_demo.sh` runs step 1, resumed if done, and step 9)
+if [ "${MAIN:-1}" = 1 ]; then
 $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --image-labels "$KER/labels.csv:0.3" \
   --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain-192/checkpoint.pt --epochs 16 --patience 6 \
   --lr 1e-3 --checkpoint-dir var/main-192 --out models/demo --version 0.3.0-demo --size 192 "${COMMON[@]}"
@@ -34,6 +36,7 @@ $PY -m triage_node.cli evaluate --model models/demo --rsna-labels "$DATA/cxr_sam
   --images "$DATA/cxr_samples/rsna_dicom" --out var/eval/rsna10
 $PY -m triage_node.cli evaluate --model models/demo --image-labels "$KER/labels.csv" \
   --split "models/demo/split.json:test" --out var/eval/kermany-test
+fi
 
 # 5. input-size ablation (issue #10; MODEL_CARD.md "Input size"), not run by default: SIZE_ABLATION=1 runs it
 #    (~45 min of training on 2 cores, then evaluation and a short CPU benchmark, best on an idle machine).
@@ -156,6 +159,12 @@ if [ "${CV:-0}" = 1 ]; then
     --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain-192/checkpoint.pt --epochs 16 --lr 1e-3 \
     --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "$CVDIR/final" --out "$CVDIR/pkg" \
     --version 0.4.0-demo --size 192 "${COMMON[@]}"
+  for side in val test; do  # the shipped 0.3.1's reports, to compare film for film (as step 8 writes them)
+    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || $PY -m triage_node.cli evaluate --model models/demo \
+      --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --split "models/demo/split.json:$side" \
+      --loc-subset scripts/loc_split.json:dev_images --loc-subset scripts/loc_split.json:test_images --threads 2 \
+      --out "var/eval/0.3.1-nih-$side"
+  done
   for side in val test; do  # val is inside the final run's training pool: reported, not a held-out figure
     $PY -m triage_node.cli evaluate --model "$CVDIR/pkg" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
       --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
