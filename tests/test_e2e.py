@@ -12,8 +12,9 @@ import time
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from conftest import ARTIFACTS, SAMPLES, c_store, require
+from pydicom.uid import generate_uid
+
 from triage_node.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -24,15 +25,16 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 def has_results(instances, n_sources: int = 1) -> bool:
     classes = [i.get("SOPClassUID") for i in instances]
-    return classes.count(SR_CLASS) >= n_sources and sum(1 for i in instances if i.get("Manufacturer") == "CXR Triage Node"
-                                                          and i.get("SOPClassUID") == SC_CLASS) >= n_sources
+    return classes.count(SR_CLASS) >= n_sources and sum(
+        1 for i in instances if i.get("Manufacturer") == "CXR Triage Node" and i.get("SOPClassUID") == SC_CLASS
+    ) >= n_sources
 
 
 def dciodvfy_errors(data: bytes, tmp_path, name: str) -> list[str]:
     f = tmp_path / name
     f.write_bytes(data)
     out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
-    return [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_orthanc_routes_cxr_and_gets_sr_and_overlay_back(tmp_path, redis_url, orthanc_factory, make_node):
@@ -165,16 +167,22 @@ def unique_copies(n: int) -> list[pydicom.Dataset]:
 
 
 def test_several_inference_processes_share_the_queue(tmp_path, redis_url, orthanc_factory, make_node):
-    """model.processes = 2: two prefork children with the model each take tasks; every instance one result."""
+    """model.processes = 2: two prefork children with the model each take tasks; outputs.report_processes = 2:
+    two report workers (with 2 threads each) each send results; every instance one result."""
     pacs = orthanc_factory()
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
-    node = make_node(redis_url, dest, model={"processes": 2})
+    node = make_node(redis_url, dest, model={"processes": 2},
+                     outputs={"report_processes": 2, "report_threads": 2})
     batch = unique_copies(10)
     assert c_store(node.port, batch) == [0] * 10
     entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 10, timeout=300)
     analysed = [e for e in entries if e["event"] == "analysed"]
     assert sorted(e["sop_instance_uid"] for e in analysed) == sorted(d.SOPInstanceUID for d in batch)
     assert len({e["pid"] for e in analysed}) == 2, "both inference processes took tasks"
+    sent = [e for e in entries if e["event"] == "sent"]
+    assert sorted(e["sop_instance_uid"] for e in sent) == sorted(d.SOPInstanceUID for d in batch)
+    assert len({e["pid"] for e in sent}) == 2, "both report workers sent results"
+    assert "warmed up for report" in (node.tmp / "log" / "worker-report2.log").read_text()
 
 
 def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_factory, make_node):

@@ -181,7 +181,12 @@ def cmd_up(args) -> int:
                     # otherwise (model.threads, measured in bench/e2e.py; see docs/performance.md)
                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")
                     or (str(cfg.model.threads) if cfg.model.threads > 0 else ""))
-    workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size, processes=cfg.model.processes)
+    def launch_workers() -> list:
+        return start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size, processes=cfg.model.processes,
+                             report_processes=cfg.outputs.report_processes,
+                             report_threads=cfg.outputs.report_threads)
+
+    workers = launch_workers()
     spool, audit = _spool(cfg), Audit.from_config(cfg)
     submit_fn = _submitter(cfg)
     extras = start_instances(cfg, spool, audit)  # before anything is enqueued: every task names this server
@@ -209,8 +214,7 @@ def cmd_up(args) -> int:
             if dead:
                 log.error("a worker exited (code %s); restarting workers", dead[0].returncode)
                 stop_all(workers)
-                workers = start_workers(env, log_dir=log_dir, batch_size=cfg.model.batch_size,
-                                        processes=cfg.model.processes)
+                workers = launch_workers()
     finally:
         print("triage-node: shutting down", flush=True)
         if web_srv:

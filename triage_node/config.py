@@ -29,6 +29,7 @@ ENV_OVERRIDES = {
     "TRIAGE_WEB_RECEIVER": ("web", "receiver_address"),
     "TRIAGE_DEAD_LETTER_DIR": ("retry", "dead_letter_dir"),
     "TRIAGE_ARCHIVE_DIR": ("outputs", "archive_dir"),
+    "TRIAGE_REPORT_PROCESSES": ("outputs", "report_processes"),
     "TRIAGE_AUDIT_LOG": ("", "audit_log"),
     "TRIAGE_INSTANCES_URL": ("instances", "url"),
     "TRIAGE_INSTANCES_BIND": ("instances", "bind"),
@@ -153,8 +154,16 @@ class OutputConfig:
     #: Build and send the SR (and fire the flag channels) before the overlay and GSPS are built: the finding
     #: reaches the PACS without waiting for the image encodes (~90 ms per CXR on a CPU core). False: one phase.
     sr_first: bool = True
+    #: Report worker processes started by ``triage-node up`` (Celery workers on the ``report`` queue, each with
+    #: ``report_threads`` task threads). Building the results is mostly Python and holds the GIL, so one process
+    #: uses about one core at most; on a host with cores to spare, run more (bench/e2e.py, docs/performance.md).
+    report_processes: int = 1
+    #: Task threads per report worker process: they overlap the sends' network waits with building.
+    report_threads: int = 4
 
     def __post_init__(self) -> None:
+        if self.report_processes < 1 or self.report_threads < 1:
+            raise ValueError("outputs.report_processes and outputs.report_threads must be >= 1")
         if self.sc_transfer_syntax not in SC_TRANSFER_SYNTAXES:
             raise ValueError(f"outputs.sc_transfer_syntax {self.sc_transfer_syntax!r}: expected one of "
                              f"{', '.join(SC_TRANSFER_SYNTAXES)}")
@@ -176,7 +185,14 @@ class Destination:
     password: str = ""
     token: str = ""
     path: str = ""
+    #: Seconds: ``dicom``: association negotiation (ACSE) and the association's network idle timeout; ``hl7``,
+    #: ``fhir``, ``webhook``: the whole exchange.
     timeout: float = 30.0
+    #: ``dicom``: seconds to wait for each C-STORE response, counted from the moment the request is queued, so the
+    #: object's transfer is included (raise it for large objects over slow links or a PACS slow to acknowledge).
+    #: None within it: the association is aborted and the object resent once at once on a new association; a second
+    #: miss fails the send into the report task's retries.
+    dimse_timeout: float = 10.0
     #: DICOM TLS to the destination: verify the peer against tls_ca; present tls_cert/tls_key when given.
     tls: bool = False
     tls_ca: str = ""

@@ -72,24 +72,30 @@ class PrivateRedis:
         self.proc = None
 
 
-def worker_command(queue: str, concurrency: int, pool: str, loglevel: str = "INFO") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "-n", f"{queue}@%h",
+def worker_command(queue: str, concurrency: int, pool: str, loglevel: str = "INFO", name: str = "") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "-n", f"{name or queue}@%h",
             f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip",
             "--without-mingle"]
 
 
 def start_workers(env: dict[str, str], loglevel: str = "INFO", log_dir: Path | None = None,
-                  batch_size: int = 1, processes: int = 1) -> list[subprocess.Popen]:
-    """One inference worker and one threaded I/O worker.
+                  batch_size: int = 1, processes: int = 1, report_processes: int = 1,
+                  report_threads: int = 4) -> list[subprocess.Popen]:
+    """One inference worker and ``report_processes`` threaded report workers.
 
     Inference: ``batch_size`` 1 = prefork with ``processes`` children (CUDA is initialised in the child; a killed
     child's task is redelivered at once); > 1 = that many task threads in one process feeding a micro-batcher.
+    Report: each process is its own Celery worker (``report@host``, ``report2@host``, ...) with ``report_threads``
+    task threads; more than one spreads the result building, which holds the GIL, over more cores.
     """
-    infer = ("infer", max(1, processes), "prefork") if batch_size <= 1 else ("infer", batch_size, "threads")
+    infer = ("infer", "infer", max(1, processes), "prefork") if batch_size <= 1 else \
+        ("infer", "infer", batch_size, "threads")
+    reports = [("report", "report" if i == 0 else f"report{i + 1}", max(1, report_threads), "threads")
+               for i in range(max(1, report_processes))]
     procs = []
-    for queue, conc, pool in (infer, ("report", 4, "threads")):
-        out = open(log_dir / f"worker-{queue}.log", "ab") if log_dir else None
-        procs.append(subprocess.Popen(worker_command(queue, conc, pool, loglevel), env=env,
+    for queue, name, conc, pool in (infer, *reports):
+        out = open(log_dir / f"worker-{name}.log", "ab") if log_dir else None
+        procs.append(subprocess.Popen(worker_command(queue, conc, pool, loglevel, name), env=env,
                                       stdout=out or None, stderr=subprocess.STDOUT if out else None))
     return procs
 
