@@ -15,7 +15,7 @@ demo: setup
 	$(PY) deploy/demo.py
 
 lint: setup
-	$(PY) -m ruff check triage_node workers
+	$(PY) -m ruff check triage_node workers tests bench
 	$(PY) -m mypy
 
 test: setup lint

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from load import busy_warning, free_port, pct, stop_node, write_config  # bench/load.py
+# bench/load.py, importable only after the sys.path insert above
+from load import busy_warning, free_port, pct, stop_node, write_config  # noqa: E402
 
 SHARED = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "cxr_samples" / "rsna_dicom"
 OUT = ROOT / "test-artifacts" / "performance"
@@ -162,7 +163,7 @@ class SrWatcher(threading.Thread):
         while not self.stop.is_set():
             try:
                 got = self.session.get(f"{self.pacs.url}/changes?since={self.since}&limit=200", timeout=10).json()
-            except Exception:  # noqa: BLE001 - a missed poll is retried
+            except Exception:  # a missed poll is retried
                 time.sleep(self.interval)
                 continue
             now = time.time()
@@ -426,7 +427,8 @@ def bare_loop(model: str, files: list[Path]) -> dict:
         dicom_io.pixels(dicom_io.read(f))
     decode = time.process_time() - c0
     logging.disable(logging.NOTSET)
-    return {"n": len(files), "cxr_per_s": round(len(files) / wall, 2), "cpu_ms_per_cxr": round(cpu * 1000 / len(files), 1),
+    return {"n": len(files), "cxr_per_s": round(len(files) / wall, 2),
+            "cpu_ms_per_cxr": round(cpu * 1000 / len(files), 1),
             "decode_cpu_ms_per_cxr": round(decode * 1000 / len(files), 1),
             "model": preds[0].model.label, "version": preds[0].model.version}
 

@@ -66,7 +66,7 @@ def bench(model_dir: str, n: int, batches: list[int], device_name: str, smoke: b
     for bs in batches:
         model.batch_size = bs
 
-        def ours():
+        def ours(bs=bs):
             preds = []
             for i in range(0, n, bs):
                 x = decode_jpeg_frames_gpu(frames[i:i + bs], device=device)  # N x 1 x 1024 x 1024 in [0,1]
@@ -87,7 +87,7 @@ def bench(model_dir: str, n: int, batches: list[int], device_name: str, smoke: b
         det = model.detector.to(memory_format=torch.contiguous_format).eval()
         x_all = decode_jpeg_frames_gpu(frames[: min(n, bs)], device=device)
 
-        def baseline():
+        def baseline(bs=bs, det=det, x_all=x_all):
             with torch.no_grad():
                 for i in range(0, n, bs):
                     det(list(x_all[: min(bs, n - i)]))
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for r in rows:
-        print(f"{r['variant']:55s} batch {r['batch']:3d}  {r['cxr_per_s']:9.1f} CXR/s  GPU peak {r['gpu_peak_MB']:8.0f} MB")
+        print(f"{r['variant']:55s} batch {r['batch']:3d}  {r['cxr_per_s']:9.1f} CXR/s  "
+              f"GPU peak {r['gpu_peak_MB']:8.0f} MB")
     print(json.dumps(rows))
     return 0
 

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                              env={"ASSOC": str(args.assoc), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
                              capture_output=True, text=True, check=True).stdout
         print(out, end="")
-        rates = {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) \(\d+ assoc\): .* = ([\d.]+) inst/s", out, re.MULTILINE)}
+        rates = {m[1]: float(m[2])
+                 for m in re.finditer(r"^(\S+) \(\d+ assoc\): .* = ([\d.]+) inst/s", out, re.MULTILINE)}
         spooled = len(list((work / "spool" / "instances").glob("*.dcm")))
         import redis as redis_mod
 

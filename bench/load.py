@@ -385,8 +385,9 @@ def summary_table(folder: Path = OUT) -> str:
                     f"{' (UNTRAINED)' if r['untrained'] else ''} | received {r['received']}, results {r['results']} | "
                     f"lost {r['lost']} / duplicated {r['duplicated_outputs']} | latency p50 {lat['p50']} s, p90 "
                     f"{lat['p90']} s, p99 {lat['p99']} s; {r['throughput_results_per_s']} results/s; ingest "
-                    f"{r['ingest_per_s']} inst/s; wall {r['wall_s']} s on {r['cpus']} CPUs; C-STOREs resent after no response "
-                    f"{r.get('sender_resends', 'n/a')}; reconcile sweeps {r.get('reconcile_sweeps', 'n/a')} (re-enqueued "
+                    f"{r['ingest_per_s']} inst/s; wall {r['wall_s']} s on {r['cpus']} CPUs; "
+                    f"C-STOREs resent after no response {r.get('sender_resends', 'n/a')}; "
+                    f"reconcile sweeps {r.get('reconcile_sweeps', 'n/a')} (re-enqueued "
                     f"{r.get('reconcile_reenqueued', 'n/a')}, up to {r.get('reconcile_max_held_by_broker', 'n/a')} "
                     f"held by the broker); sent twice {r.get('sent_more_than_once', 'n/a')} | `{r['command']}` |")
     return "\n".join(rows)

@@ -72,7 +72,8 @@ def write_toml(path: Path, sections: dict) -> Path:
             return "[" + ", ".join(val(x) for x in v) + "]"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    lines = [f"{k} = {val(v)}" for k, v in sections.items() if not isinstance(v, (dict, list)) or isinstance(v, list) and v and not isinstance(v[0], dict)]
+    lines = [f"{k} = {val(v)}" for k, v in sections.items()
+             if not isinstance(v, (dict, list)) or isinstance(v, list) and v and not isinstance(v[0], dict)]
     for k, v in sections.items():
         if isinstance(v, dict):
             lines.append(f"[{k}]")
@@ -114,7 +115,7 @@ class NodeProcess:
         self.config_path = write_toml(tmp / "node.toml", cfg)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         log = open(self.tmp / "node.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(self.config_path)],
                                      cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_e2e_bench_reports_every_figure(tmp_path):
     require("Orthanc", "redis-server")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--n", "2", "--paced", "2", "--rate", "2",
-                          "--bare", "2", "--stages", "1", "--backfill", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         check=False)
+                          "--bare", "2", "--stages", "1", "--backfill", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     report = json.loads(out[out.index("{"):out.rindex("}") + 1])

@@ -12,8 +12,8 @@ import time
 import pydicom
 import pytest
 import requests
-
 from conftest import SAMPLES, c_store
+
 from triage_node.services import free_port, wait_port
 
 pytestmark = pytest.mark.integration
@@ -28,8 +28,8 @@ def test_celery_inspect_and_flower_see_the_node(tmp_path, redis_url, make_node, 
                FLOWER_UNAUTHENTICATED_API="1")  # loopback-only test instance
     flower_port = free_port()
     flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={flower_port}",
-                               "--address=127.0.0.1"], env=env, cwd=tmp_path, stdout=open(tmp_path / "flower.log", "wb"),
-                              stderr=subprocess.STDOUT)
+                               "--address=127.0.0.1"], env=env, cwd=tmp_path,
+                              stdout=open(tmp_path / "flower.log", "wb"), stderr=subprocess.STDOUT)
     try:
         assert wait_port("127.0.0.1", flower_port, 60), (tmp_path / "flower.log").read_text()[-2000:]
         # plain Celery tooling: the two workers answer, with their queues

@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pydicom
-import pytest
-
 from conftest import ROOT, SAMPLES, require
 
 MODEL = os.environ.get("TRIAGE_TEST_MODEL", "")

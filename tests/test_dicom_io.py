@@ -8,13 +8,12 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
-
 from conftest import SAMPLES, require
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
 from triage_node import dicom_io
 from triage_node.config import EligibilityConfig
 from triage_node.errors import BadDataset, NotEligible
-
 
 
 @pytest.fixture(scope="module")

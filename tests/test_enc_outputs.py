@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -15,11 +14,33 @@ from triage_node.encoding.sr import build_sr
 from triage_node.inference.types import Detection, ModelInfo
 
 try:
-    from tests.test_enc_common import (BOXES, MODEL, RSNA, dciodvfy, dcmpschk, display_of, dsrdump, prediction,
-                                       roundtrip, synthetic_xray, write)
+    from tests.test_enc_common import (
+        BOXES,
+        MODEL,
+        RSNA,
+        dciodvfy,
+        dcmpschk,
+        display_of,
+        dsrdump,
+        prediction,
+        roundtrip,
+        synthetic_xray,
+        write,
+    )
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import (BOXES, MODEL, RSNA, dciodvfy, dcmpschk, display_of, dsrdump, prediction,
-                                 roundtrip, synthetic_xray, write)
+    from test_enc_common import (
+        BOXES,
+        MODEL,
+        RSNA,
+        dciodvfy,
+        dcmpschk,
+        display_of,
+        dsrdump,
+        prediction,
+        roundtrip,
+        synthetic_xray,
+        write,
+    )
 
 SOURCES = [pytest.param(("rsna", p), id=f"rsna-{p.stem[:8]}") for p in RSNA] + [
     pytest.param(("dx", False), id="dx-16bit"),

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import hl7
 import pydicom
 import pytest
-
 from conftest import SAMPLES, c_store
+
 from triage_node import config, pipeline
 from triage_node.errors import SendFailed
 from triage_node.inference.types import Detection, ModelInfo, Prediction
@@ -60,7 +60,7 @@ class Recorder(BaseHTTPRequestHandler):
     bodies: list[tuple[str, dict, dict]] = []
     status = 201
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).bodies.append((self.path, dict(self.headers), body))
         self.send_response(self.status)

@@ -33,14 +33,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import ARTIFACTS, SAMPLES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import ARTIFACTS, SAMPLES
 from triage_node import config, dicom_io
 from triage_node.audit import Audit
 from triage_node.errors import BadDataset, NotEligible
@@ -279,7 +280,8 @@ def _header_cases() -> dict[str, bytes]:
     raw[i + 4:i + 6] = b"U\x00"
     out["unknown VR in SamplesPerPixel"] = bytes(raw)
     raw = SAMPLES[0].read_bytes()  # JPEG Baseline; one flipped byte makes its syntax UID a non-transfer-syntax
-    out["TransferSyntaxUID not a transfer syntax"] = raw.replace(b"1.2.840.10008.1.2.4.50", b"0.2.840.10008.1.2.4.50", 1)
+    out["TransferSyntaxUID not a transfer syntax"] = raw.replace(b"1.2.840.10008.1.2.4.50",
+                                                                  b"0.2.840.10008.1.2.4.50", 1)
     return out
 
 
@@ -485,7 +487,7 @@ def _new_audit(path: Path, offset: int) -> tuple[list[dict], int]:
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read()
-    lines = [json.loads(l) for l in data.decode().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     return lines, offset + len(data)
 
 
@@ -515,7 +517,7 @@ def test_receiver_answers_and_audits_every_hostile_c_store(live_receiver, raw, s
         status = sender.send(sop_class, uid, body)
         lines, offset = _new_audit(audit_path, offset)
         _STATE["offset"] = offset
-        outcomes = [l for l in lines if l["event"] in OUTCOMES]
+        outcomes = [rec for rec in lines if rec["event"] in OUTCOMES]
         assert status in STATUSES, f"status {status!r} for a hostile C-STORE"
         assert len(outcomes) == 1, f"exactly one audit outcome per C-STORE, got {outcomes}"
         assert outcomes[0].get("reason") or outcomes[0]["event"] == "received"

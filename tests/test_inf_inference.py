@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from torch import nn
 
-from conftest import shared_data
-from triage_node.training import evaluate_boxes as evaluate
 from triage_node.inference.model import untrained_model
 from triage_node.inference.prior import LungPrior
 from triage_node.inference.types import Prediction
+from triage_node.training import evaluate_boxes as evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 RSNA = ROOT / "sample_dicom"  # five real RSNA files shipped with the repo (labels.csv beside them)

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from triage_node.training import synth
@@ -27,7 +26,8 @@ def test_writes_rsna_like_dicom_and_labels(tmp_path):
         assert ds.Modality == "CR" and ds.BodyPartExamined == "CHEST" and ds.ViewPosition in ("PA", "AP")
         assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored) == (1024, 1024, 8, 8)
         assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.SamplesPerPixel == 1
-        assert ds.PatientID == p.stem and ds.StudyInstanceUID and ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.PatientID == p.stem and ds.StudyInstanceUID
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds["PixelData"].is_undefined_length
         px = ds.pixel_array
         assert px.shape == (1024, 1024) and px.dtype == np.uint8 and px.std() > 10

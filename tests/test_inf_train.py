@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_data
-from triage_node.training import data as D
-from triage_node.training import detector_train as T
+
 from triage_node.inference.detector import build_detector
 from triage_node.inference.model import load_model
+from triage_node.training import data as D
+from triage_node.training import detector_train as T
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +36,8 @@ def test_tiny_detector_learns_and_beats_untrained():
 def test_train_cli_writes_package_and_resumes(tmp_path):
     out, ckpt = tmp_path / "pkg", tmp_path / "ckpt"
     argv = ["--synthetic", "24", "--input-size", "256", "--epochs", "1", "--batch-size", "4", "--gate-data",
-            str(shared_data("kermany_224")), "--gate-limit", "96", "--gate-epochs", "1", "--gate-with-detection-data", "--out", str(out),
-            "--checkpoint-dir", str(ckpt), "--no-progress", "--version", "0.0.1-test"]
+            str(shared_data("kermany_224")), "--gate-limit", "96", "--gate-epochs", "1", "--gate-with-detection-data",
+            "--out", str(out), "--checkpoint-dir", str(ckpt), "--no-progress", "--version", "0.0.1-test"]
     assert T.main(T.get_args_parser().parse_args(argv)) == 0
     m = load_model(out, device="cpu")
     cfg = json.loads((out / "model.json").read_text())

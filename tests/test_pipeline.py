@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import replace
 
 import pydicom
 import pytest
-
 from conftest import SAMPLES, require
+
 from triage_node import config, pipeline
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
@@ -36,7 +35,7 @@ def test_new_model_version_links_predecessor_sr(tmp_path):
     assert refs == [old_sr.SOPInstanceUID]
     out = subprocess.run(["dciodvfy", str(next(f for f in second if f.name.startswith("sr-")))],
                          capture_output=True, text=True)
-    assert not [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+    assert not [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     # the same version again replaces (same UID) and does not reference itself
     again = pipeline.build(SAMPLES[0], _pred("1.0.0"), cfg, tmp_path / "v1b")
     sr_again = pydicom.dcmread(next(f for f in again if f.name.startswith("sr-")))

@@ -1,12 +1,10 @@
-"""SC overlay transfer syntaxes (outputs.sc_transfer_syntax): DCMTK decodes each one, dciodvfy accepts each, the lossless
-ones give back exactly the rendered pixels, the lossy one says so; and a C-STORE peer without the codec gets the
-overlay decompressed on the same association (real pynetdicom SCP on loopback)."""
+"""SC overlay transfer syntaxes (outputs.sc_transfer_syntax): DCMTK decodes each one, dciodvfy accepts each, the
+lossless ones give back exactly the rendered pixels, the lossy one says so; and a C-STORE peer without the codec gets
+the overlay decompressed on the same association (real pynetdicom SCP on loopback)."""
 
 from __future__ import annotations
 
 import subprocess
-import threading
-from pathlib import Path
 
 import numpy as np
 import pydicom

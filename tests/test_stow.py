@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
 import pytest
-
 from conftest import SAMPLES
+
 from triage_node import config, pipeline
 from triage_node.errors import SendFailed
 from triage_node.inference.types import Detection, ModelInfo, Prediction
@@ -52,7 +52,7 @@ class _Answer(BaseHTTPRequestHandler):
     status = 503
     seen: list[str] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).seen.append(self.headers.get("Authorization", ""))
         self.send_response(self.status)

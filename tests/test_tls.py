@@ -4,14 +4,13 @@ TLS-enabled pynetdicom peer; mutual TLS refuses a client without a certificate."
 from __future__ import annotations
 
 import subprocess
-import threading
 from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import SAMPLES, require
 from pynetdicom import AE, evt
 
-from conftest import SAMPLES, require
 from triage_node import config
 from triage_node.audit import Audit
 from triage_node.cli import _submitter
@@ -68,10 +67,11 @@ def test_storescu_over_mutual_tls(tls_receiver, pki):
     ok = subprocess.run([*base, "+tls", str(pki["client_key"]), str(pki["client_cert"]), "127.0.0.1",
                          str(cfg.receiver.port), str(SAMPLES[0])], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert [p.stem for p in spool.pending()] == [str(pydicom.dcmread(SAMPLES[0], stop_before_pixels=True).SOPInstanceUID)]
+    sent_uid = str(pydicom.dcmread(SAMPLES[0], stop_before_pixels=True).SOPInstanceUID)
+    assert [p.stem for p in spool.pending()] == [sent_uid]
     # a plain TCP client and a TLS client without a certificate are both refused; nothing is stored
-    plain = subprocess.run(["storescu", "-xy", "-aet", "STORESCU", "-aec", "TRIAGE", "127.0.0.1", str(cfg.receiver.port),
-                            str(SAMPLES[1])], capture_output=True, text=True, timeout=60)
+    plain = subprocess.run(["storescu", "-xy", "-aet", "STORESCU", "-aec", "TRIAGE", "127.0.0.1",
+                            str(cfg.receiver.port), str(SAMPLES[1])], capture_output=True, text=True, timeout=60)
     anon = subprocess.run([*base, "+tla", "127.0.0.1", str(cfg.receiver.port), str(SAMPLES[1])],
                           capture_output=True, text=True, timeout=60)
     assert plain.returncode != 0 and anon.returncode != 0

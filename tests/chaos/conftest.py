@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import ARTIFACTS, SAMPLES, NodeProcess, node_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import ARTIFACTS, SAMPLES, NodeProcess, node_config
 from triage_node.services import free_port
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-from conftest import NodeProcess, require
 from triage_node.services import PrivateRedis
 
-from .conftest import (Background, dicom_dest, kill_group, record, settle, store_all, unique, wait_idle)
+from .conftest import Background, dicom_dest, kill_group, record, settle, store_all, unique, wait_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
