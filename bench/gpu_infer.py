@@ -83,21 +83,29 @@ def bench(model_dir: str, n: int, batches: list[int], device_name: str, smoke: b
         rows.append({"variant": "ours end-to-end (decode+pre+gate+detector+post)", "batch": bs,
                      "cxr_per_s": n / dt, "gpu_peak_MB": mem, "boxes": sum(len(p.detections) for p in preds)})
 
-        # baseline: plain torchvision eager, fp32, same architecture and weights, inputs already decoded on device
-        det = model.detector.to(memory_format=torch.contiguous_format).eval()
+        # baseline: plain torchvision eager, fp32, same network and weights, inputs already decoded on device: the
+        # detector (its transform resizes) or, for a class-activation-map package (no detector), the classifier
+        # on the same batch resized to its input size
+        net = model.detector if model.detector is not None else model.gate
+        net = net.to(memory_format=torch.contiguous_format).eval()
         x_all = decode_jpeg_frames_gpu(frames[: min(n, bs)], device=device)
 
-        def baseline(bs=bs, det=det, x_all=x_all):
+        def baseline(bs=bs, net=net, x_all=x_all, size=model.gate_size):
             with torch.no_grad():
                 for i in range(0, n, bs):
-                    det(list(x_all[: min(bs, n - i)]))
+                    x = x_all[: min(bs, n - i)]
+                    if model.detector is not None:
+                        net(list(x))
+                    else:
+                        net(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True))
 
         baseline()
         _, dt, mem = _timed(baseline, device)
-        rows.append({"variant": "torchvision eager fp32 (detector only, pre-decoded)", "batch": bs,
+        what = "detector" if model.detector is not None else "classifier"
+        rows.append({"variant": f"torchvision eager fp32 ({what} only, pre-decoded)", "batch": bs,
                      "cxr_per_s": n / dt, "gpu_peak_MB": mem})
         if device.type == "cuda":
-            model.detector.to(memory_format=torch.channels_last)
+            net.to(memory_format=torch.channels_last)
     return rows
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 import torch
 
 from triage_node.inference.preprocess import decode_jpeg_frames_gpu, frames_from_dicom, percentile_window
@@ -14,11 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RSNA = ROOT / "sample_dicom"  # five real RSNA files shipped with the repo (labels.csv beside them)
 
 
-def test_gpu_bench_smoke_mode_runs():
-    r = subprocess.run([sys.executable, "bench/gpu_infer.py", "--smoke", "--model", "untrained"], cwd=ROOT,
+@pytest.mark.parametrize("model", ["untrained", "models/demo"])
+def test_gpu_bench_smoke_mode_runs(model):
+    """The GPU benchmark's code path on CPU, with the untrained detector package and with the shipped package (a
+    class-activation-map classifier without a detector: the baseline is then the plain classifier network)."""
+    r = subprocess.run([sys.executable, "bench/gpu_infer.py", "--smoke", "--model", model], cwd=ROOT,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ours end-to-end" in r.stdout and "torchvision eager" in r.stdout
+    if model == "models/demo":
+        assert "classifier only" in r.stdout
 
 
 def test_jpeg_frame_decode_matches_pydicom():
