@@ -237,7 +237,23 @@ def sop_uid(path: Path) -> str:
 
 
 # -- one node run ----------------------------------------------------------------------------------------------------
-def start_node(work: Path, code: Path, model: str, pacs) -> tuple[subprocess.Popen, dict, int]:
+def apply_settings(cfg: dict, settings: list[str]) -> dict:
+    """``SECTION.KEY=VALUE`` overrides (VALUE read as JSON, else as a string), e.g. outputs.report_processes=2."""
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        cfg.setdefault(section, {})[name] = value
+    return cfg
+
+
+def start_node(work: Path, code: Path, model: str, pacs,
+               settings: list[str] | None = None) -> tuple[subprocess.Popen, dict, int]:
     from triage_node.services import wait_port
 
     port = free_port()
@@ -254,7 +270,7 @@ def start_node(work: Path, code: Path, model: str, pacs) -> tuple[subprocess.Pop
         "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port,
                           "ae_title": "ORTHANC", "calling_ae_title": "TRIAGE", "timeout": 30.0}],
     }
-    write_config(work / "node.toml", cfg)
+    write_config(work / "node.toml", apply_settings(cfg, settings or []))
     env = dict(os.environ, PYTHONPATH=str(code))
     with open(work / "node.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "up", "--config", str(work / "node.toml")],
@@ -265,7 +281,7 @@ def start_node(work: Path, code: Path, model: str, pacs) -> tuple[subprocess.Pop
     return proc, cfg, port
 
 
-def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
+def run_node(args, code: Path, label: str, version: str, work: Path, settings: list[str] | None = None) -> dict:
     from triage_node.audit import read as read_audit
     from triage_node.encoding.uids import derive_uid
     from triage_node.localpacs import LocalOrthanc
@@ -275,7 +291,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path) -> dict:
     burst = make_instances(args.n, work / "in", "burst")
     paced = make_instances(args.paced, work / "in", "paced")
     pacs = LocalOrthanc(work / "orthanc").start()
-    node, cfg, port = start_node(work, code, args.model, pacs)
+    node, cfg, port = start_node(work, code, args.model, pacs, settings)
     phase(f"{label}: node up on {code}")
     try:
         every = warm + burst + paced
@@ -442,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=10, help="instances in the per-stage CPU profile (default 10)")
     ap.add_argument("--model", default=str(ROOT / "models" / "demo"), help="model package, or 'untrained'")
     ap.add_argument("--baseline", type=Path, help="another checkout of the code to measure the same way")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a node setting for the current code's run (repeatable), e.g. outputs.report_processes=2; "
+                         "with --baseline pointing at a copy of the same code, an A/B of the setting in one run")
+    ap.add_argument("--baseline-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a node setting for the baseline's run (repeatable)")
     ap.add_argument("--backfill", type=int, default=0,
                     help="also re-analyse this many instances from Orthanc through `triage-node backfill` (0 = skip)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -456,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         bare = bare_loop(model, bare_files)
         runs = {}
         for label, code in ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("current", ROOT)]:
-            r = run_node(args, code, label, bare["version"], work / label)
+            r = run_node(args, code, label, bare["version"], work / label,
+                         args.baseline_set if label == "baseline" else args.set)
+            r["settings"] = args.baseline_set if label == "baseline" else args.set
             phase(f"{label}: stage profile over {args.stages}")
             r["cpu_ms_per_cxr_by_stage"] = stage_profile(code, model, bare_files[:args.stages], work / label)
             node_total = r["cpu_ms_per_cxr_by_process"]["node_total"]
