@@ -396,7 +396,8 @@ def main(args: argparse.Namespace) -> int:
                "val_predictions": dict(zip(va[0].keys, (round(float(v), 5) for v in p_val))),
                "other_val_sources": others, "minutes": round((time.monotonic() - t0) / 60, 1)}
     (ckdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, default=float), flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "val_predictions")}, default=float),
+          flush=True)
     if args.out:
         from triage_node.training.package import write_cam_package
 
