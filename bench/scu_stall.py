@@ -1,19 +1,20 @@
-"""Reproduce a pynetdicom C-STORE stall that involves none of this node's code.
+"""Reproduce a pynetdicom C-STORE stall that involves none of this node's code, and check the node's fix for it.
 
 A pynetdicom SCU sends N C-STOREs on one association to a bare pynetdicom SCP (``AE.start_server``, a handler that
 returns 0x0000), while two busy-loop processes keep both cores loaded. It reports every C-STORE that gets no
-response within the DIMSE timeout (8 s). Measured 2026-12-01 on this 2-core machine:
+response within the DIMSE timeout (8 s), and how many responses the SCU's own association reactor loop took off the
+DIMSE queue (each such response is lost to ``send_c_store``, which then waits out its DIMSE timeout).
 
-* files streamed as stored (``STORE_SEND_CHUNKED_DATASET``): 1 stall in 3,000;
-* files decoded and encoded again: 0 stalls in 6,000 in one run, 2 in 3,166 in another.
-
-Against the node's receiver, pynetdicom's SCU also stalled (1-2 in 3,000, both ways), and DCMTK's storescu did not
-(0 in 3,000). So the fault is on pynetdicom's side. The node's own result sender is a pynetdicom SCU: a stalled send
-waits for the destination's ``timeout`` (default 30 s), then the report task retries it, so nothing is lost but that
-result is late. ``bench/e2e.py`` resends a stalled C-STORE once on a new association and reports how many it resent.
+The cause is in pynetdicom's requestor (see ``triage_node/transport/scu.py``): ``send_c_store`` pauses the
+association's reactor loop with a flag the loop sets before its checkpoint and clears only after it, so a loop
+preempted just past the checkpoint still looks paused, and on its next turn it takes the response and drops it. On
+the wire the response left the SCP within 2 ms of the request. ``--guard`` installs the node's fix
+(``scu.guard_responses``: the loop takes requests only, responses stay for the caller) on each association.
+Figures (with and without ``--guard``) are in ``docs/performance.md``.
 
     .venv/bin/python bench/scu_stall.py --n 3000            # files as stored
     .venv/bin/python bench/scu_stall.py --n 3000 --decode   # decoded and encoded again
+    .venv/bin/python bench/scu_stall.py --n 3000 --guard    # with the node's fix
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _hog(stop) -> None:
 
 
 def _scp(port: int) -> None:
-    from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     ae = AE(ae_title="BARE")
     for cx in AllStoragePresentationContexts:
@@ -51,12 +52,26 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--decode", action="store_true", help="send decoded datasets, not files as stored")
     ap.add_argument("--hogs", type=int, default=2)
+    ap.add_argument("--guard", action="store_true",
+                    help="install the node's fix on each association (triage_node.transport.scu.guard_responses)")
     args = ap.parse_args()
     import pydicom
     from pydicom.uid import generate_uid
-    from pynetdicom import AE, _config
+    from pynetdicom import AE, _config, association
 
     from triage_node.services import free_port
+    from triage_node.transport.scu import guard_responses
+
+    # a response taken by the association's own reactor loop (the race this bench exposes) is counted here
+    stolen = []
+    serve = association.Association._serve_request
+
+    def counting_serve(self, msg, context_id):
+        if self.is_requestor and getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+            stolen.append(msg.MessageIDBeingRespondedTo)
+        return serve(self, msg, context_id)
+
+    association.Association._serve_request = counting_serve
 
     port = free_port()
     srv = multiprocessing.Process(target=_scp, args=(port,), daemon=True)
@@ -86,6 +101,8 @@ def main() -> int:
         for i in range(args.n):
             if assoc is None or not assoc.is_established:
                 assoc = ae.associate("127.0.0.1", port, ae_title="BARE")
+                if args.guard and assoc.is_established:
+                    guard_responses(assoc)
             status = assoc.send_c_store(files[i % len(files)])
             if not status:
                 stalls += 1
@@ -98,8 +115,9 @@ def main() -> int:
             assoc.release()
         srv.terminate()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{i + 1} C-STOREs ({'decoded' if args.decode else 'files as stored'}) in {time.time() - t0:.1f} s, "
-          f"{stalls} without a response")
+    print(f"{i + 1} C-STOREs ({'decoded' if args.decode else 'files as stored'}"
+          f"{', guarded' if args.guard else ''}) in {time.time() - t0:.1f} s, {stalls} without a response, "
+          f"{len(stolen)} responses taken by the SCU's own reactor loop")
     return 0
 
 

@@ -57,6 +57,10 @@ class NodeCollector:
         for (dest, ev), n in sorted(send_failures.items()):
             c.add_metric([dest, ev], n)
         yield c
+        c = CounterMetricFamily("triage_send_resent", "C-STOREs left without a response within the destination's "
+                                "dimse_timeout and resent on a new association (audit 'send_resent')")
+        c.add_metric([], events.get("send_resent", 0))
+        yield c
         c = CounterMetricFamily("triage_stage_failures", "Failures of any kind, foreseen or not, by stage (analyze, "
                                 "build, send, reconcile) and audit event (failed, retry, dead_lettered)",
                                 labels=["stage", "event"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -18,9 +19,11 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config as _pynetdicom_config
 
-from ..config import Destination
+from ..audit import Audit
+from ..config import Destination, load
 from ..errors import SendFailed
 from .flags import FhirSender, HL7Sender, ResultContext, WebhookSender
+from .scu import guard_of, guard_responses
 
 log = logging.getLogger(__name__)
 # send_c_store(path) streams the file's dataset as stored instead of decoding it and encoding it again (only used
@@ -39,11 +42,39 @@ def _read(files: list[Path]) -> list[Dataset]:
 
 
 class _NoResponse(Exception):
-    """The association ended (or timed out) before the peer answered; ``sent`` were confirmed before that."""
+    """The association ended (or timed out) before the peer answered; ``sent`` were confirmed before that.
 
-    def __init__(self, sent: list[str]) -> None:
+    ``stalled``: the DIMSE timeout expired on an association still up (the peer neither answered nor closed it);
+    ``what`` names the unanswered instance (SOP Class and Instance UIDs only) when one was being sent."""
+
+    def __init__(self, sent: list[str], stalled: bool = False, what: tuple[str, str] | None = None) -> None:
         super().__init__("no C-STORE response")
-        self.sent = sent
+        self.sent, self.stalled, self.what = sent, stalled, what
+
+
+#: Where a resend after a stall is recorded (audit event ``send_resent``, counted by /metrics as
+#: ``triage_send_resent``). None: the trail of the process's configuration (``config.load()``, as the workers load
+#: it), opened at the first stall. ``set_audit`` names another (the report worker's own, a test's).
+_audit: Audit | None = None
+_audit_lock = threading.Lock()
+
+
+def set_audit(audit: Audit | None) -> None:
+    global _audit
+    with _audit_lock:
+        _audit = audit
+
+
+def _record_resent(**fields: object) -> None:
+    global _audit
+    try:
+        with _audit_lock:
+            if _audit is None:
+                _audit = Audit.from_config(load())
+            audit = _audit
+        audit.record("send_resent", **fields)
+    except Exception as exc:  # counting must never fail a delivery
+        log.warning("could not record the resend in the audit trail: %s", type(exc).__name__)
 
 
 class CStoreSender:
@@ -53,6 +84,12 @@ class CStoreSender:
     an association kept in :data:`pool.POOL` and reused by the next result for the same destination. A reused
     association the peer closed meanwhile is replaced once by a fresh one (a resend replaces: output UIDs are
     deterministic).
+
+    Each association gets :func:`scu.guard_responses` (pynetdicom's requestor could lose a response to its own
+    reactor loop and wait out its DIMSE timeout: see ``scu``). A C-STORE still unanswered after the destination's
+    ``dimse_timeout`` (a peer that never answers) aborts that association; the rest is resent once at once on a
+    new association, logged (UIDs only) and recorded (audit ``send_resent``); a second miss raises a retryable
+    ``SendFailed`` into the report task's backoff.
     """
 
     def __init__(self, dest: Destination) -> None:
@@ -65,17 +102,30 @@ class CStoreSender:
         wanted = tuple(sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for _, m in metas}))
         key = (self.dest, wanted)
         sent: list[str] = []
+        resent = False
+        fresh = False
         while True:
-            assoc, reused = POOL.get(key, lambda: self._associate(wanted))
+            if fresh:
+                assoc, reused = self._associate(wanted), False
+            else:
+                assoc, reused = POOL.get(key, lambda: self._associate(wanted))
             try:
                 sent += self._store(assoc, metas[len(sent):])
             except _NoResponse as lost:
                 sent += lost.sent
                 POOL.discard(assoc)
-                if reused:
+                if lost.stalled and not resent:
+                    resent = fresh = True
+                    self._stalled(lost, reused)
+                    continue
+                if reused and not lost.stalled:
                     log.info("%s: pooled association lost, sending again on a new one", self.name)
                     continue
-                raise SendFailed(f"{self.name}: no C-STORE response (timeout or abort)", retryable=True) from None
+                if lost.stalled:
+                    raise SendFailed(f"{self.name}: no C-STORE response within {self.dest.dimse_timeout:g} s, "
+                                     "twice (resent once on a new association)", retryable=True) from None
+                raise SendFailed(f"{self.name}: no C-STORE response (association aborted or closed)",
+                                 retryable=True) from None
             except SendFailed:
                 POOL.put(key, assoc)  # the peer refused one instance; the association itself is fine
                 raise
@@ -85,6 +135,14 @@ class CStoreSender:
             POOL.put(key, assoc)
             return sent
 
+    def _stalled(self, lost: _NoResponse, reused: bool) -> None:
+        sop_class, sop_instance = lost.what or ("", "")
+        log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s association); aborted "
+                    "it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
+                    sop_class, "pooled" if reused else "new")
+        _record_resent(destination=self.name, sop_instance_uid=sop_instance, sop_class_uid=sop_class,
+                       dimse_timeout_s=self.dest.dimse_timeout, reused_association=reused)
+
     def _associate(self, wanted: tuple[tuple[str, str], ...]):
         from pynetdicom import AE
         from pynetdicom.presentation import build_context
@@ -92,7 +150,8 @@ class CStoreSender:
         from .tls import client_context
 
         ae = AE(ae_title=self.dest.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout
+        ae.acse_timeout = ae.network_timeout = self.dest.timeout
+        ae.dimse_timeout = self.dest.dimse_timeout
         for sop, ts in wanted:
             ae.requested_contexts.append(build_context(sop, [ts]))
         for sop in sorted({sop for sop, ts in wanted if UID(ts).is_compressed}):
@@ -104,6 +163,7 @@ class CStoreSender:
         if not assoc.is_established:
             why = "rejected by the peer" if assoc.is_rejected else "not established (peer unreachable or aborted)"
             raise SendFailed(f"{self.name}: association {why} ({self.dest.host}:{self.dest.port})", retryable=True)
+        guard_responses(assoc)
         return assoc
 
     def _store(self, assoc, metas: Sequence[tuple[Path, Dataset]]) -> list[str]:
@@ -112,13 +172,15 @@ class CStoreSender:
         for path, meta in metas:
             sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
             what: Path | Dataset = path if (sop, ts) in accepted else _for_peer(pydicom.dcmread(path), accepted)
+            guard = guard_of(assoc)
             try:
                 status = assoc.send_c_store(what)
             except RuntimeError:  # "must be established": the peer closed it
                 raise _NoResponse(sent) from None
             code = int(status.Status) if status and "Status" in status else None
-            if code is None:
-                raise _NoResponse(sent)
+            if code is None:  # no response: the DIMSE timeout expired (pynetdicom aborted it) or the peer ended it
+                raise _NoResponse(sent, stalled=guard is not None and guard.timed_out,
+                                  what=(sop, str(meta.MediaStorageSOPInstanceUID)))
             if code in (0x0000, 0xB000, 0xB007, 0xB006):
                 sent.append(str(meta.MediaStorageSOPInstanceUID))
                 continue
