@@ -77,6 +77,13 @@ def run(args: argparse.Namespace) -> None:
         return out
 
     phased = "only" in inspect.signature(pipeline.build).parameters
+    cap = getattr(cfg.outputs, "sc_max_size", 0)  # older code: the display at the source's size
+
+    def render(im):
+        if "max_size" in inspect.signature(dicom_io.display).parameters:
+            return dicom_io.display(im, cap)
+        return dicom_io.display(im)
+
     for i, f in enumerate([args.files[0]] + list(args.files) * args.repeat):
         if i == 1:
             totals.clear()  # the first instance was the warm-up
@@ -87,17 +94,17 @@ def run(args: argparse.Namespace) -> None:
         pred = timed("model", lambda im: model.predict([im])[0], img)
         if caches:  # what the infer worker adds: the 8-bit rendering left for the report worker
             timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
-                                                                                       dicom_io.display(im)))
+                                                                                       render(im)))
         files = timed("build_total", pipeline.build, f, pred, cfg, box)
         if phased:  # the report worker's SR-first phases: build the SR alone, then the rest from the display cache
             pbox = args.out / f"phased{i}"
-            pipeline.save_display(pbox / pipeline.DISPLAY_CACHE, dicom_io.display(img))
+            pipeline.save_display(pbox / pipeline.DISPLAY_CACHE, render(img))
             timed("build_sr_phase", pipeline.build, f, pred, cfg, pbox, only=("sr",))
             timed("build_images_phase", pipeline.build, f, pred, cfg, pbox, only=("sc", "gsps"))
         timed("send", CStoreSender(dest).send, files)
         # the parts of build, on their own
         header = pydicom.dcmread(f, stop_before_pixels=True)
-        display = dicom_io.display(img)
+        display = render(img)
         cleaned, _ = timed("clean_source", clean_source, header)
         timed("sr", build_sr, cleaned, pred)
         enc = cfg.outputs.sc_transfer_syntax  # the configured overlay encoding (older code: no palette option)

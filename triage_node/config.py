@@ -151,6 +151,10 @@ class OutputConfig:
     #: marked Lossy Image Compression 01). A C-STORE peer that does not accept the
     #: compressed syntax gets the overlay decompressed to Explicit VR Little Endian on the same association.
     sc_transfer_syntax: str = "jpeg-ls-palette"
+    #: Longest side of the SC overlay in pixels: a larger film's overlay is reduced to fit (aspect kept, boxes
+    #: scaled; the SR and GSPS keep source coordinates). Render and encode cost grows with the pixels: a 2832 x 2328
+    #: DX film cost 89 ms to JPEG-LS encode at full size (docs/performance.md). 0 = the source's size.
+    sc_max_size: int = 2048
     #: Build and send the SR (and fire the flag channels) before the overlay and GSPS are built: the finding
     #: reaches the PACS without waiting for the image encodes (~90 ms per CXR on a CPU core). False: one phase.
     sr_first: bool = True
@@ -162,6 +166,8 @@ class OutputConfig:
     report_threads: int = 4
 
     def __post_init__(self) -> None:
+        if self.sc_max_size != 0 and self.sc_max_size < 256:
+            raise ValueError("outputs.sc_max_size must be 0 (the source's size) or at least 256")
         if self.report_processes < 1 or self.report_threads < 1:
             raise ValueError("outputs.report_processes and outputs.report_threads must be >= 1")
         if self.sc_transfer_syntax not in SC_TRANSFER_SYNTAXES:
@@ -190,8 +196,8 @@ class Destination:
     timeout: float = 30.0
     #: ``dicom``: seconds to wait for each C-STORE response, counted from the moment the request is queued, so the
     #: object's transfer is included (raise it for large objects over slow links or a PACS slow to acknowledge).
-    #: None within it: the association is aborted and the object resent once at once on a new association; a second
-    #: miss fails the send into the report task's retries.
+    #: No response within it: the association is aborted and the object resent once at once on a new association; a
+    #: second miss fails the send into the report task's retries.
     dimse_timeout: float = 10.0
     #: DICOM TLS to the destination: verify the peer against tls_ca; present tls_cert/tls_key when given.
     tls: bool = False

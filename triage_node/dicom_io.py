@@ -306,6 +306,29 @@ def _codestream_dimensions(frame: bytes, ts: str) -> tuple[int, int] | None:
     return None
 
 
-def display(img: np.ndarray) -> np.ndarray:
-    """uint8 rendering of a normalised image (for overlays and previews)."""
-    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+def fit_size(rows: int, columns: int, max_size: int) -> tuple[int, int]:
+    """(rows, columns) scaled down, aspect kept, so the longer side is ``max_size``; unchanged when it already fits
+    or ``max_size`` is 0."""
+    longest = max(rows, columns)
+    if max_size <= 0 or longest <= max_size:
+        return rows, columns
+    scale = max_size / longest
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def display(img: np.ndarray, max_size: int = 0) -> np.ndarray:
+    """uint8 rendering of a normalised image (for overlays and previews); with ``max_size``, an image whose longer
+    side is larger is first reduced to fit (area average, aspect kept; :func:`fit_size`)."""
+    out = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    rows, columns = fit_size(int(out.shape[0]), int(out.shape[1]), max_size)
+    if (rows, columns) != out.shape:  # 8-bit box filter: a quarter of the CPU of the same on floats
+        from PIL import Image
+
+        out = np.asarray(Image.fromarray(out).resize((columns, rows), Image.Resampling.BOX))
+    return out
+
+
+def is_display_of(shape: tuple[int, ...], rows: int, columns: int) -> bool:
+    """Whether a rendering of this shape belongs to a rows x columns image: its size, or :func:`fit_size` of it."""
+    return len(shape) == 2 and 0 < shape[0] <= rows and 0 < shape[1] <= columns and \
+        tuple(shape) == fit_size(rows, columns, max(shape))

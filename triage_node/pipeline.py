@@ -74,7 +74,7 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     if display_to is not None:
         try:
-            save_display(display_to, dicom_io.display(img))
+            save_display(display_to, dicom_io.display(img, cfg.outputs.sc_max_size))
         except OSError as exc:  # only a cache: the report worker decodes the source instead
             log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
     t1 = time.perf_counter()
@@ -121,14 +121,16 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     cache = out_dir / DISPLAY_CACHE
     display = load_display(cache) if "sc" in outputs else None  # only the overlay needs pixels
     ds = dicom_io.read(path, header_only=display is not None or "sc" not in outputs)
-    if "sc" in outputs and (display is None or display.shape != (ds.get("Rows"), ds.get("Columns"))):
+    # the overlay's size: the source's, or reduced to outputs.sc_max_size (a cache of another size is not used)
+    size = dicom_io.fit_size(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), cfg.outputs.sc_max_size)
+    if "sc" in outputs and (display is None or display.shape != size):
         if display is not None:
             ds = dicom_io.read(path)
-        display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels))
+        display = dicom_io.display(dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels), cfg.outputs.sc_max_size)
         del ds.PixelData  # and the decoded array pydicom keeps with it: the encoders copy the header only
     earlier = previous_sr(cfg, str(ds.SOPInstanceUID)) if "sr" in outputs else None
     overlay = None  # the SC's pixels, rendered once: the SC and the preview are made from them
-    if "sc" in outputs and display is not None and display.shape == (ds.Rows, ds.Columns):
+    if "sc" in outputs and display is not None and display.shape == size:
         palette = SC_ENCODINGS[cfg.outputs.sc_transfer_syntax][1] == "PALETTE COLOR"
         overlay = render_overlay(display, prediction, palette=palette)
     datasets, _changed = build_results(ds, display, prediction, outputs=outputs, predecessor_sr=earlier,

@@ -14,6 +14,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from triage_node.dicom_io import is_display_of
 from triage_node.encoding.pr import build_gsps
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.sc import build_overlay
@@ -113,8 +114,8 @@ def build_results(
         )
     if display is not None or "sc" in wanted:
         shape = np.shape(display) if display is not None else None
-        if shape != (rows, columns):
-            raise ValueError(f"display shape {shape} does not match source {rows}x{columns}")
+        if shape is None or not is_display_of(shape, rows, columns):
+            raise ValueError(f"display shape {shape} does not match source {rows}x{columns} (nor a reduction of it)")
     cleaned, changed = clean_source(source)
     if changed:
         logger.warning(

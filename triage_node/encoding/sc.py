@@ -11,6 +11,8 @@ For viewers that render neither SR nor presentation states. Decisions:
   sender decompresses for a peer that does not accept the syntax.
 * Same pixel geometry as the source (annotations are drawn in source pixel coordinates), so Patient Orientation
   and the lossy-compression history of the source are carried over; Source Image Sequence points at the source.
+  A film larger than ``outputs.sc_max_size`` gets an overlay reduced to fit (same aspect and orientation, boxes
+  scaled, Derivation Description says so): the encode cost grows with the pixels, and the SC is not for diagnosis.
 * ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in.
 """
 
@@ -29,6 +31,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from triage_node.dicom_io import is_display_of
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (
     algorithm_equipment,
@@ -101,6 +104,9 @@ def render_overlay(display: np.ndarray, prediction: Prediction, palette: bool = 
     The banner is drawn first so a box near the top edge stays visible over it.
     """
     rows, columns = display.shape
+    # boxes are in source pixels: scaled when the display is a reduction of the source (outputs.sc_max_size)
+    sy = rows / prediction.rows if prediction.rows else 1.0
+    sx = columns / prediction.columns if prediction.columns else 1.0
     if palette:
         # Pillow's 8-bit LUT: the same indices as _TO_INDEX[display], 0.4 ms against 2 ms for numpy's fancy indexing
         image = Image.fromarray(np.ascontiguousarray(display, dtype=np.uint8)).point(_TO_INDEX_LUT)
@@ -132,6 +138,7 @@ def render_overlay(display: np.ndarray, prediction: Prediction, palette: bool = 
         y += height
     for det in prediction.detections:
         x0, y0, x1, y1 = det.xyxy
+        x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
         x0, x1 = float(np.clip(x0, 0, columns - 1)), float(np.clip(x1, 0, columns - 1))
         y0, y1 = float(np.clip(y0, 0, rows - 1)), float(np.clip(y1, 0, rows - 1))
         draw.rectangle([x0, y0, x1, y1], outline=box, width=line)
@@ -188,7 +195,8 @@ def build_overlay(
     source
         The analysed image.
     display
-        2-D uint8 MONOCHROME2 rendering of the source, same rows and columns.
+        2-D uint8 MONOCHROME2 rendering of the source: its rows and columns, or a reduction of them
+        (``dicom_io.fit_size``, for ``outputs.sc_max_size``); the SC has the display's size.
     prediction
         What to draw.
     series_number
@@ -202,16 +210,18 @@ def build_overlay(
     Raises
     ------
     ValueError
-        If ``display`` is not a 2-D uint8 array of the source's size, ``overlay`` not its rendering's shape, or
+        If ``display`` is not a 2-D uint8 array of the source's size (or a reduction of it), ``overlay`` not its
+        rendering's shape, or
         ``encoding`` is unknown.
     """
     if encoding not in SC_ENCODINGS:
         raise ValueError(f"unknown SC encoding {encoding!r}; expected one of {', '.join(SC_ENCODINGS)}")
     transfer_syntax, photometric = SC_ENCODINGS[encoding]
     display = np.asarray(display)
-    expected = (int(source.Rows), int(source.Columns))
-    if display.ndim != 2 or display.shape != expected:
-        raise ValueError(f"display shape {display.shape} does not match source {expected}")
+    source_size = (int(source.Rows), int(source.Columns))
+    if not is_display_of(display.shape, *source_size):
+        raise ValueError(f"display shape {display.shape} does not match source {source_size} (nor a reduction of it)")
+    expected = (int(display.shape[0]), int(display.shape[1]))
     if display.dtype != np.uint8:
         raise ValueError(f"display must be uint8, got {display.dtype}")
     palette = photometric == "PALETTE COLOR"
@@ -248,7 +258,9 @@ def build_overlay(
         _set_palette(sc)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{BANNER}. AI result overlay by {model.label}"[:10240]
-    sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering"[:1024]
+    reduced = "" if expected == source_size else \
+        f", reduced from {source_size[0]} x {source_size[1]} to {expected[0]} x {expected[1]} pixels"
+    sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering{reduced}"[:1024]
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
     # Once lossy, always lossy (PS3.3 C.7.6.1.1.5): the source's history first, then our own JPEG step appended.
