@@ -204,7 +204,7 @@ def test_a_stalled_cstore_is_resent_once_on_a_new_association_within_the_dimse_t
     assert len(warnings) == 1 and uid in warnings[0] and patient not in warnings[0]
     lines = [json.loads(x) for x in audit_path.read_text().splitlines()]
     assert [x["event"] for x in lines] == ["send_resent"]
-    assert lines[0]["sop_instance_uid"] == uid and lines[0]["destination"] == "pacs"
+    assert lines[0]["sent_uid"] == uid and lines[0]["destination"] == "pacs"
     assert patient not in audit_path.read_text()
     family = next(f for f in NodeCollector(AuditState(audit_path), probes=None).collect()  # type: ignore[arg-type]
                   if f.name == "triage_send_resent")

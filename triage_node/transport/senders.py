@@ -140,7 +140,7 @@ class CStoreSender:
         log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s association); aborted "
                     "it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
                     sop_class, "pooled" if reused else "new")
-        _record_resent(destination=self.name, sop_instance_uid=sop_instance, sop_class_uid=sop_class,
+        _record_resent(destination=self.name, sent_uid=sop_instance, sop_class_uid=sop_class,
                        dimse_timeout_s=self.dest.dimse_timeout, reused_association=reused)
 
     def _associate(self, wanted: tuple[tuple[str, str], ...]):
