@@ -145,13 +145,19 @@ def pynetdicom_sender(shard: str, port: int, result_file: str, tries: int = 3) -
     ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
     statuses: dict[str, int | None] = {}
     resent: list[dict] = []
+    from triage_node.transport.scu import guard_responses  # pynetdicom's requestor race (transport/scu.py)
+
     assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    if assoc.is_established:
+        guard_responses(assoc)
     for f in files:
         ds = pydicom.dcmread(f)
         sop = str(ds.SOPInstanceUID)
         for attempt in range(tries):
             if not assoc.is_established:
                 assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+                if assoc.is_established:
+                    guard_responses(assoc)
             rsp = assoc.send_c_store(ds) if assoc.is_established else None
             statuses[sop] = int(rsp.Status) if rsp is not None and "Status" in rsp else None
             if statuses[sop] is not None:

@@ -31,7 +31,9 @@ def replay_one(cfg: Config, audit: Audit, info: dict[str, Any]) -> ReplayResult:
     """Deliver the result files of one dead letter (``Spool.dead_letters()`` entry) to the destinations not yet
     reached; on success the dead-letter folder is removed and a ``replayed`` audit line written."""
     from . import pipeline
+    from .transport import senders
 
+    senders.set_audit(audit)  # a stalled C-STORE's resend is recorded in the same trail as the replay
     sop = info["sop_instance_uid"]
     d = Path(info["path"])
     with _lock:

@@ -150,6 +150,8 @@ class Probes:
             port = int(port_s)
         except ValueError:
             return False, f"[web] receiver_address {address!r}: expected host:port"
+        from .transport.scu import guard_responses
+
         ae = AE(ae_title=self.cfg.web.probe_ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -158,6 +160,7 @@ class Probes:
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted or unreachable"
             return False, f"{host}:{port} ({called}): association {why}"
+        guard_responses(assoc)  # pynetdicom's requestor can lose a response to its own loop (transport/scu.py)
         try:
             status = assoc.send_c_echo()
         finally:

@@ -29,7 +29,7 @@ from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
 from triage_node.spool import Spool, atomic_write, valid_uid
-from triage_node.transport import instances
+from triage_node.transport import instances, senders
 from workers import warmup  # noqa: F401  (signal handlers: model loaded before the first task)
 
 log = logging.getLogger("workers")
@@ -38,6 +38,7 @@ cfg = config.load()
 app = make_app(cfg, name="workers")
 spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
 audit = Audit.from_config(cfg)
+senders.set_audit(audit)  # a stalled C-STORE's resend goes to the node's own trail
 #: Fetched copies older than this were left by tasks redelivered to another host; swept at most once an hour.
 FETCHED_MAX_AGE_S = 86400.0
 _next_sweep = 0.0
