@@ -46,9 +46,11 @@ def test_folds_partition_the_pool_by_patient_and_leave_test_alone():
         I.cv_folds(["a", "b"], 3)
 
 
-def _fold(run: Path, k: int, fold: int, keys: list[str], scores: list[list[float]], best: int) -> Path:
+def _fold(run: Path, k: int, fold: int, keys: list[str], scores: list[list[float]], best: int,
+          pool: tuple[str, ...] = ("a", "b", "c", "d")) -> Path:
     run.mkdir(parents=True)
-    (run / "split.json").write_text(json.dumps({"src": {"val": keys, "cv": f"{k}:{fold}"}}))
+    (run / "split.json").write_text(json.dumps({"src": {"train": [p for p in pool if p not in keys], "val": keys,
+                                                        "test": ["t"], "cv": f"{k}:{fold}", "epochs": 3}}))
     (run / "summary.json").write_text(json.dumps({"best_epoch": best, "history": [
         {"epoch": e + 1, "val_p": s} for e, s in enumerate(scores)]}))
     return run
@@ -81,6 +83,17 @@ def test_cv_report_rule_on_a_hand_worked_case(tmp_path):
         CV.report([f0, other], labels, views, 0.9)
     with pytest.raises(SystemExit, match="not a finished training run"):
         CV.read_fold(tmp_path / "nothing")
+    # folds of another split of the pool (another seed or fractions) are refused
+    moved = CV.read_fold(_fold(tmp_path / "moved", 2, 1, ["c", "d"], [[0.1, 0.2]], best=1, pool=("b", "c", "d")))
+    with pytest.raises(SystemExit, match="differ in their pool"):
+        CV.report([f0, moved], labels, views, 0.9)
+    # a fold that validates one class only has no AUC: refused, not silently "epoch 1"
+    one = CV.read_fold(_fold(tmp_path / "one", 2, 1, ["c", "d"], [[0.1, 0.2]], best=1))
+    with pytest.raises(SystemExit, match="one class only"):
+        CV.report([f0, one], {**labels, "c": 0}, views, 0.9)
+    # a missing fold is reported
+    alone = CV.report([f0], labels, views, 0.9)
+    assert alone["folds_present"] == [0] and "only folds [0] of 2" in alone["warnings"][0]
 
 
 def _subset_csv(tmp_path: Path, n: int = 24) -> Path:
@@ -107,9 +120,11 @@ def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(base + list(extra), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
-    # a final run without its threshold fails before any work
+    # a final run without its threshold fails before any work; a threshold where validation chooses it is refused
     r = run("--cv", "2:all", "--checkpoint-dir", str(tmp_path / "nothr"))
     assert r.returncode != 0 and "--threshold" in r.stderr and not (tmp_path / "nothr").exists()
+    r = run("--cv", "2:0", "--threshold", "0.5", "--checkpoint-dir", str(tmp_path / "thr"))
+    assert r.returncode != 0 and "only for a run without a validation split" in r.stderr
     runs = []
     for fold in (0, 1):
         ck = tmp_path / f"f{fold}"
@@ -118,6 +133,11 @@ def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
         hist = json.loads((ck / "summary.json").read_text())["history"]
         assert [h["epoch"] for h in hist] == [1, 2]  # --stop-epoch 2 of a 3-epoch schedule
         runs += ["--run", str(ck)]
+    # a checkpoint dir holding another fold, or more epochs than asked for, is not resumed
+    r = run("--cv", "2:1", "--checkpoint-dir", str(tmp_path / "f0"), "--stop-epoch", "2")
+    assert r.returncode != 0 and "holds another run" in r.stderr
+    r = run("--cv", "2:0", "--checkpoint-dir", str(tmp_path / "f0"), "--stop-epoch", "1")
+    assert r.returncode != 0 and "already trained 2 epochs" in r.stderr
     splits = [json.loads((tmp_path / f"f{i}" / "split.json").read_text())[labels.parent.name] for i in (0, 1)]
     assert splits[0]["test"] == splits[1]["test"] and not set(splits[0]["val"]) & set(splits[1]["val"])
     assert set(splits[0]["val"]) | set(splits[1]["val"]) == set(splits[0]["train"]) | set(splits[0]["val"])
@@ -137,5 +157,7 @@ def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     assert cfg["thresholds"]["gate"] == pytest.approx(t, abs=1e-6)
     assert "cross-validation 2:all" in cfg["training_data"]["split"]
     assert len(cfg["metrics"]["history"]) == e and "val_p" not in cfg["metrics"]["history"][0]
+    assert cfg["metrics"]["best_val_auc"] is None  # no validation split: null, and model.json stays valid JSON
+    assert "NaN" not in (pkg / "model.json").read_text()
     final = json.loads((tmp_path / "final" / "split.json").read_text())[labels.parent.name]
     assert set(final["train"]) == set(rep["out_of_fold"]) and final["val"] == [] and final["test"] == splits[0]["test"]

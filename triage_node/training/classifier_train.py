@@ -14,6 +14,7 @@ automatic from ``--checkpoint-dir``), early stopping on the validation AUC, fixe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -186,6 +187,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
                                             (("train", tr[-1]), ("val", va[-1]), ("test", te[-1]))}}
         if j == 0 and getattr(args, "cv", None):
             manifest[src.name]["cv"] = args.cv
+            manifest[src.name]["epochs"] = args.epochs  # the one-cycle schedule the folds' epochs belong to
     return tr, va, te, manifest
 
 
@@ -279,8 +281,19 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    no_val = len(va[0]) == 0
+    last = min(args.epochs, args.stop_epoch) if getattr(args, "stop_epoch", 0) else args.epochs
+    # what this checkpoint dir trains: resuming another split (another fold) would mix two runs
+    run = {"cv": getattr(args, "cv", None), "films": hashlib.sha256(
+        "\n".join([*tr[0].keys, "|", *va[0].keys]).encode()).hexdigest()[:16]}
     if ck.exists():
         saved = torch.load(ck, map_location="cpu", weights_only=False)
+        if saved.get("run") not in (None, run):
+            raise SystemExit(f"{ck} holds another run ({saved['run']}, this one is {run}): give a new "
+                             "--checkpoint-dir or delete it")
+        if saved["state"]["epoch"] > last:
+            raise SystemExit(f"{ck} has already trained {saved['state']['epoch']} epochs, more than this run's "
+                             f"{last} (--epochs / --stop-epoch): give a new --checkpoint-dir or delete it")
         model.load_state_dict(saved["model"])
         if ema is not None and saved.get("ema"):
             ema.load_state_dict(saved["ema"])
@@ -303,8 +316,6 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     t_start = time.monotonic()
     from tqdm import tqdm
 
-    no_val = len(va[0]) == 0
-    last = min(args.epochs, args.stop_epoch) if getattr(args, "stop_epoch", 0) else args.epochs
     while state["epoch"] < last and state["bad_epochs"] < args.patience:
         ep = state["epoch"] + 1
         model.train()
@@ -337,7 +348,7 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
         state["epoch"] = ep
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "rng": g.get_state(), "state": state, "arch": args.arch, "size": args.size,
-                      "epochs": args.epochs, "ema": ema.state_dict() if ema is not None else None}, ck)
+                      "epochs": args.epochs, "ema": ema.state_dict() if ema is not None else None, "run": run}, ck)
         print(json.dumps(rec), flush=True)
         if args.max_minutes and time.monotonic() - t_start > args.max_minutes * 60:
             state["stopped"] = "time"
@@ -358,11 +369,18 @@ def main(args: argparse.Namespace) -> int:
             _, fold = parse_cv(args.cv)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        if fold is None and (args.threshold is None or args.soup):
-            raise SystemExit(f"--cv {args.cv} trains without a validation split: give --threshold (and "
+        if args.soup:
+            raise SystemExit("--soup and --cv do not combine (a soup trains nothing)")
+        if fold is None and args.threshold is None:
+            raise SystemExit(f"--cv {args.cv} trains without a validation split: give --threshold (and usually "
                              "--stop-epoch), e.g. from `triage-node cv-report`")
     t0 = time.monotonic()
     tr, va, te, manifest = prepare(args)
+    if len(va[0]) and args.threshold is not None:
+        raise SystemExit("--threshold is only for a run without a validation split (--cv K:all): with one, the "
+                         f"operating point is chosen on it (--target-sensitivity {args.target_sensitivity})")
+    if not len(va[0]) and args.threshold is None:
+        raise SystemExit("no validation split to choose the operating point on: give --threshold")
     ckdir = Path(args.checkpoint_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     (ckdir / "split.json").write_text(json.dumps(manifest) + "\n")

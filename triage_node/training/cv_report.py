@@ -50,7 +50,8 @@ def read_fold(run: Path) -> dict:
     if not epochs or any(len(e) != len(keys) for e in epochs):
         raise SystemExit(f"{run}: per-epoch validation scores missing or not matching its split")
     return {"run": str(run), "source": name, "k": k, "fold": fold, "keys": keys, "scores": epochs,
-            "best_epoch": summary.get("best_epoch")}
+            "best_epoch": summary.get("best_epoch"), "pool": sorted(set(primary.get("train", [])) | set(keys)),
+            "test": sorted(primary.get("test", [])), "epochs": primary.get("epochs")}
 
 
 def pool(folds: list[dict], labels: dict[str, int]) -> dict:
@@ -58,6 +59,11 @@ def pool(folds: list[dict], labels: dict[str, int]) -> dict:
     ks = {f["k"] for f in folds}
     if len(ks) != 1 or len({f["source"] for f in folds}) != 1:
         raise SystemExit("the runs are not folds of one cross-validation (different K or primary source)")
+    for f in folds[1:]:  # one pool, one test split, one schedule: else the runs were split differently
+        for what in ("pool", "test", "epochs"):
+            if f[what] != folds[0][what] and None not in (f[what], folds[0][what]):
+                raise SystemExit(f"the runs are not folds of one cross-validation: {f['run']} and {folds[0]['run']} "
+                                 f"differ in their {what} (another --seed, --val-frac, --test-frac or --epochs?)")
     seen: dict[str, int] = {}
     for f in folds:
         for key in f["keys"]:
@@ -66,7 +72,11 @@ def pool(folds: list[dict], labels: dict[str, int]) -> dict:
             if key not in labels:
                 raise SystemExit(f"film {key} of fold {f['fold']} is not in the labels CSV")
             seen[key] = f["fold"]
-    return {"k": ks.pop(), "folds_present": sorted(f["fold"] for f in folds)}
+    k = ks.pop()
+    present = sorted(f["fold"] for f in folds)
+    warnings = [] if len(present) == k else [f"only folds {present} of {k}: the out-of-fold scores cover "
+                                              f"{len(seen)} of the pool's films"]
+    return {"k": k, "folds_present": present, "warnings": warnings}
 
 
 def oof(folds: list[dict], epoch_of: list[int]) -> tuple[list[str], np.ndarray]:
@@ -93,6 +103,11 @@ def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], tar
     meta = pool(folds, labels)
     reached = min(len(f["scores"]) for f in folds)
     curve: list[dict] = []
+    for f in folds:
+        ys = {labels[k] for k in f["keys"]}
+        if len(ys) < 2:
+            raise SystemExit(f"fold {f['fold']} ({f['run']}) validates films of one class only: its AUC is undefined "
+                             "(fewer folds, or a larger pool)")
     for e in range(1, reached + 1):
         per_fold = [roc_auc([labels[k] for k in f["keys"]], f["scores"][e - 1]) for f in folds]
         curve.append({"epoch": e, "mean_fold_auc": float(np.mean(per_fold)), "fold_aucs": per_fold,
@@ -144,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
     for c in rep["curve"]:
         print(f"epoch {c['epoch']:2d}: mean fold AUC {c['mean_fold_auc']:.3f}  pooled {c['pooled_auc']:.3f}  "
               f"folds {' '.join(f'{a:.3f}' for a in c['fold_aucs'])}")
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
     a, op = rep["at_chosen_epoch"], rep["operating_point"]
     print(f"{rep['k']}-fold CV, folds {rep['folds_present']}: chosen epoch {rep['chosen_epoch']}; out-of-fold "
           f"n {a['n']} ({a['positives']} pos) AUC {a['auc']:.3f} [{a['auc_ci95'][0]:.3f}, {a['auc_ci95'][1]:.3f}] "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,6 +34,17 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
             "init": args.init or "random (weights=None)", "stop_epoch": getattr(args, "stop_epoch", 0) or None}
+
+
+def _no_nan(obj: object) -> object:
+    """NaN (a run without a validation split has no validation AUC) as null: model.json stays valid JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
 
 
 def fit_atlas(paths: list[Path], size: int, prior: LungPrior, source: str = "") -> DensityAtlas:
@@ -76,9 +88,9 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
                                "negatives) holds them" if atlas is not None else ""),
         },
         "training": _training_record(args, summary),
-        "metrics": {k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped", "operating_point",
-                                            "other_val_sources", "stopped")}
-        | {"history": [{k: v for k, v in h.items() if k != "val_p"} for h in summary["history"]]},
+        "metrics": _no_nan({k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped",
+                                                     "operating_point", "other_val_sources", "stopped")}
+                           | {"history": [{k: v for k, v in h.items() if k != "val_p"} for h in summary["history"]]}),
     }
     d = save_package(tm, out, extra=extra)
     # which films trained, validated and tested it (keys only), so anyone can evaluate on its held-out split
