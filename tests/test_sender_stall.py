@@ -223,3 +223,13 @@ def test_a_peer_that_never_answers_fails_into_the_task_retry_after_one_resend(in
         scp.close()
     assert failed.value.retryable and "within 1 s, twice" in str(failed.value)
     assert len(scp.requests) == 2 and not scp.stored
+
+
+def test_timeouts_must_be_positive():
+    """0 would make every C-STORE a stall (pynetdicom's queue gives up at once): refused when the config is read."""
+    from triage_node import config
+
+    for bad in ({"dimse_timeout": 0}, {"dimse_timeout": -1}, {"timeout": 0}):
+        with pytest.raises(ValueError, match="must be > 0"):
+            config.Destination(**bad)
+    assert config.Destination().dimse_timeout == 10.0

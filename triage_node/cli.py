@@ -345,7 +345,8 @@ def cmd_worker(args) -> int:
     if args.config:
         env["TRIAGE_CONFIG"] = str(Path(args.config).resolve())
     pool = args.pool or ("prefork" if args.queue == "infer" else "threads")
-    cmd = worker_command(args.queue, args.concurrency or (1 if args.queue == "infer" else 4), pool)
+    cmd = worker_command(args.queue, args.concurrency or (1 if args.queue == "infer" else cfg.outputs.report_threads),
+                         pool)
     os.execvpe(cmd[0], cmd, env)
     return 1
 

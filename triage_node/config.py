@@ -159,10 +159,12 @@ class OutputConfig:
     #: reaches the PACS without waiting for the image encodes (~90 ms per CXR on a CPU core). False: one phase.
     sr_first: bool = True
     #: Report worker processes started by ``triage-node up`` (Celery workers on the ``report`` queue, each with
-    #: ``report_threads`` task threads). Building the results is mostly Python and holds the GIL, so one process
-    #: uses about one core at most; on a host with cores to spare, run more (bench/e2e.py, docs/performance.md).
+    #: ``report_threads`` task threads; ``triage-node worker --queue report`` is one such process). Building the
+    #: results is mostly Python and holds the GIL, so one process uses about one core at most; on a host with cores
+    #: to spare, run more (bench/e2e.py, docs/performance.md).
     report_processes: int = 1
-    #: Task threads per report worker process: they overlap the sends' network waits with building.
+    #: Task threads per report worker process (``up``, and ``triage-node worker --queue report`` without
+    #: ``--concurrency``): they overlap the sends' network waits with building.
     report_threads: int = 4
 
     def __post_init__(self) -> None:
@@ -211,6 +213,11 @@ class Destination:
     #: HL7: receiving application/facility (MSH-5/6).
     receiving_application: str = "RIS"
     receiving_facility: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dimse_timeout > 0 or not self.timeout > 0:
+            raise ValueError(f"destination {self.name!r}: timeout and dimse_timeout must be > 0 seconds "
+                             f"(got {self.timeout:g} and {self.dimse_timeout:g})")
 
 
 @dataclass(frozen=True)

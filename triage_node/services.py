@@ -95,8 +95,12 @@ def start_workers(env: dict[str, str], loglevel: str = "INFO", log_dir: Path | N
     procs = []
     for queue, name, conc, pool in (infer, *reports):
         out = open(log_dir / f"worker-{name}.log", "ab") if log_dir else None
-        procs.append(subprocess.Popen(worker_command(queue, conc, pool, loglevel, name), env=env,
-                                      stdout=out or None, stderr=subprocess.STDOUT if out else None))
+        try:
+            procs.append(subprocess.Popen(worker_command(queue, conc, pool, loglevel, name), env=env,
+                                          stdout=out or None, stderr=subprocess.STDOUT if out else None))
+        finally:
+            if out:
+                out.close()  # the worker has its own copy of the descriptor; a restart must not leak ours
     return procs
 
 
