@@ -143,6 +143,8 @@ fi
 #    models/demo only if (a) the out-of-fold AUC at the chosen epoch >= 0.888 (0.3.0's val AUC minus 0.01, the margin
 #    of steps 2, 6 and 7) and (b) its Kermany *val* accuracy at the packaged threshold >= 0.928. The test split,
 #    the RSNA samples and the localisation halves are evaluated afterwards for the record, not to choose.
+#    Outcome (2026-12-06): chosen epoch 6, out-of-fold AUC 0.853 [0.820, 0.885] < 0.888 and Kermany val accuracy
+#    0.753 < 0.928: not shipped (MODEL_CARD.md, "Cross-validation of the recipe").
 if [ "${CV:-0}" = 1 ]; then
   CVDIR=${CVDIR:-var/cv}
   RUNS=()
