@@ -94,11 +94,11 @@ def run(args: argparse.Namespace) -> None:
         pred = timed("model", lambda im: model.predict([im])[0], img)
         if caches:  # what the infer worker adds: the 8-bit rendering left for the report worker
             timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
-                                                                                       render(im)))
+                                                                                       dicom_io.display(im)))
         files = timed("build_total", pipeline.build, f, pred, cfg, box)
         if phased:  # the report worker's SR-first phases: build the SR alone, then the rest from the display cache
             pbox = args.out / f"phased{i}"
-            pipeline.save_display(pbox / pipeline.DISPLAY_CACHE, render(img))
+            pipeline.save_display(pbox / pipeline.DISPLAY_CACHE, dicom_io.display(img))
             timed("build_sr_phase", pipeline.build, f, pred, cfg, pbox, only=("sr",))
             timed("build_images_phase", pipeline.build, f, pred, cfg, pbox, only=("sc", "gsps"))
         timed("send", CStoreSender(dest).send, files)

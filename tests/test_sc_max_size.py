@@ -60,9 +60,9 @@ def test_big_film_gets_a_reduced_overlay_with_scaled_boxes(tmp_path, big_film):
     cfg = config.Config(outputs=config.OutputConfig(archive_dir=""))
     assert cfg.outputs.sc_max_size == 2048
     pred = _pred(ROWS, COLS)
-    # the infer worker's path: the cached rendering is already reduced; the report worker reads the header only
+    # the infer worker's path: it caches the full-size rendering, the report worker reduces it (header read only)
     img = dicom_io.pixels(dicom_io.read(big_film))
-    pipeline.save_display(tmp_path / "out" / pipeline.DISPLAY_CACHE, dicom_io.display(img, cfg.outputs.sc_max_size))
+    pipeline.save_display(tmp_path / "out" / pipeline.DISPLAY_CACHE, dicom_io.display(img))
     files = pipeline.build(big_film, pred, cfg, tmp_path / "out")
     sc = pydicom.dcmread(next(f for f in files if f.name.startswith("sc-")))
     assert (sc.Rows, sc.Columns) == (2048, 1654)
@@ -86,6 +86,10 @@ def test_big_film_gets_a_reduced_overlay_with_scaled_boxes(tmp_path, big_film):
     again = pipeline.build(big_film, pred, cfg, tmp_path / "nocache")
     sc2 = pydicom.dcmread(next(f for f in again if f.name.startswith("sc-")))
     assert np.array_equal(sc2.pixel_array, idx)
+    # a cache already reduced to the cap is used as it is
+    pipeline.save_display(tmp_path / "small" / pipeline.DISPLAY_CACHE, dicom_io.display(img, 2048))
+    third = pipeline.build(big_film, pred, cfg, tmp_path / "small")
+    assert np.array_equal(pydicom.dcmread(next(f for f in third if f.name.startswith("sc-"))).pixel_array, idx)
 
 
 def test_cap_zero_and_films_that_fit_keep_the_source_size(tmp_path, big_film):

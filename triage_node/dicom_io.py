@@ -319,13 +319,18 @@ def fit_size(rows: int, columns: int, max_size: int) -> tuple[int, int]:
 def display(img: np.ndarray, max_size: int = 0) -> np.ndarray:
     """uint8 rendering of a normalised image (for overlays and previews); with ``max_size``, an image whose longer
     side is larger is first reduced to fit (area average, aspect kept; :func:`fit_size`)."""
-    out = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-    rows, columns = fit_size(int(out.shape[0]), int(out.shape[1]), max_size)
-    if (rows, columns) != out.shape:  # 8-bit box filter: a quarter of the CPU of the same on floats
-        from PIL import Image
+    return reduce_display(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), max_size)
 
-        out = np.asarray(Image.fromarray(out).resize((columns, rows), Image.Resampling.BOX))
-    return out
+
+def reduce_display(display: np.ndarray, max_size: int) -> np.ndarray:
+    """A uint8 rendering reduced to fit ``max_size`` (:func:`fit_size`; 8-bit box filter, a quarter of the CPU of
+    the same on floats); returned as is when it fits."""
+    rows, columns = fit_size(int(display.shape[0]), int(display.shape[1]), max_size)
+    if (rows, columns) == display.shape:
+        return display
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(display)).resize((columns, rows), Image.Resampling.BOX))
 
 
 def is_display_of(shape: tuple[int, ...], rows: int, columns: int) -> bool:

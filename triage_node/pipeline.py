@@ -74,7 +74,7 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     if display_to is not None:
         try:
-            save_display(display_to, dicom_io.display(img, cfg.outputs.sc_max_size))
+            save_display(display_to, dicom_io.display(img))  # full size: the report worker reduces it
         except OSError as exc:  # only a cache: the report worker decodes the source instead
             log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
     t1 = time.perf_counter()
@@ -121,8 +121,12 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     cache = out_dir / DISPLAY_CACHE
     display = load_display(cache) if "sc" in outputs else None  # only the overlay needs pixels
     ds = dicom_io.read(path, header_only=display is not None or "sc" not in outputs)
-    # the overlay's size: the source's, or reduced to outputs.sc_max_size (a cache of another size is not used)
-    size = dicom_io.fit_size(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), cfg.outputs.sc_max_size)
+    # the overlay's size: the source's, or reduced to outputs.sc_max_size, here in the report worker (on a GPU node
+    # the infer worker is the one to keep lean); a cache of another size is not used
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    size = dicom_io.fit_size(rows, columns, cfg.outputs.sc_max_size)
+    if display is not None and display.shape == (rows, columns) != size:
+        display = dicom_io.reduce_display(display, cfg.outputs.sc_max_size)
     if "sc" in outputs and (display is None or display.shape != size):
         if display is not None:
             ds = dicom_io.read(path)
