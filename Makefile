@@ -1,6 +1,6 @@
 # make demo  : set everything up, start a demo PACS (Orthanc) + the node, route the sample CXRs through it
 # make test  : set everything up, lint, and run the whole test suite (real Redis, Orthanc, DCMTK, Celery processes)
-# make lint  : ruff and mypy (config in pyproject.toml) on triage_node/ and workers/
+# make lint  : ruff on triage_node/ workers/ tests/ bench/, mypy on triage_node/ and workers/ (config in pyproject.toml)
 # make images       : build the container images here (no registry; cached by input hash)
 # make compose-demo : the node in containers (deploy/compose.yaml) beside a containerised Orthanc, samples routed
 # make compose-down : stop it (VOLUMES=1 also drops its volumes)
