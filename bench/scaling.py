@@ -70,6 +70,8 @@ def c_store_all(port: int, datasets, assocs: int) -> list[int]:
     errors: list[str] = []
     lock = threading.Lock()
 
+    from triage_node.transport.scu import guard_responses
+
     def one(part) -> None:
         ae = AE(ae_title="BENCHSCU")
         for sop, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in part}):
@@ -78,6 +80,7 @@ def c_store_all(port: int, datasets, assocs: int) -> list[int]:
         if not assoc.is_established:
             errors.append("association refused by the node")
             return
+        guard_responses(assoc)  # pynetdicom's requestor race (triage_node/transport/scu.py)
         try:
             got = [int(assoc.send_c_store(d).Status) for d in part]
         finally:

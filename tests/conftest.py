@@ -189,11 +189,14 @@ def c_store(port: int, datasets: list[pydicom.Dataset], calling: str = "TESTSCU"
     """Send datasets over one real association; returns the status of each C-STORE."""
     from pynetdicom import AE
 
+    from triage_node.transport.scu import guard_responses
+
     ae = AE(ae_title=calling)
     for sop, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
         ae.add_requested_context(sop, [ts])
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association refused"
+    guard_responses(assoc)  # pynetdicom's requestor could lose a response to its own loop (transport/scu.py)
     try:
         return [int(assoc.send_c_store(d).Status) for d in datasets]
     finally:
