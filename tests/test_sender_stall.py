@@ -46,12 +46,12 @@ def empty_pool():
 class _Scp:
     """A bare pynetdicom Storage SCP; ``withhold`` requests get no response until their association is aborted."""
 
-    def __init__(self, sop_class: str, transfer_syntax: str, withhold: int = 0) -> None:
-        self.withhold = withhold
+    def __init__(self, sop_class: str, transfer_syntax: str, withhold: int = 0, refuse_after: bool = False) -> None:
+        self.withhold, self.refuse_after = withhold, refuse_after
         self.requests: list[tuple[int, str]] = []  # (id of the association, SOP Instance UID)
         self.stored: dict[str, int] = {}  # SOP Instance UID -> times stored and answered
         self.lock = threading.Lock()
-        ae = AE(ae_title="PACS")
+        ae = self.ae = AE(ae_title="PACS")
         ae.add_supported_context(sop_class, [transfer_syntax])
         ae.network_timeout = 60
         self.server = ae.start_server(("127.0.0.1", 0), block=False,
@@ -65,6 +65,8 @@ class _Scp:
             withheld = self.withhold > 0
             self.withhold -= withheld
         if withheld:  # the peer that never answers: hold the response until the sender gives the association up
+            if self.refuse_after:  # ... and reject every association from now on
+                self.ae.require_calling_aet = ["NOBODY"]
             deadline = time.monotonic() + 60
             while event.assoc.is_established and not event.assoc.is_aborted and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -223,6 +225,26 @@ def test_a_peer_that_never_answers_fails_into_the_task_retry_after_one_resend(in
         scp.close()
     assert failed.value.retryable and "within 1 s, twice" in str(failed.value)
     assert len(scp.requests) == 2 and not scp.stored
+
+
+def test_a_refused_reconnect_is_no_resend(instance, tmp_path, caplog):
+    """The stall is logged at once, but ``send_resent`` is recorded only once the new association is open: a peer
+    that then refuses it fails the send into the task's retry (audited there), with no resend counted."""
+    meta = pydicom.filereader.read_file_meta_info(instance)
+    scp = _Scp(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID), withhold=1, refuse_after=True)
+    audit_path = tmp_path / "audit.jsonl"
+    senders.set_audit(Audit(audit_path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="triage_node.transport.senders"), \
+                pytest.raises(senders.SendFailed) as failed:
+            CStoreSender(_dest(scp.port, dimse_timeout=1.0)).send([instance])
+    finally:
+        senders.set_audit(None)
+        scp.close()
+    assert failed.value.retryable
+    assert any("no C-STORE response" in r.getMessage() for r in caplog.records)
+    assert not audit_path.exists() or "send_resent" not in audit_path.read_text()
+    assert len(scp.requests) == 1 and not scp.stored
 
 
 def test_timeouts_must_be_positive():

@@ -104,9 +104,13 @@ class CStoreSender:
         sent: list[str] = []
         resent = False
         fresh = False
+        pending: dict | None = None  # the stall to record once the resend's association is open
         while True:
             if fresh:
                 assoc, reused = self._associate(wanted), False
+                if pending is not None:
+                    _record_resent(**pending)
+                    pending = None
             else:
                 assoc, reused = POOL.get(key, lambda: self._associate(wanted))
             try:
@@ -116,7 +120,7 @@ class CStoreSender:
                 POOL.discard(assoc)
                 if lost.stalled and not resent:
                     resent = fresh = True
-                    self._stalled(lost, reused)
+                    pending = self._stalled(lost, reused)
                     continue
                 if reused and not lost.stalled:
                     log.info("%s: pooled association lost, sending again on a new one", self.name)
@@ -135,13 +139,15 @@ class CStoreSender:
             POOL.put(key, assoc)
             return sent
 
-    def _stalled(self, lost: _NoResponse, reused: bool) -> None:
+    def _stalled(self, lost: _NoResponse, reused: bool) -> dict:
+        """Log the stall now (UIDs only); return the audit fields, recorded once the resend's association is open
+        (a refused reconnect is no resend: it fails into the task's retry, audited there)."""
         sop_class, sop_instance = lost.what or ("", "")
         log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s association); aborted "
                     "it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
                     sop_class, "pooled" if reused else "new")
-        _record_resent(destination=self.name, sent_uid=sop_instance, sop_class_uid=sop_class,
-                       dimse_timeout_s=self.dest.dimse_timeout, reused_association=reused)
+        return {"destination": self.name, "sent_uid": sop_instance, "sop_class_uid": sop_class,
+                "dimse_timeout_s": self.dest.dimse_timeout, "reused_association": reused}
 
     def _associate(self, wanted: tuple[tuple[str, str], ...]):
         from pynetdicom import AE
