@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -28,6 +29,21 @@ def shared_data(*parts: str) -> Path:
     if not p.exists():
         pytest.fail(f"shared data missing: {p} (clone the project beside ../shared or set TRIAGE_SHARED_DATA)")
     return p
+
+
+def nih_subset_csv(tmp_path: Path, n: int = 24) -> Path:
+    """A labels CSV over the first n/2 positive and n/2 negative shared NIH adult films (paths absolute)."""
+    src = shared_data("nih_adult", "labels.csv")
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
+    out = tmp_path / "labels.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in pick:
+            w.writerow(r | {"path": str(src.parent / r["path"])})
+    return out
 
 
 def require(*binaries: str) -> None:

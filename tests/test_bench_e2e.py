@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-try:
-    from tests.conftest import require
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from conftest import require
+# tests/ is not a package: pytest puts it on sys.path
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 

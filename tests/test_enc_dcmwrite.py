@@ -14,15 +14,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import BOXES, RSNA, display_of, prediction, roundtrip, synthetic_xray
+
 from triage_node import dicom_io
 from triage_node.encoding import dcmwrite
 from triage_node.encoding.results import build_results
 from triage_node.encoding.sc import SC_ENCODINGS
-
-try:
-    from tests.test_enc_common import BOXES, RSNA, display_of, prediction, roundtrip, synthetic_xray
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import BOXES, RSNA, display_of, prediction, roundtrip, synthetic_xray
 
 
 def _pydicom_bytes(ds: Dataset) -> bytes:

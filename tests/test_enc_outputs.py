@@ -7,40 +7,26 @@ import numpy as np
 import pydicom
 import pytest
 
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import (
+    BOXES,
+    MODEL,
+    RSNA,
+    dciodvfy,
+    dcmpschk,
+    display_of,
+    dsrdump,
+    prediction,
+    roundtrip,
+    synthetic_xray,
+    write,
+)
+
 from triage_node.encoding import OUTPUT_MANUFACTURER, build_results, derive_uid, is_own_output
 from triage_node.encoding.pr import build_gsps
 from triage_node.encoding.sc import build_overlay
 from triage_node.encoding.sr import build_sr
 from triage_node.inference.types import Detection, ModelInfo
-
-try:
-    from tests.test_enc_common import (
-        BOXES,
-        MODEL,
-        RSNA,
-        dciodvfy,
-        dcmpschk,
-        display_of,
-        dsrdump,
-        prediction,
-        roundtrip,
-        synthetic_xray,
-        write,
-    )
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import (
-        BOXES,
-        MODEL,
-        RSNA,
-        dciodvfy,
-        dcmpschk,
-        display_of,
-        dsrdump,
-        prediction,
-        roundtrip,
-        synthetic_xray,
-        write,
-    )
 
 SOURCES = [pytest.param(("rsna", p), id=f"rsna-{p.stem[:8]}") for p in RSNA] + [
     pytest.param(("dx", False), id="dx-16bit"),

@@ -14,17 +14,15 @@ import numpy as np
 import pydicom
 import pytest
 
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import BOXES, RSNA, prediction, synthetic_xray
+
 from triage_node import config, dicom_io, pipeline
 from triage_node.config import Destination
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.sr import build_sr
 from triage_node.transport.pool import POOL
 from triage_node.transport.senders import CStoreSender
-
-try:
-    from tests.test_enc_common import BOXES, RSNA, prediction, synthetic_xray
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import BOXES, RSNA, prediction, synthetic_xray
 
 #: Set at construction time (highdicom stamps "now"; also each Contribution DateTime): not part of what a shortcut
 #: may change.

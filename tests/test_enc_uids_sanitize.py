@@ -6,12 +6,10 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from triage_node.encoding import clean_source, derive_uid, is_own_output, model_device_uid
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import RSNA, synthetic_xray
 
-try:
-    from tests.test_enc_common import RSNA, synthetic_xray
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import RSNA, synthetic_xray
+from triage_node.encoding import clean_source, derive_uid, is_own_output, model_device_uid
 
 SRC = "1.2.276.0.7230010.3.1.4.8323329.26024.1517874469.23011"
 KINDS = ("sr", "sc", "gsps", "sr-series", "sc-series", "gsps-series")

@@ -27,12 +27,9 @@ from triage_node.spool import Spool
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oddities"))
 from make_corpus import make_corpus
 
-try:
-    from tests.test_enc_common import dciodvfy, prediction
-    from tests.test_web import metrics, total
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import dciodvfy, prediction
-    from test_web import metrics, total
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import dciodvfy, prediction
+from test_web import metrics, total
 
 REPORT_TASK = "triage.report"
 

@@ -20,10 +20,8 @@ from triage_node import dicom_io
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oddities"))
 from make_corpus import CASES, make_corpus
 
-try:
-    from tests.test_enc_common import dciodvfy
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import dciodvfy
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import dciodvfy
 
 TERMINAL = ("sent", "skipped", "dead_lettered")
 SAME = [name for name in CASES if name not in ("lateral_view", "bits_allocated_32")]

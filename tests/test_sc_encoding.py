@@ -11,14 +11,12 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
+# tests/ is not a package: pytest puts it on sys.path
+from test_enc_common import RSNA, dciodvfy, display_of, prediction, synthetic_xray, write
+
 from triage_node.config import Destination, OutputConfig
 from triage_node.encoding.sc import SC_ENCODINGS, build_overlay, render_overlay
 from triage_node.transport.senders import CStoreSender
-
-try:
-    from tests.test_enc_common import RSNA, dciodvfy, display_of, prediction, synthetic_xray, write
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from test_enc_common import RSNA, dciodvfy, display_of, prediction, synthetic_xray, write
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 DCMTK_DECODER = {"jpeg-ls-palette": "dcmdjpls", "jpeg-ls": "dcmdjpls", "rle-palette": "dcmdrle", "rle": "dcmdrle",

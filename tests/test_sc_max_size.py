@@ -4,34 +4,28 @@ keeps source coordinates; a film that fits, or a cap of 0, keeps the source's si
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from conftest import SAMPLES, require
-from PIL import Image
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from triage_node import config, dicom_io, pipeline
 from triage_node.encoding.sc import _BOX_INDEX
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
+ROOT = Path(__file__).resolve().parent.parent
 ROWS, COLS = 2600, 2100  # a DX-sized film, 12 bits stored, uncompressed
 
 
 @pytest.fixture(scope="module")
 def big_film(tmp_path_factory):
-    ds = pydicom.dcmread(SAMPLES[0])
-    small = ds.pixel_array.astype(np.float32)
-    big = np.asarray(Image.fromarray(small).resize((COLS, ROWS), Image.Resampling.BILINEAR))
-    big = np.clip(big / 255 * 4095, 0, 4095).astype(np.uint16)
-    ds.PixelData = big.tobytes()
-    ds.Rows, ds.Columns = big.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    """A DX-sized copy of a real sample, written by the stage benchmark's own generator."""
     path = tmp_path_factory.mktemp("big") / "big.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "big_film.py"), str(path), "--source", str(SAMPLES[0]),
+                    "--rows", str(ROWS), "--columns", str(COLS)], check=True, capture_output=True, timeout=120)
     return path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import nih_subset_csv, shared_data
 
 from triage_node.inference.classifier import boxes_from_cam, build_classifier
 from triage_node.inference.gate import roc_auc
@@ -21,21 +21,6 @@ from triage_node.training import evaluate as E
 from triage_node.training import images as I
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _subset_csv(tmp_path: Path, n: int = 24) -> Path:
-    """A labels CSV over the first n/2 positive and n/2 negative shared NIH films (paths absolute)."""
-    src = shared_data("nih_adult", "labels.csv")
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
-    out = tmp_path / "labels.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in pick:
-            w.writerow(r | {"path": str(src.parent / r["path"])})
-    return out
 
 
 def test_group_split_never_leaks_a_patient_and_holds_out_boxed():
@@ -56,7 +41,7 @@ def test_group_split_never_leaks_a_patient_and_holds_out_boxed():
 
 
 def test_a_few_steps_on_real_films_lower_the_loss_and_beat_untrained(tmp_path):
-    src = I.load_images(I.read_source(str(_subset_csv(tmp_path, 24))), 64, tmp_path / "cache", progress=False)
+    src = I.load_images(I.read_source(str(nih_subset_csv(tmp_path, 24))), 64, tmp_path / "cache", progress=False)
     torch.manual_seed(0)
     untrained = build_classifier("resnet18")
     base = roc_auc(src.labels, CT.predict_probs(untrained, src.images))
@@ -159,7 +144,7 @@ def test_threshold_for_sensitivity_is_the_highest_that_keeps_it():
 
 
 def test_train_cli_writes_a_package_that_loads_evaluates_and_resumes(tmp_path):
-    labels = _subset_csv(tmp_path, 24)
+    labels = nih_subset_csv(tmp_path, 24)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     out, ck = tmp_path / "pkg", tmp_path / "ck"
     base = [sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(labels), "--size", "64",

@@ -1,6 +1,5 @@
 """k-fold cross-validation of the classifier (train --cv, cv-report) on real NIH films."""
 
-import csv
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import nih_subset_csv, shared_data
 
 from triage_node.training import classifier_train as CT
 from triage_node.training import cv_report as CV
@@ -96,22 +95,8 @@ def test_cv_report_rule_on_a_hand_worked_case(tmp_path):
     assert alone["folds_present"] == [0] and "only folds [0] of 2" in alone["warnings"][0]
 
 
-def _subset_csv(tmp_path: Path, n: int = 24) -> Path:
-    src = shared_data("nih_adult", "labels.csv")
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
-    out = tmp_path / "labels.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in pick:
-            w.writerow(r | {"path": str(src.parent / r["path"])})
-    return out
-
-
 def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
-    labels = _subset_csv(tmp_path, 24)
+    labels = nih_subset_csv(tmp_path, 24)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(labels), "--size", "64",
             "--batch-size", "8", "--val-frac", "0.25", "--test-frac", "0.25", "--cache-dir", str(tmp_path / "cache"),
