@@ -95,6 +95,18 @@ def test_cv_report_rule_on_a_hand_worked_case(tmp_path):
     assert alone["folds_present"] == [0] and "only folds [0] of 2" in alone["warnings"][0]
 
 
+def test_cv_report_compare_is_paired_on_the_same_films():
+    labels = {"a": 1, "b": 0, "c": 1, "d": 0}
+    better = {"out_of_fold": {"a": 0.9, "b": 0.1, "c": 0.8, "d": 0.2}, "runs": ["x"], "chosen_epoch": 3}
+    worse = {"out_of_fold": {"a": 0.9, "b": 0.95, "c": 0.8, "d": 0.2}, "runs": ["y"], "chosen_epoch": 5}
+    d = CV.compare(better, worse, labels)
+    # AUC 1.0 vs 0.5 (b beats both positives in "worse"): +0.5, reported against the other's epoch
+    assert d["difference"] == pytest.approx(0.5) and d["n"] == 4 and d["other_chosen_epoch"] == 5
+    assert CV.compare(worse, better, labels)["difference"] == pytest.approx(-0.5)
+    assert CV.compare(better, better, labels)["difference"] == 0.0
+    with pytest.raises(SystemExit, match="different films"):
+        CV.compare(better, {"out_of_fold": {"a": 0.9, "b": 0.1, "c": 0.8}}, labels)
+
 def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     labels = nih_subset_csv(tmp_path, 24)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
@@ -133,6 +145,13 @@ def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["at_chosen_epoch"]["n"] == len(set(splits[0]["train"]) | set(splits[0]["val"]))
     assert set(rep["out_of_fold"]) == set(splits[0]["val"]) | set(splits[1]["val"])
+    # the same folds compared with themselves through the CLI: a paired difference of exactly 0
+    r = subprocess.run([sys.executable, "-m", "triage_node.cli", "cv-report", *runs, "--image-labels", str(labels),
+                        "--out", str(tmp_path / "cv2.json"), "--compare", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0 and "paired difference against" in r.stdout, r.stderr[-3000:]
+    cmp = json.loads((tmp_path / "cv2.json").read_text())["compared"]
+    assert cmp["difference"] == 0.0 and cmp["n"] == rep["at_chosen_epoch"]["n"] and cmp["report"] == str(out)
     t, e = rep["operating_point"]["threshold"], rep["chosen_epoch"]
     pkg = tmp_path / "pkg"
     r = run("--cv", "2:all", "--threshold", str(t), "--stop-epoch", str(e), "--checkpoint-dir",

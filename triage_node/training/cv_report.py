@@ -29,7 +29,7 @@ import numpy as np
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
 from triage_node.training.classifier_train import operating_point, parse_cv, threshold_for_sensitivity
-from triage_node.training.evaluate import bootstrap_auc
+from triage_node.training.evaluate import bootstrap_auc, paired_auc_difference
 
 
 def read_fold(run: Path) -> dict:
@@ -137,6 +137,19 @@ def _yp(folds: list[dict], epochs: list[int], labels: dict[str, int]) -> tuple[n
     return np.array([labels[k] for k in keys]), p
 
 
+def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0) -> dict:
+    """This report's out-of-fold AUC minus another's, each at its chosen epoch, on the same films (paired
+    bootstrap). Both must cover the same films: two recipes cross-validated on one pool with the same folds."""
+    mine, theirs = rep["out_of_fold"], other["out_of_fold"]
+    if set(mine) != set(theirs):
+        raise SystemExit(f"--compare: the two cross-validations scored different films ({len(set(mine) ^ set(theirs))} "
+                         "differ): not the same pool")
+    keys = sorted(mine)
+    y = np.array([labels[k] for k in keys])
+    d = paired_auc_difference(y, np.array([mine[k] for k in keys]), np.array([theirs[k] for k in keys]), seed=seed)
+    return d | {"other_runs": other.get("runs"), "other_chosen_epoch": other.get("chosen_epoch")}
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pool k-fold cross-validation runs: out-of-fold AUC, epoch, threshold",
                                 add_help=add_help)
@@ -145,6 +158,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", type=Path, default=Path("var/cv/report.json"))
+    p.add_argument("--compare", type=Path, metavar="REPORT",
+                   help="another cv-report's report.json on the same pool: paired AUC difference (this - that)")
     return p
 
 
@@ -154,6 +169,9 @@ def main(args: argparse.Namespace) -> int:
     views = {k: v for k, v in zip(src.keys, src.views) if v}
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
     rep = report(folds, labels, views, args.target_sensitivity, args.seed)
+    if args.compare:
+        rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed) | {
+            "report": str(args.compare)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1, default=float) + "\n")
     for c in rep["curve"]:
@@ -168,6 +186,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.3f} specificity {op['specificity']:.3f}")
     b = rep["at_each_folds_best_epoch"]
     print(f"at each fold's best epoch {b['epochs']}: AUC {b['auc']:.3f} (optimistic: early stopping on these films)")
+    if "compared" in rep:
+        c = rep["compared"]
+        print(f"paired difference against {c['report']} (epoch {c['other_chosen_epoch']}): AUC "
+              f"{c['difference']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] over {c['n']} films")
     print(f"wrote {args.out}")
     return 0
 
