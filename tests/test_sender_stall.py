@@ -18,6 +18,7 @@ from pynetdicom import AE, evt
 from triage_node.audit import Audit
 from triage_node.config import Destination
 from triage_node.transport import senders
+from triage_node.transport.flags import ResultContext
 from triage_node.transport.pool import POOL
 from triage_node.transport.scu import guard_of
 from triage_node.transport.senders import CStoreSender
@@ -189,10 +190,13 @@ def test_a_stalled_cstore_is_resent_once_on_a_new_association_within_the_dimse_t
     audit_path = tmp_path / "audit.jsonl"
     senders.set_audit(Audit(audit_path))
     dimse_timeout = 2.0
+    # the sender reads only the identifiers of the result's context (which source image it belongs to)
+    source, study = generate_uid(), generate_uid()
+    context = ResultContext(None, study, source, "ACC", patient)  # type: ignore[arg-type]
     try:
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="triage_node.transport.senders"):
-            sent = CStoreSender(_dest(scp.port, timeout=30.0, dimse_timeout=dimse_timeout)).send([instance])
+            sent = CStoreSender(_dest(scp.port, timeout=30.0, dimse_timeout=dimse_timeout)).send([instance], context)
         elapsed = time.monotonic() - t0
     finally:
         senders.set_audit(None)
@@ -207,6 +211,9 @@ def test_a_stalled_cstore_is_resent_once_on_a_new_association_within_the_dimse_t
     lines = [json.loads(x) for x in audit_path.read_text().splitlines()]
     assert [x["event"] for x in lines] == ["send_resent"]
     assert lines[0]["sent_uid"] == uid and lines[0]["destination"] == "pacs"
+    # the source image and its study are named as in every other per-image event; the result's size too
+    assert lines[0]["sop_instance_uid"] == source and lines[0]["study_instance_uid"] == study
+    assert lines[0]["bytes"] == Path(instance).stat().st_size and str(lines[0]["bytes"]) in warnings[0]
     assert patient not in audit_path.read_text()
     family = next(f for f in NodeCollector(AuditState(audit_path), probes=None).collect()  # type: ignore[arg-type]
                   if f.name == "triage_send_resent")
@@ -224,6 +231,9 @@ def test_a_peer_that_never_answers_fails_into_the_task_retry_after_one_resend(in
         senders.set_audit(None)
         scp.close()
     assert failed.value.retryable and "within 1 s, twice" in str(failed.value)
+    # the reason says what to change when the link, not the peer, is slow
+    mb = f"{Path(instance).stat().st_size / 1e6:.1f} MB"
+    assert mb in str(failed.value) and "raise dimse_timeout" in str(failed.value)
     assert len(scp.requests) == 2 and not scp.stored
 
 

@@ -120,14 +120,15 @@ class CStoreSender:
                 POOL.discard(assoc)
                 if lost.stalled and not resent:
                     resent = fresh = True
-                    pending = self._stalled(lost, reused)
+                    pending = self._stalled(lost, reused, context, metas)
                     continue
                 if reused and not lost.stalled:
                     log.info("%s: pooled association lost, sending again on a new one", self.name)
                     continue
                 if lost.stalled:
                     raise SendFailed(f"{self.name}: no C-STORE response within {self.dest.dimse_timeout:g} s, "
-                                     "twice (resent once on a new association)", retryable=True) from None
+                                     f"twice (resent once on a new association); {_size_hint(lost, metas)}",
+                                     retryable=True) from None
                 raise SendFailed(f"{self.name}: no C-STORE response (association aborted or closed)",
                                  retryable=True) from None
             except SendFailed:
@@ -139,15 +140,23 @@ class CStoreSender:
             POOL.put(key, assoc)
             return sent
 
-    def _stalled(self, lost: _NoResponse, reused: bool) -> dict:
+    def _stalled(self, lost: _NoResponse, reused: bool, context: ResultContext | None,
+                 metas: Sequence[tuple[Path, Dataset]]) -> dict:
         """Log the stall now (UIDs only); return the audit fields, recorded once the resend's association is open
-        (a refused reconnect is no resend: it fails into the task's retry, audited there)."""
+        (a refused reconnect is no resend: it fails into the task's retry, audited there). The fields name the
+        source image (``sop_instance_uid``, as every other per-image audit event does) besides the result that
+        went unanswered (``sent_uid``), and the result's size: the wait includes its transfer."""
         sop_class, sop_instance = lost.what or ("", "")
-        log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s association); aborted "
-                    "it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
-                    sop_class, "pooled" if reused else "new")
-        return {"destination": self.name, "sent_uid": sop_instance, "sop_class_uid": sop_class,
-                "dimse_timeout_s": self.dest.dimse_timeout, "reused_association": reused}
+        size = _size_of(lost, metas)
+        log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s bytes, %s association); "
+                    "aborted it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
+                    sop_class, size if size is not None else "?", "pooled" if reused else "new")
+        fields = {"destination": self.name, "sent_uid": sop_instance, "sop_class_uid": sop_class, "bytes": size,
+                  "dimse_timeout_s": self.dest.dimse_timeout, "reused_association": reused}
+        if context is not None:
+            fields = {"sop_instance_uid": context.source_sop_instance_uid,
+                      "study_instance_uid": context.study_instance_uid} | fields
+        return fields
 
     def _associate(self, wanted: tuple[tuple[str, str], ...]):
         from pynetdicom import AE
@@ -194,6 +203,27 @@ class CStoreSender:
             retryable = (code & 0xFF00) == 0xA700
             raise SendFailed(f"{self.name}: C-STORE status 0x{code:04X}", retryable=retryable)
         return sent
+
+
+def _size_of(lost: _NoResponse, metas: Sequence[tuple[Path, Dataset]]) -> int | None:
+    """Bytes on disk of the result that went unanswered (None if unknown)."""
+    uid = lost.what[1] if lost.what else None
+    for path, meta in metas:
+        if str(meta.MediaStorageSOPInstanceUID) == uid:
+            try:
+                return path.stat().st_size
+            except OSError:
+                return None
+    return None
+
+
+def _size_hint(lost: _NoResponse, metas: Sequence[tuple[Path, Dataset]]) -> str:
+    """The reason's second half: the DIMSE timeout covers sending the object too, so a slow link or a large object
+    needs a longer one (the default is 10 s)."""
+    size = _size_of(lost, metas)
+    what = f"the object is {size / 1e6:.1f} MB" if size is not None else "the object's size is unknown"
+    return (f"{what} and dimse_timeout includes its transfer: on a slow link raise dimse_timeout of this "
+            "destination, else the peer is not answering")
 
 
 def _for_peer(ds: Dataset, accepted: set[tuple[str, str]]) -> Dataset:
