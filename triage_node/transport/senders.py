@@ -141,7 +141,7 @@ class CStoreSender:
             return sent
 
     def _stalled(self, lost: _NoResponse, reused: bool, context: ResultContext | None,
-                 metas: Sequence[tuple[Path, Dataset]]) -> dict:
+                 metas: Sequence[tuple[Path, Dataset]]) -> dict[str, object]:
         """Log the stall now (UIDs only); return the audit fields, recorded once the resend's association is open
         (a refused reconnect is no resend: it fails into the task's retry, audited there). The fields name the
         source image (``sop_instance_uid``, as every other per-image audit event does) besides the result that
@@ -151,11 +151,12 @@ class CStoreSender:
         log.warning("%s: no C-STORE response within %g s (SOP Instance %s, SOP Class %s, %s bytes, %s association); "
                     "aborted it, resending on a new association", self.name, self.dest.dimse_timeout, sop_instance,
                     sop_class, size if size is not None else "?", "pooled" if reused else "new")
-        fields = {"destination": self.name, "sent_uid": sop_instance, "sop_class_uid": sop_class, "bytes": size,
-                  "dimse_timeout_s": self.dest.dimse_timeout, "reused_association": reused}
+        fields: dict[str, object] = {}
         if context is not None:
-            fields = {"sop_instance_uid": context.source_sop_instance_uid,
-                      "study_instance_uid": context.study_instance_uid} | fields
+            fields.update(sop_instance_uid=context.source_sop_instance_uid,
+                          study_instance_uid=context.study_instance_uid)
+        fields.update(destination=self.name, sent_uid=sop_instance, sop_class_uid=sop_class, bytes=size,
+                      dimse_timeout_s=self.dest.dimse_timeout, reused_association=reused)
         return fields
 
     def _associate(self, wanted: tuple[tuple[str, str], ...]):
