@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--source", type=Path, help="an 8-bit DICOM film (default: the first shared RSNA sample)")
     ap.add_argument("--rows", type=int, default=2832)
     ap.add_argument("--columns", type=int, default=2328)
+    ap.add_argument("--dx-header", action="store_true",
+                    help="also a rescale and a window in the header, as DR/CR vendors write them (the decode then "
+                         "applies the Modality and VOI LUTs)")
     args = ap.parse_args()
     src = args.source or sorted(RSNA.glob("*.dcm"))[0]
     ds = pydicom.dcmread(src)
@@ -37,11 +40,16 @@ def main() -> None:
     ds.PixelData = big.tobytes()
     ds.Rows, ds.Columns = big.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if args.dx_header:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
+        ds.WindowCenter, ds.WindowWidth = 2047, 4096
+        ds.VOILUTFunction = "LINEAR"
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(args.out, enforce_file_format=True)
-    print(f"wrote {args.out}: {args.rows} x {args.columns}, 12 bits, from {src.name}")
+    print(f"wrote {args.out}: {args.rows} x {args.columns}, 12 bits{', rescale + window' if args.dx_header else ''}, "
+          f"from {src.name}")
 
 
 if __name__ == "__main__":

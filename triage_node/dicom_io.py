@@ -9,6 +9,7 @@ organisation, and cover the syntaxes the receiver accepts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -132,14 +133,22 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     # inverted data that way); MONOCHROME1 + INVERSE is the DX IOD's own spelling of MONOCHROME1 (one inversion).
     invert = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
     voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-    if arr is raw and raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2 and not voi:
-        return _window_by_table(raw, padding, invert)  # most CR/DX: stored values straight to the window
-    if voi:
-        try:
-            arr = apply_voi_lut(arr, ds, prefer_lut=True)
-        except Exception:  # a broken VOI LUT: fall back to the percentile window below
-            log.warning("VOI LUT of %s unusable, percentile window used", ds.get("SOPInstanceUID", "?"))
-    return _window_by_percentile(np.asarray(arr, dtype=np.float32), padding, invert)
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2:  # every CR/DX: one table over the stored values
+        if arr is raw and not voi:
+            return _window_by_table(raw, padding, invert)
+        return _window_by_table(raw, padding, invert, lambda values: _voi(_modality_lut(values, ds), ds, voi))
+    return _window_by_percentile(np.asarray(_voi(arr, ds, voi), dtype=np.float32), padding, invert)
+
+
+def _voi(arr: np.ndarray, ds: Dataset, voi: bool) -> np.ndarray:
+    """pydicom's VOI LUT / window when the file has one; a broken one is skipped (the percentile window decides)."""
+    if not voi:
+        return arr
+    try:
+        return apply_voi_lut(arr, ds, prefer_lut=True)
+    except Exception:
+        log.warning("VOI LUT of %s unusable, percentile window used", ds.get("SOPInstanceUID", "?"))
+        return arr
 
 
 def _window_by_percentile(arr: np.ndarray, padding: np.ndarray | None, invert: bool) -> np.ndarray:
@@ -174,35 +183,53 @@ def _decode(ds: Dataset) -> np.ndarray:
     return ds.pixel_array
 
 
-def _window_by_table(raw: np.ndarray, padding: np.ndarray | None, invert: bool) -> np.ndarray:
+def _window_by_table(raw: np.ndarray, padding: np.ndarray | None, invert: bool,
+                     mapping: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The 0.5-99.5 percentile window of integer stored values through a lookup table: what
     ``_window_by_percentile`` computes (np.percentile's linear interpolation, the same clip, the same inversion),
-    from a histogram of the values instead of a sort of a float copy, and one table look-up per pixel (~4x less CPU
-    on a CXR)."""
+    from a histogram of the stored values instead of a sort of a float copy, and one table look-up per pixel.
+
+    ``mapping`` is what the general path applies to the stored values before that window (the Modality LUT or
+    rescale, then the VOI LUT or window: pydicom's functions, all per pixel). It is evaluated once per stored value
+    (at most 65,536 of them) instead of once per pixel, and the window's percentiles are order statistics of the
+    mapped values weighted by the histogram, so the result equals the general path's bit for bit (tests): ~4x less
+    CPU on a 2832 x 2328 DX film with a rescale and a window."""
     base = int(raw.min())
-    idx = raw.astype(np.intp) - base if base else raw
+    idx = (raw.astype(np.int32) - base) if base else raw  # >= 0, for bincount and the look-up
     size = int(raw.max()) - base + 1  # the table covers padding values too (they are set to 0 after)
     counts = np.bincount((idx if padding is None else idx[~padding]).ravel(), minlength=size)
     n = int(counts.sum())
     if n == 0:
         return np.zeros(raw.shape, np.float32)
-    cum = np.cumsum(counts)
+    if mapping is None:  # the identity: the values ascend with the index
+        values = np.arange(base, base + size, dtype=np.float32)
+        order = None
+        cum = np.cumsum(counts)
+    else:
+        stored = np.arange(base, base + size, dtype=np.int64).astype(raw.dtype)
+        values = np.asarray(mapping(stored), dtype=np.float32)
+        if values.shape != stored.shape:
+            raise BadDataset(f"the pixel value mapping changed the shape ({stored.shape} -> {values.shape})")
+        order = np.argsort(values, kind="stable")
+        cum = np.cumsum(counts[order])
 
-    def order_stat(k: int) -> float:  # the k-th smallest value (0-based) of the non-padding pixels
-        return float(np.searchsorted(cum, k, side="right") + base)
+    def order_stat(k: int) -> np.float32:  # the k-th smallest mapped value (0-based) of the non-padding pixels
+        i = int(np.searchsorted(cum, k, side="right"))
+        return values[i if order is None else order[i]]
 
-    def percentile(q: float) -> float:  # numpy's "linear" method, including its two-sided lerp
+    def percentile(q: float) -> np.float64:  # numpy's "linear" method on a float32 array, dtypes included
         virtual = (n - 1) * q
         k = int(np.floor(virtual))
         a, b = order_stat(k), order_stat(min(k + 1, n - 1))
-        t = virtual - k
-        return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+        t = np.float64(virtual - k)
+        diff = b - a  # float32, as numpy's _lerp subtracts the two float32 neighbours
+        return np.float64(b) - diff * (1 - t) if t >= 0.5 else np.float64(a) + diff * t
 
-    lo, hi = percentile(0.005), percentile(0.995)
-    if hi <= lo:
-        nz = np.nonzero(counts)[0]
-        lo, hi = float(nz[0] + base), float(nz[-1] + base)
-    values = np.arange(base, base + len(counts), dtype=np.float64)
+    lo: float | np.float64 = percentile(0.005)
+    hi: float | np.float64 = percentile(0.995)
+    if hi <= lo:  # Python floats here, as the general path has them (float32 arithmetic below, not float64)
+        present = values[counts > 0]
+        lo, hi = float(present.min()), float(present.max())
     table = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
     if invert:
         table = 1.0 - table
