@@ -126,7 +126,6 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     if raw.ndim != 2 or raw.shape != (rows, cols):
         raise BadDataset(f"decoded shape {raw.shape} does not match {rows}x{cols}")
     padding = _padding(raw, ds)
-    arr = _modality_lut(raw, ds)  # integers stay integers for a VOI LUT Sequence (indices, not floats)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     # MONOCHROME1 is displayed inverted. So is MONOCHROME2 with Presentation LUT Shape INVERSE (CR/DX vendors store
@@ -134,9 +133,11 @@ def _pixels(ds: Dataset, max_pixels: int = 50_000_000) -> np.ndarray:
     invert = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
     voi = "WindowCenter" in ds or "VOILUTSequence" in ds
     if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2:  # every CR/DX: one table over the stored values
-        if arr is raw and not voi:
-            return _window_by_table(raw, padding, invert)
-        return _window_by_table(raw, padding, invert, lambda values: _voi(_modality_lut(values, ds), ds, voi))
+        # the LUTs run on the table's values only: over the whole image a rescale alone is a float64 copy of it
+        lut = voi or any(k in ds for k in ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept"))
+        mapping = (lambda values: _voi(_modality_lut(values, ds), ds, voi)) if lut else None
+        return _window_by_table(raw, padding, invert, mapping)
+    arr = _modality_lut(raw, ds)  # integers stay integers for a VOI LUT Sequence (indices, not floats)
     return _window_by_percentile(np.asarray(_voi(arr, ds, voi), dtype=np.float32), padding, invert)
 
 
