@@ -223,3 +223,36 @@ if [ "${CV3:-0}" = 1 ]; then
     --init var/pretrain-192/checkpoint.pt --lr 1e-3
   cv_recipe plain-ema var/cv-plain/report.json --lr 2e-3 --ema 0.98
 fi
+
+# 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
+#     at its cross-validated epoch and threshold, then everything step 9 evaluated, for the ship rule and the record:
+#     Kermany val (rule b), NIH test against 0.3.1 film for film, the localisation halves, Kermany test, RSNA 10.
+#     e.g. FINAL=ema RECIPE="--image-labels $KER/labels.csv:0.3 --init var/pretrain-192/checkpoint.pt --lr 1e-3 \
+#          --ema 0.98" MAIN=0 bash scripts/train_demo.sh
+if [ -n "${FINAL:-}" ]; then
+  REP=var/cv-$FINAL/report.json
+  E=$($PY -c "import json; print(json.load(open('$REP'))['chosen_epoch'])")
+  T=$($PY -c "import json; print(json.load(open('$REP'))['operating_point']['threshold'])")
+  # shellcheck disable=SC2086  # RECIPE is a list of arguments
+  $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" ${RECIPE:-} --boxes "$NIH/boxes.csv" --holdout-boxed \
+    --epochs 16 --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "var/cv-$FINAL/final" \
+    --out "var/cv-$FINAL/pkg" --version "0.4.0-$FINAL-demo" --size 192 "${COMMON[@]}"
+  PKG=var/cv-$FINAL/pkg
+  # Kermany's groups as every seed-0 run splits them (a recipe without Kermany has no Kermany split of its own)
+  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:val \
+    --threads 2 --out "var/eval/$FINAL-kermany-val"
+  for side in val test; do
+    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || $PY -m triage_node.cli evaluate --model models/demo \
+      --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --split "models/demo/split.json:$side" \
+      --loc-subset scripts/loc_split.json:dev_images --loc-subset scripts/loc_split.json:test_images --threads 2 \
+      --out "var/eval/0.3.1-nih-$side"
+    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
+      --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
+      --loc-subset scripts/loc_split.json:test_images --threads 2 --compare "var/eval/0.3.1-nih-$side" \
+      --out "var/eval/$FINAL-nih-$side"
+  done
+  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:test \
+    --threads 2 --out "var/eval/$FINAL-kermany-test"
+  $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
+    --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out "var/eval/$FINAL-rsna10"
+fi
