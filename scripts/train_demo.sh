@@ -219,9 +219,9 @@ fi
 #     ships if its Kermany *val* accuracy at its threshold >= 0.928. Picking the best of four on the same
 #     out-of-fold scores makes that AUC slightly optimistic; the paired differences say how much the four differ.
 if [ "${CV3:-0}" = 1 ]; then
+  cv_recipe plain-ema var/cv-plain/report.json --lr 2e-3 --ema 0.98
   cv_recipe kermany-full var/cv-plain/report.json --image-labels "$KER/labels.csv:0.3" \
     --init var/pretrain-192/checkpoint.pt --lr 1e-3
-  cv_recipe plain-ema var/cv-plain/report.json --lr 2e-3 --ema 0.98
 fi
 
 # 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
