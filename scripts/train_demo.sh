@@ -16,8 +16,11 @@ NIH=$DATA/nih_adult
 KER=$DATA/kermany_224
 COMMON=(--batch-size 32 --threads 2 --seed 0 --no-progress)
 
+# PRETRAIN=0 skips step 1 (the plain recipes of steps 10-13 do not use it)
+if [ "${PRETRAIN:-1}" = 1 ]; then
 $PY -m triage_node.cli train --image-labels "$KER/labels.csv" --epochs 3 --max-minutes 24 --lr 2e-3 \
   --checkpoint-dir var/pretrain-192 --size 192 "${COMMON[@]}"
+fi
 
 # MAIN=0 skips steps 2-4 (e.g. `MAIN=0 CV=1 bash scripts/train_demo.sh` runs step 1, resumed if done, and step 9)
 if [ "${MAIN:-1}" = 1 ]; then
@@ -255,7 +258,7 @@ if [ -n "${FINAL:-}" ]; then
   T=$($PY -c "import json; print(json.load(open('$REP'))['operating_point']['threshold'])")
   # shellcheck disable=SC2086  # RECIPE is a list of arguments
   $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" ${RECIPE:-} --boxes "$NIH/boxes.csv" --holdout-boxed \
-    --epochs 16 --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "var/cv-$FINAL/final" \
+    --epochs "${EPOCHS:-16}" --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "var/cv-$FINAL/final" \
     --out "var/cv-$FINAL/pkg" --version "0.4.0-$FINAL-demo" --size 192 "${COMMON[@]}"
   PKG=var/cv-$FINAL/pkg
   # Kermany's groups as every seed-0 run splits them (a recipe without Kermany has no Kermany split of its own)
