@@ -36,7 +36,8 @@ def main(out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
         for i, f in enumerate(files):
             if cached:
-                pipeline.analyze(f, cfg, predict=lambda _im, i=i: preds[i], display_to=out / str(i) / "display.npy")
+                pipeline.analyze(f, cfg, predict=lambda _im, _age, i=i: preds[i],
+                                 display_to=out / str(i) / "display.npy")
 
     def run() -> None:
         for i, (f, p) in enumerate(zip(files, preds)):

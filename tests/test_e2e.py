@@ -4,7 +4,9 @@ SR + SC come back into the same study in Orthanc."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 
 import pydicom
 import pytest
-from conftest import ARTIFACTS, SAMPLES, c_store, require
+from conftest import ARTIFACTS, ROOT, SAMPLES, c_store, require
 from pydicom.uid import generate_uid
 
 from triage_node.services import free_port
@@ -186,14 +188,25 @@ def test_several_inference_processes_share_the_queue(tmp_path, redis_url, orthan
 
 
 def test_inference_batches_across_queued_tasks(tmp_path, redis_url, orthanc_factory, make_node):
-    """batch_size > 1: task threads feed one micro-batcher; every instance still gets exactly one result."""
+    """batch_size > 1: task threads feed one micro-batcher; every instance still gets exactly one result, judged at
+    the operating point of its own Patient's Age (the package copy flags every child and no adult)."""
+    pkg = tmp_path / "demo-ped"
+    shutil.copytree(ROOT / "models" / "demo", pkg)
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["thresholds"]["gate"] = 1.0
+    meta["thresholds"]["gate_pediatric"] = {"threshold": 0.0, "max_age_years": 6.0, "rule": "test"}
+    (pkg / "model.json").write_text(json.dumps(meta))
     pacs = orthanc_factory()
     dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": "ORTHANC"}]
-    node = make_node(redis_url, dest, model={"batch_size": 4, "batch_wait_ms": 500})
+    node = make_node(redis_url, dest, model={"batch_size": 4, "batch_wait_ms": 500, "path": str(pkg)})
     batch = unique_copies(8)
+    for i, ds in enumerate(batch):
+        ds.PatientAge = "004Y" if i % 2 else "052Y"
     assert c_store(node.port, batch) == [0] * 8
     sent_uids = [d.SOPInstanceUID for d in batch]
     entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) >= 8, timeout=300)
     analysed = [e for e in entries if e["event"] == "analysed"]
     assert sorted(e["sop_instance_uid"] for e in analysed) == sorted(sent_uids)
     assert max(e["batch"] for e in analysed) > 1, "queued tasks were batched"
+    child = {d.SOPInstanceUID: d.PatientAge == "004Y" for d in batch}
+    assert {e["sop_instance_uid"]: e["positive"] for e in analysed} == child, "each film at its own age's point"

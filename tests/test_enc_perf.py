@@ -74,7 +74,7 @@ def test_build_from_the_cached_display_equals_build_from_the_source(tmp_path):
     pred = prediction(boxes=BOXES)
     plain = pipeline.build(RSNA[1], pred, cfg, tmp_path / "plain")
     box = tmp_path / "cached"
-    pipeline.analyze(RSNA[1], cfg, predict=lambda _img: pred, display_to=box / pipeline.DISPLAY_CACHE)
+    pipeline.analyze(RSNA[1], cfg, predict=lambda _img, _age: pred, display_to=box / pipeline.DISPLAY_CACHE)
     cached_display = np.load(box / pipeline.DISPLAY_CACHE)
     ds = pydicom.dcmread(RSNA[1])
     np.testing.assert_array_equal(cached_display, dicom_io.display(dicom_io.pixels(ds)))

@@ -1,4 +1,5 @@
-"""``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | cv-report | synth``.
+"""``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | cv-report |
+calibrate | synth``.
 
 Errors are translated to exit codes here: 0 ok, 1 failure, 2 usage / not eligible / bad input.
 """
@@ -363,6 +364,7 @@ def cmd_analyze(args) -> int:
         "model": pred.model.label,
         "probability": round(pred.probability, 4),
         "threshold": pred.threshold,
+        **({"operating_point": pred.operating_point} if pred.operating_point else {}),
         "finding": "pneumonia-like opacity" if pred.positive else "no opacity detected",
         "boxes": [{"x": round(d.x), "y": round(d.y), "width": round(d.width), "height": round(d.height),
                    "score": round(d.score, 3)} for d in pred.detections],
@@ -418,6 +420,7 @@ _DELEGATED = {
     "train": ("triage_node.training.classifier_train", "train the classifier + CAM localiser on image-level CSVs"),
     "evaluate": ("triage_node.training.evaluate", "AUC (bootstrap CI), operating point, per view, localisation"),
     "cv-report": ("triage_node.training.cv_report", "pool k-fold train --cv runs: out-of-fold AUC, epoch, threshold"),
+    "calibrate": ("triage_node.training.calibrate", "choose and package an age-specific (pediatric) operating point"),
     "train-detector": ("triage_node.training.detector_train", "train the FCOS detector on RSNA-format boxes"),
     "evaluate-boxes": ("triage_node.training.evaluate_boxes", "RSNA metric / mAP ablation on RSNA-format boxes"),
     "synth": ("triage_node.training.synth", "write synthetic RSNA-format DICOM data"),

@@ -334,6 +334,26 @@ def _codestream_dimensions(frame: bytes, ts: str) -> tuple[int, int] | None:
     return None
 
 
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """The patient's age in years from Patient's Age (0010,1010), for the model's age-specific operating point.
+
+    Age String ``nnnD/W/M/Y`` as the standard writes it; a bare number (the RSNA files carry ``"48"``) is read as
+    years. ``None`` when absent, empty or unreadable: the caller then uses the default (adult) operating point.
+    Patient's Birth Date is not used: archives hold placeholders there (the NIH-derived files carry 19010101)."""
+    elem = ds.get("PatientAge")
+    text = str(elem if elem is not None else "").strip().upper()
+    if not text:
+        return None
+    unit = text[-1] if text[-1] in _AGE_UNITS else "Y"
+    digits = text[:-1] if text[-1] in _AGE_UNITS else text
+    if not digits.isdigit() or len(digits) > 3:
+        return None
+    return int(digits) * _AGE_UNITS[unit]
+
+
 def fit_size(rows: int, columns: int, max_size: int) -> tuple[int, int]:
     """(rows, columns) scaled down, aspect kept, so the longer side is ``max_size``; unchanged when it already fits
     or ``max_size`` is 0."""

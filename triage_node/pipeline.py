@@ -66,11 +66,13 @@ def read_eligible(path: str | Path, cfg: Config):
 def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to: Path | None = None) -> Prediction:
     """Decode, run the model, return the small JSON-able prediction.
 
-    ``predict`` (image -> Prediction) lets a worker route the model call through a micro-batcher. ``display_to``:
-    also keep the 8-bit rendering there for :func:`build` (the source is then decoded once per node).
+    ``predict`` ((image, age in years or None) -> Prediction) lets a worker route the model call through a
+    micro-batcher. ``display_to``: also keep the 8-bit rendering there for :func:`build` (the source is then decoded
+    once per node). The patient's age (Patient's Age) picks the model's operating point when it has one per age.
     """
     t0 = time.perf_counter()
     ds = read_eligible(path, cfg)
+    age = dicom_io.patient_age_years(ds)
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     if display_to is not None:
         try:
@@ -80,12 +82,13 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     t1 = time.perf_counter()
     if predict is None:
         model = model or get_model(cfg)
-        predict = lambda im: model.predict([im])[0]
-    pred = predict(img)
+        predict = lambda im, a: model.predict([im], ages=[a])[0]
+    pred = predict(img, age)
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)
     timings["model"] = round((time.perf_counter() - t1) * 1000, 1)
-    return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings)
+    return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings,
+                      pred.operating_point)
 
 
 _KIND_BY_SOP_CLASS = {

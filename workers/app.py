@@ -15,8 +15,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ _batcher = None
 _batcher_lock = threading.Lock()
 
 
-def _predict() -> AbstractContextManager[Callable[[Any], Any] | None]:
-    """For one analyze task: a context giving the image -> Prediction callable, through the worker's shared
+def _predict() -> AbstractContextManager[Callable[[Any, Any], Any] | None]:
+    """For one analyze task: a context giving the (image, age) -> Prediction callable, through the worker's shared
     micro-batcher when it runs several task threads (``model.batch_size`` > 1; None otherwise: one at a time).
 
     The task enters it before decoding, so the batcher knows an image is coming and waits for it (up to
@@ -61,15 +61,21 @@ def _predict() -> AbstractContextManager[Callable[[Any], Any] | None]:
         if _batcher is None:
             from triage_node.batching import MicroBatcher
 
-            def run(images):
-                preds = pipeline.get_model(cfg).predict(images)
+            def run(items):  # (image, age in years or None) per task
+                preds = pipeline.get_model(cfg).predict([im for im, _ in items], ages=[a for _, a in items])
                 for p in preds:
-                    p.timings_ms["batch"] = len(images)
+                    p.timings_ms["batch"] = len(items)
                 return preds
 
             _batcher = MicroBatcher(run, cfg.model.batch_size, cfg.model.batch_wait_ms / 1000,
                                     wait_for_announced=True)
-    return _batcher.ticket()
+    return _ticket_call(_batcher)
+
+
+@contextmanager
+def _ticket_call(batcher: Any) -> Iterator[Callable[[Any, Any], Any]]:
+    with batcher.ticket() as ticket:
+        yield lambda image, age: ticket((image, age))
 
 
 def _backoff(attempt: int) -> float:

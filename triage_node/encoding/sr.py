@@ -97,7 +97,8 @@ def _algorithm_id(prediction: Prediction) -> AlgorithmIdentification:
         name=algorithm_name(prediction),
         version=model.version,
         manufacturer=model.manufacturer or None,
-        parameters=[f"threshold={prediction.threshold:g}"],
+        parameters=[f"threshold={prediction.threshold:g}"]
+        + ([f"operating_point={prediction.operating_point}"] if prediction.operating_point else []),
     )
 
 

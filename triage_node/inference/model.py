@@ -46,6 +46,31 @@ class RawOutput:
     columns: int
 
 
+@dataclass(frozen=True)
+class AgeOperatingPoint:
+    """A second operating point for young patients: films whose Patient's Age is below ``max_age_years`` are
+    called positive at ``threshold`` instead of the package's (adult) gate threshold. One threshold cannot serve
+    both populations when the scores are calibrated differently (a model trained on adults flagged most normal
+    pediatric films at its adult point). Chosen by ``triage-node calibrate`` on data named in ``calibration``."""
+
+    name: str
+    threshold: float
+    max_age_years: float
+    rule: str = ""
+    calibration: dict | None = None
+
+    def settings(self) -> dict:
+        return {"threshold": self.threshold, "max_age_years": self.max_age_years, "rule": self.rule,
+                "calibration": self.calibration or {}}
+
+    @classmethod
+    def from_settings(cls, name: str, d: dict) -> AgeOperatingPoint:
+        t, a = float(d["threshold"]), float(d["max_age_years"])
+        if not (0.0 <= t <= 1.0) or a <= 0:
+            raise ValueError(f"operating point {name}: threshold {t} or max_age_years {a} out of range")
+        return cls(name, t, a, str(d.get("rule", "")), dict(d.get("calibration") or {}))
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,8 +89,9 @@ class TriageModel:
                  gate_size: int = GATE_SIZE, detector_arch: str = DEFAULT_ARCH, gate_arch: str = GATE_ARCH,
                  device: str = "auto", batch_size: int | None = None, meta: dict | None = None,
                  tta: bool = False, cam_threshold: float = 0.5, max_boxes: int = 3,
-                 atlas: DensityAtlas | None = None) -> None:
+                 atlas: DensityAtlas | None = None, pediatric: AgeOperatingPoint | None = None) -> None:
         self.device = resolve_device(device)
+        self.pediatric = pediatric
         self.detector, self.gate, self.prior, self.info = detector, gate, prior, info
         self.threshold, self.box_threshold = float(threshold), float(box_threshold)
         self.input_size, self.gate_size = int(input_size), int(gate_size)
@@ -162,7 +188,7 @@ class TriageModel:
         res = []
         for i, (rows, cols) in enumerate(shapes):
             b, s = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-            if (run_detector is None or run_detector[i]) or probs[i] >= self.threshold:
+            if (run_detector is None or run_detector[i]) or probs[i] >= self.min_threshold:
                 half = None if sides is None else "left" if sides[i, 0] > sides[i, 1] else "right"
                 b, s = boxes_from_cam(cams_np[i], self.prior.heat, self.cam_threshold, self.max_boxes, half=half)
                 b = b * np.array([cols, rows, cols, rows], np.float32)
@@ -190,31 +216,55 @@ class TriageModel:
                 timings += [{k: v / n for k, v in t.items()} | {"batch": float(n)}] * n
         return res
 
+    @property
+    def min_threshold(self) -> float:
+        """The lowest gate threshold of any operating point: below it no film is positive, so no boxes are needed."""
+        return min(self.threshold, self.pediatric.threshold) if self.pediatric is not None else self.threshold
+
+    def threshold_for(self, age_years: float | None) -> tuple[float, str]:
+        """(gate threshold, operating point name) for a patient of this age (None = unknown: the adult point)."""
+        if self.pediatric is None:
+            return self.threshold, ""
+        if age_years is None:
+            return self.threshold, "age unknown"
+        if age_years < self.pediatric.max_age_years:
+            return self.pediatric.threshold, self.pediatric.name
+        return self.threshold, "adult"
+
     def postprocess(self, raw: RawOutput, use_gate: bool = True, use_prior: bool = True,
-                    timings_ms: dict | None = None) -> Prediction:
-        """Apply the gate, the lung prior and the box score threshold to a raw output."""
+                    timings_ms: dict | None = None, age_years: float | None = None) -> Prediction:
+        """Apply the gate (at the operating point of the patient's age), the lung prior and the box score
+        threshold to a raw output."""
+        threshold, point = self.threshold_for(age_years)
         boxes, scores = raw.boxes, raw.scores
         if use_prior and len(boxes):
             keep, scores = self.prior.apply(raw.prior_means, scores)
             boxes, scores = boxes[keep], scores[keep]
         keep = scores >= self.box_threshold
         boxes, scores = boxes[keep], scores[keep]
-        if use_gate and raw.probability < self.threshold:
+        if use_gate and raw.probability < threshold:
             boxes, scores = boxes[:0], scores[:0]
         order = np.argsort(-scores, kind="stable")
         dets = tuple(Detection(float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1]), float(s))
                      for b, s in zip(boxes[order], scores[order]))
-        return Prediction(probability=raw.probability, threshold=self.threshold, detections=dets, model=self.info,
-                          rows=raw.rows, columns=raw.columns, timings_ms=dict(timings_ms or {}))
+        return Prediction(probability=raw.probability, threshold=threshold, detections=dets, model=self.info,
+                          rows=raw.rows, columns=raw.columns, timings_ms=dict(timings_ms or {}),
+                          operating_point=point)
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray], use_gate: bool = True, use_prior: bool = True) -> list[Prediction]:
-        """Predictions for 2-D float32 images in [0,1] (MONOCHROME2), boxes in source pixel coordinates."""
+    def predict(self, images: Sequence[np.ndarray], use_gate: bool = True, use_prior: bool = True,
+                ages: Sequence[float | None] | None = None) -> list[Prediction]:
+        """Predictions for 2-D float32 images in [0,1] (MONOCHROME2), boxes in source pixel coordinates.
+        ``ages`` (years, None = unknown) picks each film's operating point (``threshold_for``)."""
         t0 = time.perf_counter()
         timings: list[dict] = []
         raws = self.analyze(list(images), run_detector=not use_gate, timings=timings)
         total = 1000 * (time.perf_counter() - t0) / max(len(raws), 1)
-        return [self.postprocess(r, use_gate, use_prior, t | {"total": total}) for r, t in zip(raws, timings)]
+        ages = list(ages) if ages is not None else [None] * len(raws)
+        if len(ages) != len(raws):
+            raise ValueError(f"{len(raws)} images but {len(ages)} ages")
+        return [self.postprocess(r, use_gate, use_prior, t | {"total": total}, a)
+                for r, t, a in zip(raws, timings, ages)]
 
     # ------------------------------------------------------------------------------------------- packaging
     def config(self) -> dict:
@@ -230,7 +280,8 @@ class TriageModel:
                              "summary": self.info.architecture},
             "input_size": self.input_size,
             "gate_input_size": self.gate_size,
-            "thresholds": {"gate": self.threshold, "box_score": self.box_threshold, "prior": self.prior.settings()},
+            "thresholds": {"gate": self.threshold, "box_score": self.box_threshold, "prior": self.prior.settings()}
+            | ({"gate_pediatric": self.pediatric.settings()} if self.pediatric is not None else {}),
             "localiser": {"cam_threshold": self.cam_threshold, "max_boxes": self.max_boxes}
             | ({"side": "density", "atlas": self.atlas.settings()} if self.atlas is not None else {}),
             "tta": ["hflip"] if self.tta else [],
@@ -325,6 +376,8 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
         gate = build_classifier(arch["gate"]) if arch["gate"] in CAM_ARCHS else build_gate(arch["gate"])
         ps = th["prior"]
         loc = cfg.get("localiser") or {}
+        ped = th.get("gate_pediatric")
+        pediatric = AgeOperatingPoint.from_settings("pediatric", ped) if ped is not None else None
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"model package {d}: incompatible model.json ({e})") from None
     if detector is not None:
@@ -358,7 +411,7 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
                        gate_size=int(cfg.get("gate_input_size", GATE_SIZE)), detector_arch=arch["detector"],
                        gate_arch=arch["gate"], device=device, meta=cfg, tta="hflip" in (cfg.get("tta") or []),
                        cam_threshold=float(loc.get("cam_threshold", 0.5)), max_boxes=int(loc.get("max_boxes", 3)),
-                       atlas=atlas)
+                       atlas=atlas, pediatric=pediatric)
 
 
 def arch_summary(detector_arch: str, gate_arch: str, input_size: int) -> str:

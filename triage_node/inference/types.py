@@ -51,6 +51,9 @@ class Prediction:
     rows: int = 0
     columns: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: which of the package's operating points set ``threshold``: "" (the package has one), "adult", "pediatric",
+    #: or "age unknown" (the adult point, for a film without a readable Patient's Age)
+    operating_point: str = ""
 
     @property
     def positive(self) -> bool:
@@ -71,4 +74,5 @@ class Prediction:
             rows=int(d.get("rows", 0)),
             columns=int(d.get("columns", 0)),
             timings_ms=dict(d.get("timings_ms", {})),
+            operating_point=str(d.get("operating_point", "")),  # absent in payloads queued by an older node
         )

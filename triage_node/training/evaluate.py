@@ -39,6 +39,7 @@ class Item:
     key: str
     view: str = ""
     boxes: np.ndarray | None = None  # xywh source pixels; None = not annotated
+    age: float | None = None  # years, from the CSV's ``age`` column (None = unknown)
 
 
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -141,12 +142,17 @@ def localisation(top_boxes: list[np.ndarray | None], gts: list[np.ndarray | None
             "hits_iobb": hits_iobb, "hits_iou": hits_iou}
 
 
-def classification(y: np.ndarray, p: np.ndarray, t: float, seed: int = 0) -> dict:
+def classification(y: np.ndarray, p: np.ndarray, t: float | np.ndarray, seed: int = 0) -> dict:
+    """AUC with its CI, and sensitivity / specificity / accuracy at threshold ``t``: one for every film, or one
+    per film (the operating point of each film's age); ``threshold`` is then the list of distinct ones."""
     y = np.asarray(y).astype(bool)
-    tp, tn = int((p[y] >= t).sum()), int((p[~y] < t).sum())
+    ts = np.broadcast_to(np.asarray(t, np.float64), y.shape)
+    tp, tn = int((p[y] >= ts[y]).sum()), int((p[~y] < ts[~y]).sum())
+    distinct = sorted({float(v) for v in ts})
     return {"n": int(len(y)), "positives": int(y.sum()), "auc": roc_auc(y, p),
             "auc_ci95": bootstrap_auc(y, p, seed=seed),
-            "threshold": t, "sensitivity": tp / max(int(y.sum()), 1), "sensitivity_ci95": wilson(tp, int(y.sum())),
+            "threshold": distinct[0] if len(distinct) == 1 else distinct,
+            "sensitivity": tp / max(int(y.sum()), 1), "sensitivity_ci95": wilson(tp, int(y.sum())),
             "specificity": tn / max(int((~y).sum()), 1), "specificity_ci95": wilson(tn, int((~y).sum())),
             "accuracy": (tp + tn) / max(len(y), 1)}
 
@@ -155,6 +161,7 @@ def read_items(args: argparse.Namespace) -> list[Item]:
     items: list[Item] = []
     if args.image_labels:
         src = I.read_source(args.image_labels)
+        ages = csv_ages(src.csv)
         boxes = I.read_boxes(args.boxes) if args.boxes else {}
         keep = None
         if args.split:
@@ -162,7 +169,7 @@ def read_items(args: argparse.Namespace) -> list[Item]:
             keep = set(json.loads(Path(manifest).read_text())[src.name][side])
         for p, y, k, v in zip(src.paths, src.labels, src.keys, src.views):
             if keep is None or k in keep:
-                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None))
+                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, ages.get(k)))
     if args.rsna_labels:
         from triage_node.training.data import find_image, read_labels
 
@@ -171,6 +178,31 @@ def read_items(args: argparse.Namespace) -> list[Item]:
     if args.max_images:
         items = items[: args.max_images]
     return items
+
+
+def csv_ages(path: Path) -> dict[str, float]:
+    """Age in years by film key from a labels CSV's ``age`` column (the NIH pool's; what Patient's Age says in its
+    DICOM headers); empty when there is none."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, float] = {}
+    for r in rows:
+        try:
+            out[r.get("image_id") or Path(r.get("path") or r["file"]).stem] = float(r["age"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def film_ages(items: list[Item], population: str) -> list[float | None]:
+    """The age each film is scored at: ``auto`` = its own (None when unknown, as the node treats a film without a
+    Patient's Age), ``pediatric`` = every film a child (the package's pediatric point, e.g. Kermany's films, which
+    have no age column), ``adult`` = every film an adult."""
+    if population == "pediatric":
+        return [0.0] * len(items)
+    if population == "adult":
+        return [200.0] * len(items)
+    return [it.age for it in items]
 
 
 def run(model, items: list[Item], chunk: int = 16):
@@ -182,7 +214,7 @@ def run(model, items: list[Item], chunk: int = 16):
     return raws
 
 
-def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str, t: float) -> None:
+def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str, t: float | np.ndarray) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +227,9 @@ def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str, t: float) -> 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc(y, p):.3f}")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.plot([(p[~y] >= t).mean()], [(p[y] >= t).mean()], "ro", label=f"operating point {t:.3f}")
+    tv = np.broadcast_to(np.asarray(t, np.float64), y.shape)
+    label = "operating point " + " / ".join(f"{v:.3f}" for v in sorted(set(tv.tolist())))
+    ax.plot([(p[~y] >= tv[~y]).mean()], [(p[y] >= tv[y]).mean()], "ro", label=label)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -220,6 +254,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--loc-subset", action="append", default=[], metavar="JSON:KEY",
                    help="also report localisation on the films listed under KEY of JSON (repeatable), e.g. "
                         "scripts/loc_split.json:test_images")
+    p.add_argument("--population", choices=("auto", "pediatric", "adult"), default="auto",
+                   help="the age each film is judged at when the package has an age-specific operating point: auto "
+                        "= the CSV's age column (none: unknown, the adult point, as the node does without a Patient's "
+                        "Age); pediatric / adult = every film (e.g. pediatric for Kermany, which has no age column)")
     p.add_argument("--compare", type=Path, metavar="REPORT_DIR",
                    help="another evaluate run on the same films: paired bootstrap CI of the AUC difference")
     return p
@@ -244,25 +282,33 @@ def main(args: argparse.Namespace) -> int:
     raws = run(model, items)
     y = np.array([it.label for it in items])
     p = np.array([r.probability for r in raws])
+    ages = film_ages(items, args.population)
+    points = [model.threshold_for(a) for a in ages]
+    ts = np.array([t for t, _ in points])
     report: dict = {"model": {"name": model.info.name, "version": model.info.version, "path": str(args.model),
                               "tta": getattr(model, "tta", False)},
-                    "data": {k: getattr(args, k) for k in ("image_labels", "boxes", "split", "rsna_labels")},
-                    "classification": classification(y, p, model.threshold, args.seed)}
+                    "data": {k: getattr(args, k) for k in ("image_labels", "boxes", "split", "rsna_labels",
+                                                           "population")},
+                    "classification": classification(y, p, ts, args.seed)}
+    named = sorted({name for _, name in points if name})
+    if named:  # the package has an age-specific operating point: how many films each point judged
+        report["operating_points"] = {n: {"films": sum(1 for _, m in points if m == n),
+                                          "threshold": next(t for t, m in points if m == n)} for n in named}
     views = sorted({it.view for it in items if it.view})
     if views:
-        report["by_view"] = {v: classification(y[m], p[m], model.threshold, args.seed) for v in views
+        report["by_view"] = {v: classification(y[m], p[m], ts[m], args.seed) for v in views
                              for m in [np.array([it.view == v for it in items])]}
     tops: list[np.ndarray | None] = []
     gated_tops: list[np.ndarray | None] = []
     gts: list[np.ndarray | None] = []
     preds: list[np.ndarray] = []
     scores: list[list[float]] = []
-    for it, r in zip(items, raws):
+    for it, r, age in zip(items, raws, ages):
         pred = model.postprocess(r, use_gate=False)
         top = np.array([pred.detections[0].x, pred.detections[0].y, pred.detections[0].width,
                         pred.detections[0].height]) if pred.detections else None
         tops.append(top)
-        gated = model.postprocess(r)
+        gated = model.postprocess(r, age_years=age)
         gated_tops.append(top if gated.detections else None)
         gts.append(it.boxes)
         preds.append(np.array([[d.x, d.y, d.width, d.height] for d in gated.detections]).reshape(-1, 4))
@@ -281,21 +327,23 @@ def main(args: argparse.Namespace) -> int:
     with open(out / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes", "top_box_iobb"])
-        for it, r, top in zip(items, raws, tops):
+        for it, r, top, t in zip(items, raws, tops, ts):
             gt = it.boxes if it.boxes is not None and len(it.boxes) else None
             hit = "" if gt is None else "0.000" if top is None else f"{iobb(top, gt).max():.3f}"
-            w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= model.threshold),
+            w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= t),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
                         "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit])
     if other is not None:
         report["compare"] = compare_with(other, [it.key for it in items], y, p, args.seed, str(args.compare))
     if len(set(y.tolist())) == 2:
-        plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", model.threshold)
+        plot_roc(y, p, out / "roc.png", f"{model.info.name} {model.info.version}", ts)
     report["seconds"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     c = report["classification"]
     print(f"n {c['n']} ({c['positives']} pos)  AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]  "
-          f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}  acc {c['accuracy']:.3f} @ {c['threshold']:.3f}")
+          f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}  acc {c['accuracy']:.3f} @ {c['threshold']}")
+    for n, op in report.get("operating_points", {}).items():
+        print(f"  operating point {n}: {op['films']} films at {op['threshold']:.3f}")
     for v, cv in report.get("by_view", {}).items():
         print(f"  view {v}: n {cv['n']} AUC {cv['auc']:.3f} [{cv['auc_ci95'][0]:.3f}, {cv['auc_ci95'][1]:.3f}]")
     for k, loc in report.get("localisation", {}).items():

@@ -1,0 +1,214 @@
+"""The age-specific (pediatric) operating point: Patient's Age, the model's choice of threshold, its packaging,
+``triage-node calibrate`` and ``evaluate --population``, and the SR that says which point judged the film."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from conftest import ROOT, SAMPLES, SHARED_DATA
+from pydicom.dataset import Dataset
+
+from triage_node import config, dicom_io, pipeline
+from triage_node.errors import ModelError
+from triage_node.inference.classifier import build_classifier
+from triage_node.inference.model import CAM, AgeOperatingPoint, RawOutput, TriageModel, load_model, save_package
+from triage_node.inference.prior import LungPrior
+from triage_node.inference.types import ModelInfo, Prediction
+from triage_node.training import calibrate, evaluate
+
+DEMO = ROOT / "models" / "demo"
+KERMANY = SHARED_DATA / "kermany_224"
+
+
+@pytest.mark.parametrize("value,years", [
+    ("077Y", 77.0), ("005M", 5 / 12), ("003W", 21 / 365.25), ("010D", 10 / 365.25), ("48", 48.0), (" 048Y", 48.0),
+    ("", None), (None, None), ("abcY", None), ("1234", None), ("12.5Y", None),
+])
+def test_patient_age_is_read_from_the_age_string(value, years):
+    ds = Dataset()
+    if value is not None:
+        with warnings.catch_warnings():  # pydicom warns of the malformed values, which is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            ds.PatientAge = value
+    got = dicom_io.patient_age_years(ds)
+    assert got == pytest.approx(years) if years is not None else got is None
+
+
+def _model(threshold: float = 0.5, pediatric: AgeOperatingPoint | None = None) -> TriageModel:
+    torch.manual_seed(0)
+    heat = np.ones((64, 64), np.float32)
+    return TriageModel(None, build_classifier("resnet18"), LungPrior(heat, 0.0), ModelInfo("age-test", "0.0.1-test"),
+                       threshold=threshold, box_threshold=0.0, input_size=64, gate_size=64, detector_arch=CAM,
+                       gate_arch="resnet18", device="cpu", pediatric=pediatric)
+
+
+def _raw(probability: float) -> RawOutput:
+    return RawOutput(np.array([[10, 10, 30, 40]], np.float32), np.array([probability], np.float32),
+                     np.array([1.0], np.float32), probability, 64, 64)
+
+
+def test_the_operating_point_follows_the_age():
+    m = _model(0.5, AgeOperatingPoint("pediatric", 0.8, 6.0))
+    assert m.threshold_for(3.0) == (0.8, "pediatric")
+    assert m.threshold_for(6.0) == (0.5, "adult")  # "younger than": 6 years is no longer the pediatric point
+    assert m.threshold_for(None) == (0.5, "age unknown")
+    assert m.min_threshold == 0.5
+    assert _model(0.5).threshold_for(3.0) == (0.5, "")  # one operating point: the age does not matter
+
+    adult, child, unknown = (m.postprocess(_raw(0.6), age_years=a) for a in (40.0, 3.0, None))
+    assert adult.positive and adult.detections and adult.operating_point == "adult"
+    assert not child.positive and not child.detections and child.threshold == 0.8
+    assert child.operating_point == "pediatric"
+    assert unknown.positive and unknown.operating_point == "age unknown"
+
+
+def test_boxes_are_computed_down_to_the_lowest_threshold_of_any_point():
+    """A film below the adult threshold but above the pediatric one needs its CAM boxes: ``analyze`` must not skip
+    them because the adult gate says negative."""
+    img = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    p = _model().analyze([img], run_detector=True)[0].probability
+    m = _model(min(p + 0.2, 1.0), AgeOperatingPoint("pediatric", max(p - 0.2, 0.0), 6.0))
+    child, adult = m.predict([img, img], ages=[2.0, 30.0])
+    assert child.positive and len(child.detections) > 0 and child.operating_point == "pediatric"
+    assert not adult.positive and not adult.detections
+    with pytest.raises(ValueError, match="ages"):
+        m.predict([img], ages=[1.0, 2.0])
+
+
+def test_the_point_travels_in_the_package_and_the_prediction(tmp_path):
+    point = AgeOperatingPoint("pediatric", 0.31, 6.0, "a rule", {"n": 10})
+    save_package(_model(0.5, point), tmp_path / "pkg")
+    cfg = json.loads((tmp_path / "pkg" / "model.json").read_text())
+    assert cfg["thresholds"]["gate_pediatric"]["threshold"] == 0.31
+    assert load_model(tmp_path / "pkg", device="cpu").pediatric == point
+    save_package(_model(0.5), tmp_path / "plain")
+    assert load_model(tmp_path / "plain", device="cpu").pediatric is None
+    cfg["thresholds"]["gate_pediatric"]["threshold"] = 1.5
+    (tmp_path / "pkg" / "model.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="out of range"):
+        load_model(tmp_path / "pkg", device="cpu")
+
+    pred = _model(0.5, point).postprocess(_raw(0.4), age_years=2.0)
+    back = Prediction.from_json(json.loads(json.dumps(pred.to_json())))
+    assert back.operating_point == "pediatric" and back.positive
+    old = pred.to_json()
+    del old["operating_point"]  # a payload queued by a node before this field
+    assert Prediction.from_json(old).operating_point == ""
+
+
+def test_choose_threshold_on_a_hand_worked_case():
+    y = np.array([1, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.3, 0.4, 0.2, 0.1])
+    # sensitivity >= 0.6: t=0.8 (acc 5/6) and t=0.3 (acc 5/6) tie; the higher threshold wins
+    got = calibrate.choose_threshold(y, p, 0.6)
+    assert got["threshold"] == 0.8 and got["accuracy"] == pytest.approx(5 / 6)
+    assert got["sensitivity"] == pytest.approx(2 / 3) and got["specificity"] == 1.0
+    got = calibrate.choose_threshold(y, p, 0.9)  # only t <= 0.3 reach sensitivity 1
+    assert got["threshold"] == 0.3 and got["specificity"] == pytest.approx(2 / 3)
+    assert got["accuracy"] == pytest.approx(5 / 6)
+    with pytest.raises(ValueError):
+        calibrate.choose_threshold(np.ones(3), np.array([0.1, 0.2, 0.3]), 0.9)
+
+
+def test_classification_at_a_threshold_per_film():
+    y = np.array([1, 1, 0, 0])
+    p = np.array([0.5, 0.3, 0.4, 0.1])
+    c = evaluate.classification(y, p, np.array([0.6, 0.2, 0.6, 0.2]))
+    assert (c["sensitivity"], c["specificity"], c["threshold"]) == (0.5, 1.0, [0.2, 0.6])
+    assert evaluate.classification(y, p, 0.35)["threshold"] == 0.35
+
+
+def _kermany_csv(tmp: Path, n: int = 8) -> Path:
+    if not (KERMANY / "labels.csv").exists():
+        pytest.skip("the shared Kermany films are not on this machine")
+    with open(KERMANY / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
+    out = tmp / "kermany.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "id_prefix"])
+        for r in pick:
+            w.writerow([KERMANY / r["path"], r["label"], r["id_prefix"]])
+    return out
+
+
+def test_calibrate_and_evaluate_on_real_pediatric_films(tmp_path, capsys):
+    """`calibrate` scores real pediatric films, writes the point into a copy of the package (weights untouched),
+    and `evaluate --population pediatric` judges them at it."""
+    labels = _kermany_csv(tmp_path)
+    pkg = tmp_path / "pkg"
+    args = calibrate.get_args_parser().parse_args(
+        ["--model", str(DEMO), "--image-labels", str(labels), "--max-age", "6", "--min-sensitivity", "1.0",
+         "--out", str(pkg), "--threads", "1"])
+    assert calibrate.main(args) == 0
+    point = json.loads((pkg / "model.json").read_text())["thresholds"]["gate_pediatric"]
+    assert "gate_pediatric" not in json.loads((DEMO / "model.json").read_text())["thresholds"]
+    assert point["max_age_years"] == 6.0 and point["calibration"]["n"] == 8
+    assert point["calibration"]["sensitivity"] == 1.0
+    m = load_model(pkg, device="cpu")
+    assert m.pediatric is not None and m.pediatric.threshold == point["threshold"]
+
+    out = tmp_path / "eval"
+    ev = evaluate.get_args_parser().parse_args(
+        ["--model", str(pkg), "--image-labels", str(labels), "--population", "pediatric", "--out", str(out),
+         "--threads", "1"])
+    assert evaluate.main(ev) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["operating_points"] == {"pediatric": {"films": 8, "threshold": point["threshold"]}}
+    assert rep["classification"]["threshold"] == point["threshold"]
+    assert rep["classification"]["sensitivity"] == 1.0  # what it was calibrated to, on the same films
+    with open(out / "per_image.csv", newline="") as f:
+        flagged = [int(r["positive"]) for r in csv.DictReader(f)]
+    assert sum(flagged) >= 4  # every positive of the 8 (sensitivity 1.0)
+
+
+@pytest.fixture
+def pediatric_demo(tmp_path) -> Path:
+    """The demo package with a pediatric point that flags every child (threshold 0) and an adult point that flags
+    nobody (threshold 1): what a film is called then says which point judged it."""
+    pkg = tmp_path / "demo-ped"
+    shutil.copytree(DEMO, pkg)
+    cfg = json.loads((pkg / "model.json").read_text())
+    cfg["thresholds"]["gate"] = 1.0
+    cfg["thresholds"]["gate_pediatric"] = AgeOperatingPoint("pediatric", 0.0, 6.0, "test").settings()
+    (pkg / "model.json").write_text(json.dumps(cfg))
+    return pkg
+
+
+def test_the_pipeline_reads_the_age_and_the_sr_names_the_point(tmp_path, pediatric_demo):
+    cfg = config.Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(pediatric_demo), device="cpu"))
+    calls = {}
+    for age in ("004Y", "045Y", ""):
+        ds = pydicom.dcmread(SAMPLES[0])
+        ds.PatientAge = age
+        f = tmp_path / f"age-{age or 'none'}.dcm"
+        ds.save_as(f)
+        calls[age] = pipeline.analyze(f, cfg)
+    assert calls["004Y"].positive and calls["004Y"].operating_point == "pediatric" and calls["004Y"].detections
+    assert not calls["045Y"].positive and calls["045Y"].operating_point == "adult"
+    assert calls[""].operating_point == "age unknown" and not calls[""].positive
+
+    files = pipeline.build(tmp_path / "age-004Y.dcm", calls["004Y"], cfg, tmp_path / "out")
+    sr = pydicom.dcmread(next(f for f in files if f.name.startswith("sr-")))
+    texts: list[str] = []
+
+    def walk(ds: Dataset) -> None:
+        for item in ds.get("ContentSequence", []):
+            if "TextValue" in item:
+                texts.append(str(item.TextValue))
+            walk(item)
+
+    walk(sr)
+    # the Algorithm Parameters of every measurement group: the image group and the one box's
+    assert texts.count("operating_point=pediatric") == 2 and texts.count("threshold=0") == 2
