@@ -212,3 +212,19 @@ def test_the_pipeline_reads_the_age_and_the_sr_names_the_point(tmp_path, pediatr
     walk(sr)
     # the Algorithm Parameters of every measurement group: the image group and the one box's
     assert texts.count("operating_point=pediatric") == 2 and texts.count("threshold=0") == 2
+
+
+def test_overlay_and_gsps_say_a_pediatric_threshold_judged_the_film():
+    from triage_node.encoding.pr import build_gsps
+    from triage_node.encoding.sc import render_overlay
+
+    src = pydicom.dcmread(SAMPLES[0])
+    base = Prediction(0.3, 0.2, (), ModelInfo("m", "1.0-demo"), int(src.Rows), int(src.Columns))
+    child = dataclasses.replace(base, operating_point="pediatric")
+    texts = [str(t.UnformattedTextValue) for g in [build_gsps(src, child)]
+             for a in g.GraphicAnnotationSequence for t in a.get("TextObjectSequence", [])]
+    assert any("POSITIVE (pediatric threshold 0.20)" in t for t in texts), texts
+    display = np.full((int(src.Rows), int(src.Columns)), 128, np.uint8)
+    assert not np.array_equal(render_overlay(display, base), render_overlay(display, child))  # the header line
+    adult = dataclasses.replace(base, operating_point="adult")
+    assert np.array_equal(render_overlay(display, base), render_overlay(display, adult))  # adult: as before

@@ -147,6 +147,8 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
             )
         )
     verdict = "POSITIVE" if prediction.positive else "negative"
+    if prediction.operating_point == "pediatric":
+        verdict += f" (pediatric threshold {prediction.threshold:.2f})"
     header = (
         f"{BANNER} - AI {model.name} {model.version}{' DEMO MODEL' if model.demo else ''}: "
         f"pneumonia {verdict} p={prediction.probability:.2f}"

@@ -124,6 +124,8 @@ def render_overlay(display: np.ndarray, prediction: Prediction, palette: bool = 
 
     model = prediction.model
     verdict = "POSITIVE" if prediction.positive else "negative"
+    if prediction.operating_point == "pediatric":  # judged at another threshold than adult films: say so
+        verdict += f" (pediatric threshold {prediction.threshold:.2f})"
     lines = [
         (BANNER, warn, large),
         (f"AI: {model.name} {model.version}{' DEMO MODEL' if model.demo else ''}", text_ink, small),
