@@ -250,6 +250,7 @@ fi
 # 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
 #     at its cross-validated epoch and threshold, then everything step 9 evaluated, for the ship rule and the record:
 #     Kermany val (rule b), NIH test against 0.3.1 film for film, the localisation halves, Kermany test, RSNA 10.
+#     Step 13's recipes: FINAL=plain|plain24 RECIPE="--lr 2e-3" CALIBRATE=1 [EPOCHS=24] PRETRAIN=0 MAIN=0 bash ...
 #     e.g. FINAL=ema RECIPE="--image-labels $KER/labels.csv:0.3 --init var/pretrain-192/checkpoint.pt --lr 1e-3 \
 #          --ema 0.98" MAIN=0 bash scripts/train_demo.sh
 if [ -n "${FINAL:-}" ]; then
@@ -261,9 +262,15 @@ if [ -n "${FINAL:-}" ]; then
     --epochs "${EPOCHS:-16}" --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "var/cv-$FINAL/final" \
     --out "var/cv-$FINAL/pkg" --version "0.4.0-$FINAL-demo" --size 192 "${COMMON[@]}"
   PKG=var/cv-$FINAL/pkg
-  # Kermany's groups as every seed-0 run splits them (a recipe without Kermany has no Kermany split of its own)
+  # CALIBRATE=1 (step 13's rule b): the pediatric operating point, chosen on the Kermany *train* groups
+  if [ "${CALIBRATE:-0}" = 1 ]; then
+    $PY -m triage_node.cli calibrate --model "$PKG" --image-labels "$KER/labels.csv" \
+      --split models/demo/split.json:train --max-age 6 --min-sensitivity 0.90 --threads 2
+  fi
+  # Kermany's groups as every seed-0 run splits them (a recipe without Kermany has no Kermany split of its own);
+  # every Kermany film is a child's (--population pediatric: the package's pediatric point, where it has one)
   $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:val \
-    --threads 2 --out "var/eval/$FINAL-kermany-val"
+    --population pediatric --threads 2 --out "var/eval/$FINAL-kermany-val"
   for side in val test; do
     [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || $PY -m triage_node.cli evaluate --model models/demo \
       --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --split "models/demo/split.json:$side" \
@@ -275,7 +282,7 @@ if [ -n "${FINAL:-}" ]; then
       --out "var/eval/$FINAL-nih-$side"
   done
   $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:test \
-    --threads 2 --out "var/eval/$FINAL-kermany-test"
+    --population pediatric --threads 2 --out "var/eval/$FINAL-kermany-test"
   $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
     --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out "var/eval/$FINAL-rsna10"
 fi
