@@ -247,6 +247,21 @@ if [ "${CV4:-0}" = 1 ]; then
   EPOCHS=24 cv_recipe plain24 var/cv-plain/report.json --lr 2e-3
 fi
 
+# 14. (CV5=1) E. the plain recipe A (scratch, lr 2e-3, 192 px, 16 epochs) with the Kermany pediatric films mixed in at
+#     weight 0.3 (as the shipped recipe mixes them), without the Kermany pretraining.
+#     Why: step 13 passed rule (a) with A (out-of-fold 0.893 [0.865, 0.921] at epoch 14; D, 24 epochs, 0.881, paired
+#     -0.012 [-0.029, +0.004]) and A's final model scored NIH test 0.955 (paired vs 0.3.1 +0.071 [+0.021, +0.133]),
+#     but it fails rule (b) outright: on Kermany it ranks at chance (val AUC 0.461, test 0.515), so no threshold
+#     serves children. A model that never saw a child cannot be calibrated for one. E asks whether the pediatric
+#     films can be added without losing A's adult AUC.
+#     Declared 2026-12-06 19:12 UTC, after step 13's results were read and before any fold of E ran. Rule: step 13's,
+#     unchanged: E's final run replaces models/demo only if (a) its out-of-fold AUC > 0.871 and (b) its Kermany val
+#     accuracy at the pediatric point chosen on the Kermany train groups (which E trains on: a possibly optimistic
+#     choice, judged on val, which it does not train on) >= 0.928. E vs A paired (`cv-report --compare`).
+if [ "${CV5:-0}" = 1 ]; then
+  cv_recipe plain-kermany var/cv-plain/report.json --image-labels "$KER/labels.csv:0.3" --lr 2e-3
+fi
+
 # 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
 #     at its cross-validated epoch and threshold, then everything step 9 evaluated, for the ship rule and the record:
 #     Kermany val (rule b), NIH test against 0.3.1 film for film, the localisation halves, Kermany test, RSNA 10.
