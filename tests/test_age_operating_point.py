@@ -228,3 +228,20 @@ def test_overlay_and_gsps_say_a_pediatric_threshold_judged_the_film():
     assert not np.array_equal(render_overlay(display, base), render_overlay(display, child))  # the header line
     adult = dataclasses.replace(base, operating_point="adult")
     assert np.array_equal(render_overlay(display, base), render_overlay(display, adult))  # adult: as before
+
+
+def test_evaluate_reads_the_age_as_the_node_does(tmp_path):
+    """``--population auto``: the CSV's age column first, else the DICOM header's Patient's Age (the RSNA samples
+    have no age column), else unknown; ``pediatric`` / ``adult`` override both."""
+    ds = pydicom.dcmread(SAMPLES[0])
+    ds.PatientAge = "004Y"
+    child = tmp_path / "child.dcm"
+    ds.save_as(child)
+    png = tmp_path / "film.png"
+    png.write_bytes(b"not read")
+    items = [evaluate.Item(child, 1, "a"), evaluate.Item(child, 1, "b", age=40.0), evaluate.Item(png, 0, "c"),
+             evaluate.Item(tmp_path / "broken.dcm", 0, "d")]
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 10)
+    assert evaluate.film_ages(items, "auto") == [4.0, 40.0, None, None]
+    assert evaluate.film_ages(items, "pediatric") == [0.0] * 4
+    assert evaluate.film_ages(items, "adult") == [200.0] * 4

@@ -195,14 +195,27 @@ def csv_ages(path: Path) -> dict[str, float]:
 
 
 def film_ages(items: list[Item], population: str) -> list[float | None]:
-    """The age each film is scored at: ``auto`` = its own (None when unknown, as the node treats a film without a
-    Patient's Age), ``pediatric`` = every film a child (the package's pediatric point, e.g. Kermany's films, which
-    have no age column), ``adult`` = every film an adult."""
+    """The age each film is scored at: ``auto`` = its own (the CSV's age column, else a DICOM file's Patient's Age,
+    as the node reads it; None when unknown, which the node treats as an adult), ``pediatric`` = every film a child
+    (the package's pediatric point, e.g. Kermany's films, which have no age column), ``adult`` = every film an
+    adult."""
     if population == "pediatric":
         return [0.0] * len(items)
     if population == "adult":
         return [200.0] * len(items)
-    return [it.age for it in items]
+    return [it.age if it.age is not None else _header_age(it.path) for it in items]
+
+
+def _header_age(path: Path) -> float | None:
+    from triage_node import dicom_io
+    from triage_node.errors import BadDataset
+
+    if path.suffix.lower() not in (".dcm", ".dicom", ""):
+        return None
+    try:
+        return dicom_io.patient_age_years(dicom_io.read(path, header_only=True))
+    except BadDataset:  # unreadable: the film has no known age, as in the node
+        return None
 
 
 def run(model, items: list[Item], chunk: int = 16):
