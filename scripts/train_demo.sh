@@ -262,6 +262,32 @@ if [ "${CV5:-0}" = 1 ]; then
   cv_recipe plain-kermany var/cv-plain/report.json --image-labels "$KER/labels.csv:0.3" --lr 2e-3
 fi
 
+# 15. (AGEGATE=1) 0.4.0-demo candidate: step 12's final model of A (adult gate, threshold, lung and side priors) with
+#     0.3.1's gate and threshold for patients younger than 6 years (Patient's Age; Kermany's films are of children aged
+#     1 to 5), both stored as int8 weights with per-channel scales (`triage-node age-gate`): two ResNet-18s in 22.8 MB.
+#     Why: steps 12-14 showed one gate cannot serve both populations on this data (A: Kermany AUC 0.46-0.52; E:
+#     adult AUC -0.027). No training: a packaging of two evaluated models, routed by age.
+#     Declared 2026-12-06 19:41 UTC, after steps 12-14 were read and before this package was evaluated. It replaces
+#     models/demo only if (a) the adult recipe's out-of-fold AUC > 0.871 (A: 0.893, known), (b) its Kermany *val*
+#     accuracy (every film routed as a child) >= 0.928 (0.3.1 in fp16: 0.951, known: this checks the routing and the
+#     int8 storage), (c) int8 costs nothing that matters: NIH test AUC within 0.005 of the fp16 final model (0.955)
+#     and Kermany val AUC within 0.005 of 0.3.1 (0.988), (d) <= 25 MB, and `bench/cpu_infer.py` against 0.3.1 >= 0.95x.
+if [ "${AGEGATE:-0}" = 1 ]; then
+  PKG=var/age-gate/pkg
+  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from models/demo --max-age 6 \
+    --version 0.4.0-demo --out "$PKG"
+  for side in val test; do
+    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "models/demo/split.json:$side" \
+      --population pediatric --threads 2 --out "var/eval/agegate-kermany-$side"
+    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
+      --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
+      --loc-subset scripts/loc_split.json:test_images --threads 2 --compare "var/eval/plain-nih-$side" \
+      --out "var/eval/agegate-nih-$side"
+  done
+  $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
+    --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out var/eval/agegate-rsna10
+fi
+
 # 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
 #     at its cross-validated epoch and threshold, then everything step 9 evaluated, for the ship rule and the record:
 #     Kermany val (rule b), NIH test against 0.3.1 film for film, the localisation halves, Kermany test, RSNA 10.

@@ -1,5 +1,5 @@
 """``triage-node up | serve | worker | analyze | replay | reconcile | status | train | evaluate | cv-report |
-calibrate | synth``.
+calibrate | age-gate | synth``.
 
 Errors are translated to exit codes here: 0 ok, 1 failure, 2 usage / not eligible / bad input.
 """
@@ -421,6 +421,7 @@ _DELEGATED = {
     "evaluate": ("triage_node.training.evaluate", "AUC (bootstrap CI), operating point, per view, localisation"),
     "cv-report": ("triage_node.training.cv_report", "pool k-fold train --cv runs: out-of-fold AUC, epoch, threshold"),
     "calibrate": ("triage_node.training.calibrate", "choose and package an age-specific (pediatric) operating point"),
+    "age-gate": ("triage_node.training.age_gate", "package an adult model with a pediatric gate routed by age"),
     "train-detector": ("triage_node.training.detector_train", "train the FCOS detector on RSNA-format boxes"),
     "evaluate-boxes": ("triage_node.training.evaluate_boxes", "RSNA metric / mAP ablation on RSNA-format boxes"),
     "synth": ("triage_node.training.synth", "write synthetic RSNA-format DICOM data"),

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 WEIGHT_FILES = ("detector.safetensors", "gate.safetensors", "prior.safetensors")
 ATLAS_FILE = "atlas.safetensors"  # optional: the density atlas of the CAM localiser's side prior
+PEDIATRIC_GATE_FILE = "gate_pediatric.safetensors"  # optional: the gate of an age-specific operating point
+WEIGHT_FORMATS = ("fp16", "int8")  # model.json "weights": how the networks' tensors are stored
 CAM = "cam"  # detector architecture name: boxes from the gate's class-activation map, no detector weights
 
 
@@ -58,17 +60,23 @@ class AgeOperatingPoint:
     max_age_years: float
     rule: str = ""
     calibration: dict | None = None
+    #: a gate of its own for these films (a CAM classifier trained for that population), or None: the main gate's
+    #: score at another threshold. ``gate_arch`` names its architecture in model.json.
+    gate: torch.nn.Module | None = field(default=None, compare=False, repr=False)
+    gate_arch: str = ""
 
     def settings(self) -> dict:
         return {"threshold": self.threshold, "max_age_years": self.max_age_years, "rule": self.rule,
-                "calibration": self.calibration or {}}
+                "calibration": self.calibration or {}} | (
+            {"gate": {"file": PEDIATRIC_GATE_FILE, "arch": self.gate_arch}} if self.gate is not None else {})
 
     @classmethod
-    def from_settings(cls, name: str, d: dict) -> AgeOperatingPoint:
+    def from_settings(cls, name: str, d: dict, gate: torch.nn.Module | None = None) -> AgeOperatingPoint:
         t, a = float(d["threshold"]), float(d["max_age_years"])
         if not (0.0 <= t <= 1.0) or a <= 0:
             raise ValueError(f"operating point {name}: threshold {t} or max_age_years {a} out of range")
-        return cls(name, t, a, str(d.get("rule", "")), dict(d.get("calibration") or {}))
+        return cls(name, t, a, str(d.get("rule", "")), dict(d.get("calibration") or {}), gate,
+                   str((d.get("gate") or {}).get("arch", "")))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +119,12 @@ class TriageModel:
         self.atlas = atlas
         if detector is None and not isinstance(gate, CamClassifier):
             raise ModelError("a model without a detector needs a class-activation-map classifier as its gate")
+        if pediatric is not None and pediatric.gate is not None:
+            if detector is not None or not isinstance(pediatric.gate, CamClassifier):
+                raise ModelError("an age-specific gate needs the CAM localiser and a class-activation-map classifier")
+            pediatric.gate.eval().to(self.device)
+            if self.channels_last:
+                pediatric.gate.to(memory_format=torch.channels_last)
         # fp16 rather than bf16 by default: FCOS decodes boxes inside the autocast region, and bf16's 8-bit
         # mantissa would cost several pixels of box precision at 512 px.
         self.amp_dtype = torch.float16
@@ -130,11 +144,14 @@ class TriageModel:
 
     @torch.inference_mode()
     def analyze_tensor(self, x: torch.Tensor, shapes: Sequence[tuple[int, int]], timings: dict | None = None,
-                       run_detector: Sequence[bool] | None = None) -> list[RawOutput]:
-        """Run gate and detector on a preprocessed N x 1 x S x S batch (S = input_size) on the model's device."""
+                       run_detector: Sequence[bool] | None = None,
+                       ages: Sequence[float | None] | None = None) -> list[RawOutput]:
+        """Run gate and detector on a preprocessed N x 1 x S x S batch (S = input_size) on the model's device.
+        ``ages`` (years, None = unknown): films below the age of an operating point with its own gate get that
+        gate's score and map."""
         timings = timings if timings is not None else {}
         if self.detector is None:
-            return self._analyze_cam(x, shapes, timings, run_detector)
+            return self._analyze_cam(x, shapes, timings, run_detector, ages)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         with self._autocast():
@@ -144,7 +161,7 @@ class TriageModel:
             probs = torch.sigmoid(self.gate(g).float()).cpu().numpy()
         sync()
         t1 = time.perf_counter()
-        todo = [i for i in range(len(x)) if run_detector is None or run_detector[i] or probs[i] >= self.threshold]
+        todo = [i for i in range(len(x)) if run_detector is None or run_detector[i] or probs[i] >= self.min_threshold]
         dets: dict[int, dict] = {}
         if todo:
             with self._autocast():
@@ -168,19 +185,35 @@ class TriageModel:
             timings[k] = timings.get(k, 0.0) + 1000 * v
         return res
 
+    def _cam(self, gate: torch.nn.Module, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(gate, CamClassifier)
+        logits, cams = gate.forward_cam(g)
+        if self.tta:
+            lf, cf = gate.forward_cam(g.flip(-1))
+            logits, cams = (logits + lf) / 2, (cams + cf.flip(-1)) / 2
+        return logits, cams
+
     def _analyze_cam(self, x: torch.Tensor, shapes: Sequence[tuple[int, int]], timings: dict,
-                     run_detector: Sequence[bool] | None) -> list[RawOutput]:
+                     run_detector: Sequence[bool] | None, ages: Sequence[float | None] | None) -> list[RawOutput]:
         """One classifier pass gives the probability and the activation map; boxes are read from the map."""
-        assert isinstance(self.gate, CamClassifier)
         t0 = time.perf_counter()
+        ped = self.pediatric if self.pediatric is not None and self.pediatric.gate is not None else None
+        young = [i for i, a in enumerate(ages or ()) if ped is not None and a is not None and a < ped.max_age_years]
+        rest = sorted(set(range(len(x))) - set(young))
         with self._autocast():
             g = resize_batch(x, self.gate_size)
             if self.channels_last:
                 g = g.contiguous(memory_format=torch.channels_last)
-            logits, cams = self.gate.forward_cam(g)
-            if self.tta:
-                lf, cf = self.gate.forward_cam(g.flip(-1))
-                logits, cams = (logits + lf) / 2, (cams + cf.flip(-1)) / 2
+            if not young:
+                logits, cams = self._cam(self.gate, g)
+            else:  # each film through its own population's gate only
+                assert ped is not None and ped.gate is not None
+                parts = [(idx, self._cam(net, g[idx])) for idx, net in ((young, ped.gate), (rest, self.gate)) if idx]
+                logits = torch.empty((len(x),) + parts[0][1][0].shape[1:], dtype=parts[0][1][0].dtype,
+                                     device=g.device)
+                cams = torch.empty((len(x),) + parts[0][1][1].shape[1:], dtype=parts[0][1][1].dtype, device=g.device)
+                for idx, (lg, cm) in parts:
+                    logits[idx], cams[idx] = lg, cm
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         cams_np = cams.float().cpu().numpy()
         t1 = time.perf_counter()
@@ -200,9 +233,11 @@ class TriageModel:
         return res
 
     def analyze(self, images: Sequence[np.ndarray], run_detector: bool = True,
-                timings: list[dict] | None = None) -> list[RawOutput]:
+                timings: list[dict] | None = None, ages: Sequence[float | None] | None = None) -> list[RawOutput]:
         """Raw outputs for 2-D float images in [0,1] of any size, batched. ``run_detector=False`` skips the
-        detector where the gate says negative (what ``predict`` does)."""
+        detector where the gate says negative (what ``predict`` does). ``ages``: see ``analyze_tensor``."""
+        if ages is not None and len(ages) != len(images):
+            raise ValueError(f"{len(images)} images but {len(ages)} ages")
         res: list[RawOutput] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
@@ -210,7 +245,8 @@ class TriageModel:
             t0 = time.perf_counter()
             x = to_batch(chunk, self.input_size, self.device)
             t["preprocess"] = 1000 * (time.perf_counter() - t0)
-            res += self.analyze_tensor(x, [im.shape for im in chunk], t, [run_detector] * len(chunk))
+            res += self.analyze_tensor(x, [im.shape for im in chunk], t, [run_detector] * len(chunk),
+                                       None if ages is None else ages[start:start + self.batch_size])
             if timings is not None:
                 n = len(chunk)
                 timings += [{k: v / n for k, v in t.items()} | {"batch": float(n)}] * n
@@ -258,11 +294,9 @@ class TriageModel:
         ``ages`` (years, None = unknown) picks each film's operating point (``threshold_for``)."""
         t0 = time.perf_counter()
         timings: list[dict] = []
-        raws = self.analyze(list(images), run_detector=not use_gate, timings=timings)
+        ages = list(ages) if ages is not None else [None] * len(images)
+        raws = self.analyze(list(images), run_detector=not use_gate, timings=timings, ages=ages)
         total = 1000 * (time.perf_counter() - t0) / max(len(raws), 1)
-        ages = list(ages) if ages is not None else [None] * len(raws)
-        if len(ages) != len(raws):
-            raise ValueError(f"{len(raws)} images but {len(ages)} ages")
         return [self.postprocess(r, use_gate, use_prior, t | {"total": total}, a)
                 for r, t, a in zip(raws, timings, ages)]
 
@@ -301,16 +335,56 @@ def _half(sd: dict) -> dict:
             for k, v in sd.items()}
 
 
+_SCALE = ".__int8_scale__"
+
+
+def _int8(sd: dict) -> dict:
+    """Weight-only int8 storage: every floating tensor of 2 or more dimensions (convolution and linear weights) as
+    int8 with one fp32 scale per output channel (symmetric, max |w| -> 127); the rest (biases, batch-norm) fp16.
+    Half the bytes of fp16 for a ResNet; the network still computes in fp32 after loading."""
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and v.dim() >= 2:
+            w = v.float()
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
+            out[k] = torch.round(w / scale).clamp(-127, 127).to(torch.int8).contiguous()
+            out[k + _SCALE] = scale.contiguous()
+        else:
+            out[k] = (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+    return out
+
+
+def _dequantize(sd: dict) -> dict:
+    """The fp32 state dict of ``_int8``'s (or fp16) tensors."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_SCALE):
+            continue
+        out[k] = v.float() * sd[k + _SCALE] if k + _SCALE in sd else (v.float() if v.is_floating_point() else v)
+    return out
+
+
 def save_package(model: TriageModel, path: str | os.PathLike, extra: dict | None = None,
-                 card: str | None = None) -> Path:
-    """Write a model package: fp16 safetensors weights, model.json with checksums, MODEL_CARD.md."""
+                 card: str | None = None, weights: str = "fp16") -> Path:
+    """Write a model package: safetensors weights (``weights``: fp16, or int8 weight-only with per-channel
+    scales), model.json with checksums, MODEL_CARD.md."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}")
+    pack = _half if weights == "fp16" else _int8
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     if model.detector is not None:
-        save_file(_half(model.detector.state_dict()), d / "detector.safetensors")
-    save_file(_half(model.gate.state_dict()), d / "gate.safetensors")
+        save_file(pack(model.detector.state_dict()), d / "detector.safetensors")
+    save_file(pack(model.gate.state_dict()), d / "gate.safetensors")
     save_file({"heat": torch.from_numpy(model.prior.heat.copy())}, d / "prior.safetensors")
     files = list(weight_files(model.detector_arch))
+    ped = model.pediatric
+    if ped is not None and ped.gate is not None:
+        save_file(pack(ped.gate.state_dict()), d / PEDIATRIC_GATE_FILE)
+        files.append(PEDIATRIC_GATE_FILE)
+    elif (d / PEDIATRIC_GATE_FILE).exists():
+        (d / PEDIATRIC_GATE_FILE).unlink()
     if model.atlas is not None:
         save_file({"mean": torch.from_numpy(model.atlas.mean.copy()), "sd": torch.from_numpy(model.atlas.sd.copy())},
                   d / ATLAS_FILE)
@@ -318,6 +392,7 @@ def save_package(model: TriageModel, path: str | os.PathLike, extra: dict | None
     elif (d / ATLAS_FILE).exists():
         (d / ATLAS_FILE).unlink()  # a package rewritten without its atlas must not keep a stale one
     cfg = model.config() | (extra or {})
+    cfg["weights"] = weights
     cfg["files"] = {f: {"sha256": _sha256(d / f), "bytes": (d / f).stat().st_size} for f in files}
     (d / "model.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if card is not None:
@@ -360,8 +435,7 @@ def verify_package(path: str | os.PathLike) -> dict:
 
 def _load_state(module: torch.nn.Module, path: Path) -> None:
     try:
-        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-        module.load_state_dict(sd, strict=True)
+        module.load_state_dict(_dequantize(load_file(str(path))), strict=True)
     except Exception as e:  # safetensors header errors, shape mismatches
         raise ModelError(f"cannot load weights {path}: {str(e)[:400]}") from None
 
@@ -377,12 +451,22 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
         ps = th["prior"]
         loc = cfg.get("localiser") or {}
         ped = th.get("gate_pediatric")
-        pediatric = AgeOperatingPoint.from_settings("pediatric", ped) if ped is not None else None
+        ped_gate = None
+        if ped is not None and ped.get("gate"):
+            if PEDIATRIC_GATE_FILE not in cfg["files"]:
+                raise ModelError(f"model package {d}: the pediatric operating point has a gate but model.json lists "
+                                 f"no checksum for {PEDIATRIC_GATE_FILE}")
+            ped_gate = build_classifier(ped["gate"]["arch"])
+        pediatric = AgeOperatingPoint.from_settings("pediatric", ped, ped_gate) if ped is not None else None
+        if cfg.get("weights", "fp16") not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {cfg.get('weights')!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"model package {d}: incompatible model.json ({e})") from None
     if detector is not None:
         _load_state(detector, d / "detector.safetensors")
     _load_state(gate, d / "gate.safetensors")
+    if pediatric is not None and pediatric.gate is not None:
+        _load_state(pediatric.gate, d / PEDIATRIC_GATE_FILE)
     try:
         heat = load_file(str(d / "prior.safetensors"))["heat"].numpy()
     except Exception as e:

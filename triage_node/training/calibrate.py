@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     if not items:
         raise SystemExit("no films to calibrate on (check --image-labels and --split)")
     y = np.array([it.label for it in items])
-    p = np.array([r.probability for r in run(model, items)])
+    p = np.array([r.probability for r in run(model, items, ages=[0.0] * len(items))])  # the pediatric gate, if any
     try:
         chosen = choose_threshold(y, p, args.min_sensitivity)
     except ValueError as e:

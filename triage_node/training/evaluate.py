@@ -218,12 +218,14 @@ def _header_age(path: Path) -> float | None:
         return None
 
 
-def run(model, items: list[Item], chunk: int = 16):
+def run(model, items: list[Item], chunk: int = 16, ages: list[float | None] | None = None):
+    """Raw outputs of every film; ``ages`` route films to an age-specific gate where the package has one."""
     from triage_node.training.data import load_image
 
     raws = []
     for i in range(0, len(items), chunk):
-        raws += model.analyze([load_image(it.path) for it in items[i:i + chunk]], run_detector=True)
+        raws += model.analyze([load_image(it.path) for it in items[i:i + chunk]], run_detector=True,
+                              ages=None if ages is None else ages[i:i + chunk])
     return raws
 
 
@@ -292,10 +294,10 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     items = read_items(args)
     other = read_other_scores(args.compare) if args.compare else None
-    raws = run(model, items)
+    ages = film_ages(items, args.population)
+    raws = run(model, items, ages=ages)
     y = np.array([it.label for it in items])
     p = np.array([r.probability for r in raws])
-    ages = film_ages(items, args.population)
     points = [model.threshold_for(a) for a in ages]
     ts = np.array([t for t, _ in points])
     report: dict = {"model": {"name": model.info.name, "version": model.info.version, "path": str(args.model),
