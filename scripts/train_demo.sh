@@ -274,7 +274,11 @@ fi
 #     and Kermany val AUC within 0.005 of 0.3.1 (0.988), (d) <= 25 MB, and `bench/cpu_infer.py` against 0.3.1 >= 0.95x.
 if [ "${AGEGATE:-0}" = 1 ]; then
   PKG=var/age-gate/pkg
-  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from models/demo --max-age 6 \
+  mkdir -p var/pkg-0.3.1  # 0.3.1-demo as shipped until this step (models/demo at 509881d)
+  for f in model.json gate.safetensors prior.safetensors atlas.safetensors split.json; do
+    git show "509881d:models/demo/$f" > "var/pkg-0.3.1/$f"
+  done
+  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from var/pkg-0.3.1 --max-age 6 \
     --version 0.4.0-demo --out "$PKG"
   for side in val test; do
     $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "models/demo/split.json:$side" \

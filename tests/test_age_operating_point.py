@@ -147,12 +147,14 @@ def test_calibrate_and_evaluate_on_real_pediatric_films(tmp_path, capsys):
     and `evaluate --population pediatric` judges them at it."""
     labels = _kermany_csv(tmp_path)
     pkg = tmp_path / "pkg"
+    shipped = (DEMO / "model.json").read_bytes()
     args = calibrate.get_args_parser().parse_args(
         ["--model", str(DEMO), "--image-labels", str(labels), "--max-age", "6", "--min-sensitivity", "1.0",
          "--out", str(pkg), "--threads", "1"])
     assert calibrate.main(args) == 0
     point = json.loads((pkg / "model.json").read_text())["thresholds"]["gate_pediatric"]
-    assert "gate_pediatric" not in json.loads((DEMO / "model.json").read_text())["thresholds"]
+    assert (DEMO / "model.json").read_bytes() == shipped  # --out: the shipped package is not touched
+    assert point["gate"]["file"] == "gate_pediatric.safetensors"  # the package's own pediatric gate is kept
     assert point["max_age_years"] == 6.0 and point["calibration"]["n"] == 8
     assert point["calibration"]["sensitivity"] == 1.0
     m = load_model(pkg, device="cpu")
@@ -245,3 +247,109 @@ def test_evaluate_reads_the_age_as_the_node_does(tmp_path):
     assert evaluate.film_ages(items, "auto") == [4.0, 40.0, None, None]
     assert evaluate.film_ages(items, "pediatric") == [0.0] * 4
     assert evaluate.film_ages(items, "adult") == [200.0] * 4
+
+
+# ----------------------------------------------------------------------------------- a pediatric gate of its own
+def _seeded_classifier(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = build_classifier("resnet18")
+    with torch.no_grad():  # a distinct, non-trivial final layer, so the two gates disagree clearly
+        for prm in net.parameters():
+            if prm.dim() == 2:
+                prm.normal_(0, 0.5)
+    return net
+
+
+def _two_gate_model(max_age: float = 6.0) -> TriageModel:
+    point = AgeOperatingPoint("pediatric", 0.4, max_age, "test", gate=_seeded_classifier(2), gate_arch="resnet18")
+    m = _model(0.5, point)
+    m.gate = _seeded_classifier(1).eval()
+    m.gate.to(memory_format=torch.channels_last)
+    return m
+
+
+def test_each_film_goes_through_its_own_populations_gate_only():
+    films = [np.random.default_rng(i).random((80, 70), dtype=np.float32) for i in range(4)]
+    ages = [3.0, 40.0, None, 5.9]
+    m = _two_gate_model()
+    mixed = [r.probability for r in m.analyze(films, ages=ages)]
+    alone = [m.analyze([f], ages=[a])[0].probability for f, a in zip(films, ages)]
+    assert mixed == pytest.approx(alone, abs=1e-5)  # batching children with adults changes nothing
+    adult_only = [r.probability for r in m.analyze(films)]  # no ages: every film through the adult gate
+    assert mixed[1] == pytest.approx(adult_only[1], abs=1e-5) and mixed[2] == pytest.approx(adult_only[2], abs=1e-5)
+    assert abs(mixed[0] - adult_only[0]) > 1e-3 and abs(mixed[3] - adult_only[3]) > 1e-3
+    child = _model(0.5)
+    child.gate = m.pediatric.gate  # the pediatric gate alone gives the children's scores
+    assert [r.probability for r in child.analyze([films[0], films[3]])] == pytest.approx([mixed[0], mixed[3]],
+                                                                                          abs=1e-5)
+    preds = m.predict(films, ages=ages)
+    assert [p.operating_point for p in preds] == ["pediatric", "adult", "age unknown", "pediatric"]
+    assert [p.threshold for p in preds] == [0.4, 0.5, 0.5, 0.4]
+
+
+def test_int8_weights_round_trip_within_half_a_step_and_keep_the_scores(tmp_path):
+    from triage_node.inference.model import _dequantize, _int8
+
+    sd = _seeded_classifier(3).state_dict()
+    back = _dequantize(_int8(sd))
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            step = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True) / 127
+            assert bool(((back[k] - v).abs() <= step / 2 + 1e-7).all()), k
+    m = _two_gate_model()
+    save_package(m, tmp_path / "fp16")
+    save_package(m, tmp_path / "int8", weights="int8")
+    sizes = {w: sum(f.stat().st_size for f in (tmp_path / w).glob("*.safetensors")) for w in ("fp16", "int8")}
+    assert sizes["int8"] < 0.55 * sizes["fp16"]
+    assert load_model(tmp_path / "int8", device="cpu").pediatric.gate is not None
+    # a trained network: the shipped gate (already on the int8 grid) moved off the grid by a third of a step per
+    # weight, stored as fp16 and as int8, scores the real samples alike
+    shipped = load_model(DEMO, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for prm in shipped.gate.parameters():
+            if prm.dim() >= 2:
+                step = prm.abs().amax(dim=tuple(range(1, prm.dim())), keepdim=True) / 127
+                prm.add_(torch.randn_like(prm) * step / 3)
+    save_package(shipped, tmp_path / "demo-fp16")
+    save_package(shipped, tmp_path / "demo-int8", weights="int8")
+    shipped = load_model(tmp_path / "demo-fp16", device="cpu")
+    films = [dicom_io.pixels(pydicom.dcmread(f)) for f in SAMPLES[:6]]
+    pa = [r.probability for r in shipped.analyze(films)]
+    pb = [r.probability for r in load_model(tmp_path / "demo-int8", device="cpu").analyze(films)]
+    assert pb == pytest.approx(pa, abs=0.01) and pb != pa
+
+
+def test_a_pediatric_gate_without_its_checksum_is_refused(tmp_path):
+    save_package(_two_gate_model(), tmp_path / "pkg", weights="int8")
+    cfg = json.loads((tmp_path / "pkg" / "model.json").read_text())
+    assert cfg["thresholds"]["gate_pediatric"]["gate"] == {"file": "gate_pediatric.safetensors", "arch": "resnet18"}
+    assert cfg["weights"] == "int8"
+    del cfg["files"]["gate_pediatric.safetensors"]
+    (tmp_path / "pkg" / "model.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="gate_pediatric"):
+        load_model(tmp_path / "pkg", device="cpu")
+
+
+def test_age_gate_combines_two_packages(tmp_path):
+    from triage_node.training import age_gate
+
+    adult, child = _model(0.3), _model(0.7)
+    child.gate = _seeded_classifier(5).eval()
+    save_package(adult, tmp_path / "adult")
+    save_package(child, tmp_path / "child")
+    (tmp_path / "adult" / "split.json").write_text("{}")
+    args = age_gate.get_args_parser().parse_args(
+        ["--model", str(tmp_path / "adult"), "--pediatric-from", str(tmp_path / "child"), "--max-age", "6",
+         "--version", "9.9-demo", "--out", str(tmp_path / "both")])
+    assert age_gate.main(args) == 0
+    both = load_model(tmp_path / "both", device="cpu")
+    assert both.info.version == "9.9-demo" and both.threshold == 0.3
+    assert both.pediatric is not None and both.pediatric.threshold == 0.7 and both.pediatric.max_age_years == 6.0
+    assert (tmp_path / "both" / "split.json").exists()
+    film = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    c = load_model(tmp_path / "child", device="cpu").analyze([film])[0].probability
+    a = load_model(tmp_path / "adult", device="cpu").analyze([film])[0].probability
+    kid, grown = both.analyze([film, film], ages=[2.0, 30.0])
+    assert kid.probability == pytest.approx(c, abs=0.02) and grown.probability == pytest.approx(a, abs=0.02)

@@ -140,3 +140,29 @@ def test_shipped_demo_model_has_skill_on_held_out_real_films():
     # measured 18/26 = 0.69 with 0.3.1's density side prior (0.3.0 without it: 12/26 = 0.46); target 0.70
     assert loc["boxed_films"] == 26 and loc["top_box_iobb_0.1"] >= 0.6
     assert m.atlas is not None  # the side prior ships with the demo model
+
+
+def test_shipped_demo_model_routes_children_to_its_pediatric_gate():
+    """0.4.0: films of patients under 6 go through the pediatric gate (0.3.1's, Kermany-trained). On held-out
+    Kermany films (the package's own test groups) it must rank pneumonia well, and far better than the adult gate,
+    which never saw a child (model card: AUC 0.98 vs 0.52 on all 773). The package stays within 25 MB."""
+    from conftest import shared_data
+
+    from triage_node.inference.gate import roc_auc
+    from triage_node.training.data import load_image
+    from triage_node.training.images import read_source
+
+    assert sum(f.stat().st_size for f in DEMO.glob("*.safetensors")) <= 25_000_000
+    m = load_model(DEMO, device="cpu")
+    assert m.pediatric is not None and m.pediatric.gate is not None and m.pediatric.max_age_years == 6.0
+    test_keys = set(json.loads((DEMO / "split.json").read_text())["kermany_224"]["test"])
+    src = read_source(str(shared_data("kermany_224", "labels.csv")))
+    idx = [i for i, k in enumerate(src.keys) if k in test_keys]
+    pos = [i for i in idx if src.labels[i] == 1][:40]
+    neg = [i for i in idx if src.labels[i] == 0][:40]
+    films = [load_image(src.paths[i]) for i in pos + neg]
+    y = np.array([1] * len(pos) + [0] * len(neg))
+    child = np.array([r.probability for r in m.analyze(films, ages=[3.0] * len(films))])
+    adult = np.array([r.probability for r in m.analyze(films, ages=[40.0] * len(films))])
+    assert roc_auc(y, child) >= 0.9
+    assert roc_auc(y, child) - roc_auc(y, adult) >= 0.2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -78,9 +79,14 @@ def main(args: argparse.Namespace) -> int:
                          "pediatric_from": f"{child.info.name} {child.info.version}",
                          "pediatric_training_data": child.meta.get("training_data", {})}
     out = save_package(model, args.out, extra=extra, weights=args.weights)
-    split = Path(args.model) / "split.json"
-    if split.exists():
-        (out / "split.json").write_bytes(split.read_bytes())
+    # which films trained / validated / tested each gate: the adult package's sources, plus the pediatric package's
+    # sources the adult one does not have (e.g. its Kermany groups)
+    splits = [json.loads(f.read_text()) for f in (src / "split.json", Path(args.model) / "split.json") if f.exists()]
+    if splits:
+        merged: dict = {}
+        for sp in splits:
+            merged |= sp
+        (out / "split.json").write_text(json.dumps(merged, indent=1) + "\n")
     load_model(out, device="cpu")
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     print(f"wrote {out}: adult gate {adult.info.version} (threshold {adult.threshold:.4f}), pediatric gate "

@@ -84,11 +84,13 @@ def main(args: argparse.Namespace) -> int:
         chosen = choose_threshold(y, p, args.min_sensitivity)
     except ValueError as e:
         raise SystemExit(f"calibrate: {e}") from None
-    point = AgeOperatingPoint(
+    own = model.pediatric if model.pediatric is not None and model.pediatric.gate is not None else None
+    point = AgeOperatingPoint(  # a package with a pediatric gate of its own keeps it: the films were scored by it
         args.population, chosen["threshold"], args.max_age,
         rule=f"highest accuracy with sensitivity >= {args.min_sensitivity:g} on the calibration films",
         calibration={"image_labels": str(args.image_labels), "split": args.split, "date": time.strftime("%Y-%m-%d"),
-                     **{k: chosen[k] for k in ("n", "positives", "sensitivity", "specificity", "accuracy")}})
+                     **{k: chosen[k] for k in ("n", "positives", "sensitivity", "specificity", "accuracy")}},
+        gate=own.gate if own else None, gate_arch=own.gate_arch if own else "")
     target = Path(args.model)
     if args.out:
         target = Path(args.out)
