@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The exact commands that produced models/demo (0.3.1-demo: the 0.3.0-demo weights of steps 1-2, 192 px, plus
-# step 8's side prior) on this 2-core CPU machine (~20 min of training for steps 1-2). Every stage checkpoints each epoch and resumes when re-run (delete var/<stage> to start afresh).
+# The exact commands that produced models/demo on this 2-core CPU machine. Every stage checkpoints each epoch and
+# resumes when re-run (delete var/<stage> to start afresh).
+# 0.4.0-demo (shipped): `CV4=1 PRETRAIN=0 MAIN=0` (step 13), then `FINAL=plain RECIPE="--lr 2e-3" CALIBRATE=1
+# PRETRAIN=0 MAIN=0` (step 12), then `AGEGATE=1 PRETRAIN=0 MAIN=0` (step 15, with 0.3.1's gate taken from git).
+# 0.3.1-demo (its gate judges children in 0.4.0): the 0.3.0-demo weights of steps 1-2, 192 px, plus step 8's side
+# prior (~20 min of training for steps 1-2). Steps 2-8 write or read models/demo as it was then (0.3.x); re-running
+# them now acts on 0.4.0.
 #   1. pretrain the classifier on the Kermany pediatric films (image-level, split by id_prefix)
 #   2. train on the NIH adult films (primary source; split by nih_patient_id, every boxed patient held out in
 #      test) mixed with Kermany at weight 0.3, starting from stage 1; operating point: sensitivity 0.90 on val;
@@ -15,6 +20,22 @@ DATA=${SHARED:-../shared}/data
 NIH=$DATA/nih_adult
 KER=$DATA/kermany_224
 COMMON=(--batch-size 32 --threads 2 --seed 0 --no-progress)
+# 0.3.1-demo as shipped until step 15 (models/demo at 509881d), taken from git; its split.json is the split every
+# evaluation of steps 9-15 uses (models/demo holds 0.4.0 since step 15, whose NIH pool has no val side)
+PKG031=var/pkg-0.3.1
+SPLIT=$PKG031/split.json
+pkg_031() {
+  [ -f "$PKG031/model.json" ] && return
+  mkdir -p "$PKG031"
+  for f in model.json gate.safetensors prior.safetensors atlas.safetensors split.json; do
+    git show "509881d:models/demo/$f" > "$PKG031/$f"
+  done
+}
+eval_nih() {  # PACKAGE SIDE OUT [COMPARE_REPORT_DIR]: the NIH films of SIDE, localisation on both halves too
+  $PY -m triage_node.cli evaluate --model "$1" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
+    --split "$SPLIT:$2" --loc-subset scripts/loc_split.json:dev_images --loc-subset scripts/loc_split.json:test_images \
+    --threads 2 ${4:+--compare "$4"} --out "$3"
+}
 
 # PRETRAIN=0 skips step 1 (the plain recipes of steps 10-13 do not use it)
 if [ "${PRETRAIN:-1}" = 1 ]; then
@@ -164,17 +185,12 @@ if [ "${CV:-0}" = 1 ]; then
     --boxes "$NIH/boxes.csv" --holdout-boxed --init var/pretrain-192/checkpoint.pt --epochs 16 --lr 1e-3 \
     --cv 4:all --threshold "$T" --stop-epoch "$E" --checkpoint-dir "$CVDIR/final" --out "$CVDIR/pkg" \
     --version 0.4.0-demo --size 192 "${COMMON[@]}"
+  pkg_031
   for side in val test; do  # the shipped 0.3.1's reports, to compare film for film (as step 8 writes them)
-    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || $PY -m triage_node.cli evaluate --model models/demo \
-      --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --split "models/demo/split.json:$side" \
-      --loc-subset scripts/loc_split.json:dev_images --loc-subset scripts/loc_split.json:test_images --threads 2 \
-      --out "var/eval/0.3.1-nih-$side"
+    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || eval_nih "$PKG031" "$side" "var/eval/0.3.1-nih-$side"
   done
   for side in val test; do  # val is inside the final run's training pool: reported, not a held-out figure
-    $PY -m triage_node.cli evaluate --model "$CVDIR/pkg" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
-      --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
-      --loc-subset scripts/loc_split.json:test_images --threads 2 --compare "var/eval/0.3.1-nih-$side" \
-      --out "var/eval/0.4.0-nih-$side"
+    eval_nih "$CVDIR/pkg" "$side" "var/eval/0.4.0-nih-$side" "var/eval/0.3.1-nih-$side"
   done
   $PY -m triage_node.cli evaluate --model "$CVDIR/pkg" --image-labels "$KER/labels.csv" \
     --split "$CVDIR/pkg/split.json:test" --threads 2 --out var/eval/0.4.0-kermany-test
@@ -274,19 +290,13 @@ fi
 #     and Kermany val AUC within 0.005 of 0.3.1 (0.988), (d) <= 25 MB, and `bench/cpu_infer.py` against 0.3.1 >= 0.95x.
 if [ "${AGEGATE:-0}" = 1 ]; then
   PKG=var/age-gate/pkg
-  mkdir -p var/pkg-0.3.1  # 0.3.1-demo as shipped until this step (models/demo at 509881d)
-  for f in model.json gate.safetensors prior.safetensors atlas.safetensors split.json; do
-    git show "509881d:models/demo/$f" > "var/pkg-0.3.1/$f"
-  done
-  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from var/pkg-0.3.1 --max-age 6 \
+  pkg_031
+  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from "$PKG031" --max-age 6 \
     --version 0.4.0-demo --out "$PKG"
   for side in val test; do
-    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "models/demo/split.json:$side" \
+    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "$SPLIT:$side" \
       --population pediatric --threads 2 --out "var/eval/agegate-kermany-$side"
-    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
-      --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
-      --loc-subset scripts/loc_split.json:test_images --threads 2 --compare "var/eval/plain-nih-$side" \
-      --out "var/eval/agegate-nih-$side"
+    eval_nih "$PKG" "$side" "var/eval/agegate-nih-$side" "var/eval/plain-nih-$side"
   done
   $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
     --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out var/eval/agegate-rsna10
@@ -310,23 +320,18 @@ if [ -n "${FINAL:-}" ]; then
   # CALIBRATE=1 (step 13's rule b): the pediatric operating point, chosen on the Kermany *train* groups
   if [ "${CALIBRATE:-0}" = 1 ]; then
     $PY -m triage_node.cli calibrate --model "$PKG" --image-labels "$KER/labels.csv" \
-      --split models/demo/split.json:train --max-age 6 --min-sensitivity 0.90 --threads 2
+      --split "$SPLIT:train" --max-age 6 --min-sensitivity 0.90 --threads 2
   fi
   # Kermany's groups as every seed-0 run splits them (a recipe without Kermany has no Kermany split of its own);
   # every Kermany film is a child's (--population pediatric: the package's pediatric point, where it has one)
-  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:val \
+  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "$SPLIT:val" \
     --population pediatric --threads 2 --out "var/eval/$FINAL-kermany-val"
+  pkg_031
   for side in val test; do
-    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || $PY -m triage_node.cli evaluate --model models/demo \
-      --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" --split "models/demo/split.json:$side" \
-      --loc-subset scripts/loc_split.json:dev_images --loc-subset scripts/loc_split.json:test_images --threads 2 \
-      --out "var/eval/0.3.1-nih-$side"
-    $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$NIH/labels.csv" --boxes "$NIH/boxes.csv" \
-      --split "models/demo/split.json:$side" --loc-subset scripts/loc_split.json:dev_images \
-      --loc-subset scripts/loc_split.json:test_images --threads 2 --compare "var/eval/0.3.1-nih-$side" \
-      --out "var/eval/$FINAL-nih-$side"
+    [ -f "var/eval/0.3.1-nih-$side/per_image.csv" ] || eval_nih "$PKG031" "$side" "var/eval/0.3.1-nih-$side"
+    eval_nih "$PKG" "$side" "var/eval/$FINAL-nih-$side" "var/eval/0.3.1-nih-$side"
   done
-  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split models/demo/split.json:test \
+  $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "$SPLIT:test" \
     --population pediatric --threads 2 --out "var/eval/$FINAL-kermany-test"
   $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
     --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out "var/eval/$FINAL-rsna10"

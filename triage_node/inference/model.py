@@ -199,7 +199,6 @@ class TriageModel:
         t0 = time.perf_counter()
         ped = self.pediatric if self.pediatric is not None and self.pediatric.gate is not None else None
         young = [i for i, a in enumerate(ages or ()) if ped is not None and a is not None and a < ped.max_age_years]
-        rest = sorted(set(range(len(x))) - set(young))
         with self._autocast():
             g = resize_batch(x, self.gate_size)
             if self.channels_last:
@@ -208,6 +207,7 @@ class TriageModel:
                 logits, cams = self._cam(self.gate, g)
             else:  # each film through its own population's gate only
                 assert ped is not None and ped.gate is not None
+                rest = sorted(set(range(len(x))) - set(young))
                 parts = [(idx, self._cam(net, g[idx])) for idx, net in ((young, ped.gate), (rest, self.gate)) if idx]
                 logits = torch.empty((len(x),) + parts[0][1][0].shape[1:], dtype=parts[0][1][0].dtype,
                                      device=g.device)

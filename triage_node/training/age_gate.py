@@ -14,7 +14,6 @@ scales by default (``--weights``), so two ResNet-18s fit the package budget of o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -37,10 +36,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main(args: argparse.Namespace) -> int:
     from triage_node.inference.classifier import CamClassifier
     from triage_node.inference.model import AgeOperatingPoint, TriageModel, load_model, save_package
@@ -60,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         rule=f"the gate and operating threshold of {child.info.name} {child.info.version} (chosen on its own "
              f"validation split), for patients younger than {args.max_age:g} years",
         calibration={"gate_from": f"{child.info.name} {child.info.version}",
-                     "gate_sha256": _sha(src / "gate.safetensors"),
+                     "gate_sha256": child.meta["files"]["gate.safetensors"]["sha256"],  # checked by load_model
                      "metrics": (child.meta.get("metrics") or {}).get("other_val_sources", {})},
         gate=child.gate, gate_arch=child.gate_arch)
     info = ModelInfo(name=adult.info.name, version=args.version,

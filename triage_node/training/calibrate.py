@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from triage_node.training.classifier_train import operating_point
 from triage_node.training.evaluate import read_items, run
 
 
@@ -42,9 +43,7 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float) -> di
         if best is None or acc > best[1]:
             best = (float(t), acc)
     assert best is not None  # the lowest score flags every film: sensitivity 1.0
-    t = best[0]
-    return {"threshold": t, "sensitivity": float((p[y] >= t).mean()), "specificity": float((p[~y] < t).mean()),
-            "accuracy": best[1], "n": int(len(y)), "positives": int(y.sum())}
+    return operating_point(y, p, best[0])
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -103,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{args.population} operating point (age < {args.max_age:g} y): threshold {chosen['threshold']:.4f} on "
           f"{chosen['n']} films ({chosen['positives']} pos): sens {chosen['sensitivity']:.3f}  spec "
           f"{chosen['specificity']:.3f}  acc {chosen['accuracy']:.3f}; adult point {model.threshold:.4f} gives acc "
-          f"{float(((p >= model.threshold) == y.astype(bool)).mean()):.3f}; wrote {target / 'model.json'}")
+          f"{operating_point(y, p, model.threshold)['accuracy']:.3f}; wrote {target / 'model.json'}")
     return 0
 
 

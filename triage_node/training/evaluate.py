@@ -161,15 +161,15 @@ def read_items(args: argparse.Namespace) -> list[Item]:
     items: list[Item] = []
     if args.image_labels:
         src = I.read_source(args.image_labels)
-        ages = csv_ages(src.csv)
+        ages = src.ages or [None] * len(src)
         boxes = I.read_boxes(args.boxes) if args.boxes else {}
         keep = None
         if args.split:
             manifest, _, side = args.split.rpartition(":")
             keep = set(json.loads(Path(manifest).read_text())[src.name][side])
-        for p, y, k, v in zip(src.paths, src.labels, src.keys, src.views):
+        for p, y, k, v, a in zip(src.paths, src.labels, src.keys, src.views, ages):
             if keep is None or k in keep:
-                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, ages.get(k)))
+                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, a))
     if args.rsna_labels:
         from triage_node.training.data import find_image, read_labels
 
@@ -178,20 +178,6 @@ def read_items(args: argparse.Namespace) -> list[Item]:
     if args.max_images:
         items = items[: args.max_images]
     return items
-
-
-def csv_ages(path: Path) -> dict[str, float]:
-    """Age in years by film key from a labels CSV's ``age`` column (the NIH pool's; what Patient's Age says in its
-    DICOM headers); empty when there is none."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out: dict[str, float] = {}
-    for r in rows:
-        try:
-            out[r.get("image_id") or Path(r.get("path") or r["file"]).stem] = float(r["age"])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
 
 
 def film_ages(items: list[Item], population: str) -> list[float | None]:

@@ -2,10 +2,10 @@
 
 A source is a CSV with at least ``path,label`` (paths relative to the CSV; DICOM, PNG or JPEG). Optional columns:
 a group column (``nih_patient_id``, ``id_prefix``, ``patient_id`` or ``group``; one patient's films always land in
-one split), ``view`` (PA/AP, for per-view metrics) and ``split`` (rows whose split is not ``train`` are ignored, as in
-Kermany's ``labels.csv``). Every image is decoded once, exactly as the node decodes it (``dicom_io.pixels`` for
-DICOM, the same percentile window otherwise), squashed to the working size with the node's own resize
-(``preprocess.to_batch``) and cached as uint8 under ``var/cache``.
+one split), ``view`` (PA/AP, for per-view metrics), ``age`` (years, for age-specific operating points) and ``split``
+(rows whose split is not ``train`` are ignored, as in Kermany's ``labels.csv``). Every image is decoded once,
+exactly as the node decodes it (``dicom_io.pixels`` for DICOM, the same percentile window otherwise), squashed to
+the working size with the node's own resize (``preprocess.to_batch``) and cached as uint8 under ``var/cache``.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ class Source:
     views: list[str]
     keys: list[str]
     images: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
+    ages: list[float | None] = field(default_factory=list)  # years, from an ``age`` column; empty without one
 
     def subset(self, idx: np.ndarray) -> Source:
         idx = np.asarray(idx, int)
         return Source(self.name, self.csv, self.weight, [self.paths[i] for i in idx], self.labels[idx],
                       [self.groups[i] for i in idx], [self.views[i] for i in idx], [self.keys[i] for i in idx],
-                      self.images[idx])
+                      self.images[idx], [self.ages[i] for i in idx] if self.ages else [])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,7 +72,7 @@ def read_source(spec: str, group_column: str | None = None) -> Source:
     gcol = group_column or next((c for c in GROUP_COLUMNS if c in cols), None)
     if gcol is not None and gcol not in cols:
         raise ValueError(f"{path}: no column {gcol!r}")
-    paths, labels, groups, views, keys = [], [], [], [], []
+    paths, labels, groups, views, keys, ages = [], [], [], [], [], []
     for r in rows:
         rel = r.get("path") or r["file"]
         lab = str(r["label"]).strip().lower()
@@ -80,8 +81,17 @@ def read_source(spec: str, group_column: str | None = None) -> Source:
         groups.append(str(r[gcol]) if gcol else rel)  # no group column: every image its own group
         views.append(str(r.get("view") or "").upper())
         keys.append(r.get("image_id") or Path(rel).stem)
+        ages.append(_years(r.get("age")))
     name = path.parent.name or path.stem
-    return Source(name, path, weight, paths, np.array(labels, np.int64), groups, views, keys)
+    return Source(name, path, weight, paths, np.array(labels, np.int64), groups, views, keys,
+                  ages=ages if "age" in cols else [])
+
+
+def _years(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def group_split(groups: list[str], fractions: tuple[float, float], seed: int = 0,
