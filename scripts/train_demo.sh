@@ -280,8 +280,11 @@ if [ "${CV5:-0}" = 1 ]; then
 fi
 
 # 16. (CV6=1) F. the issue's plain baseline exactly as #10 states it: ResNet-18 from scratch, 1 channel, **256 px**,
-#     **15 epochs** of AdamW + one-cycle, NIH only, crop/gamma/contrast augmentation, **flip TTA** (val scored with
-#     it); lr 2e-3 as A. The shipped adult gate (A: the same recipe at 192 px, 16 epochs, no TTA) was never compared
+#     **15 epochs** of AdamW + one-cycle, NIH only, crop/gamma/contrast augmentation, flip TTA; lr 2e-3 as A.
+#     Correction, 22:00 UTC, before any fold finished: the trainer applies `--tta` to the final validation and the
+#     package only; the per-epoch validation scores that cv-report pools are scored without the flip. So F's
+#     out-of-fold AUC is the baseline *without* its TTA (on 0.2.0's weights the flip moved test AUC by +0.001 and val
+#     by -0.003: the ablation table in the model card). The shipped adult gate (A: the same recipe at 192 px, 16 epochs, no TTA) was never compared
 #     with it on the same films: the 256 px rows of the ablation were one split of 84 val films.
 #     Declared 2026-12-06 21:55 UTC, before any fold of F ran. A measurement, not a candidate: nothing ships from it.
 #     Reported: F's out-of-fold AUC (same 501 films, same 4 folds by patient, same cv-report rule) and F vs A paired
