@@ -281,7 +281,7 @@ fi
 
 # 16. (CV6=1) F. the issue's plain baseline exactly as #10 states it: ResNet-18 from scratch, 1 channel, **256 px**,
 #     **15 epochs** of AdamW + one-cycle, NIH only, crop/gamma/contrast augmentation, flip TTA; lr 2e-3 as A.
-#     Correction, 22:00 UTC, before any fold finished: the trainer applies `--tta` to the final validation and the
+#     Correction, 21:54 UTC, before any fold finished: the trainer applies `--tta` to the final validation and the
 #     package only; the per-epoch validation scores that cv-report pools are scored without the flip. So F's
 #     out-of-fold AUC is the baseline *without* its TTA (on 0.2.0's weights the flip moved test AUC by +0.001 and val
 #     by -0.003: the ablation table in the model card). The shipped adult gate (A: the same recipe at 192 px, 16 epochs, no TTA) was never compared
@@ -293,6 +293,21 @@ fi
 #     recipe differed by 0.011 out-of-fold (0.882, 0.893), so a difference smaller than that is read as a tie.
 if [ "${CV6:-0}" = 1 ]; then
   EPOCHS=15 SIZE=256 cv_recipe baseline256 docs/evidence/2026-12-06/cv-plain.json --lr 2e-3 --tta
+fi
+
+# 17. (CV7=1) G. the plain recipe A with loss weights that balance view and label (`--balance view-label`): each
+#     (view, label) cell of the NIH training folds gets the same total weight. In the NIH pool the view is confounded
+#     with the label (AP 133 of 332 positive, PA 162 of 267), so reading the view raises pooled AUC and nothing
+#     within a view; A's out-of-fold AUC within AP is 0.852 (PA 0.929), against #10's per-view target of 0.90.
+#     Declared 2026-12-06 21:57 UTC, before any fold of G ran (F, step 16, was paused at its fold 0 to run G first).
+#     Rule: G vs A paired on the same 501 films (`cv-report --compare` against A's step-13 scores; overall and within
+#     each view). G replaces A as the adult gate (step 12's final run, `FINAL=balanced RECIPE="--lr 2e-3 --balance
+#     view-label"`, then step 15's packaging and checks c-d with 0.3.1's pediatric gate) only if
+#       (a) within AP, G - A has a 95 % CI that excludes 0 (above), and
+#       (b) pooled, G - A >= -0.005 and within PA, G - A >= -0.01 (point estimates: no real loss elsewhere).
+#     Otherwise A stays, and G's figures are reported either way.
+if [ "${CV7:-0}" = 1 ]; then
+  cv_recipe balanced docs/evidence/2026-12-06/cv-plain.json --lr 2e-3 --balance view-label
 fi
 
 # 15. (AGEGATE=1) 0.4.0-demo candidate: step 12's final model of A (adult gate, threshold, lung and side priors) with

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import nih_subset_csv, shared_data
 
 from triage_node.training import classifier_train as CT
@@ -107,6 +108,55 @@ def test_cv_report_compare_is_paired_on_the_same_films():
     with pytest.raises(SystemExit, match="different films"):
         CV.compare(better, {"out_of_fold": {"a": 0.9, "b": 0.1, "c": 0.8}}, labels)
 
+
+def test_cv_report_compare_within_each_view():
+    # AP: better ranks its pair right, worse wrong; PA: both rank right. Overall and per view, hand-worked.
+    labels = {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1, "f": 0}
+    views = {"a": "AP", "b": "AP", "c": "AP", "d": "AP", "e": "PA", "f": "PA"}
+    better = {"out_of_fold": {"a": 0.9, "b": 0.1, "c": 0.8, "d": 0.2, "e": 0.7, "f": 0.3}}
+    worse = {"out_of_fold": {"a": 0.1, "b": 0.9, "c": 0.2, "d": 0.8, "e": 0.7, "f": 0.3}}
+    d = CV.compare(better, worse, labels, views=views)
+    assert d["by_view"]["AP"]["difference"] == pytest.approx(1.0) and d["by_view"]["AP"]["n"] == 4
+    assert d["by_view"]["PA"]["difference"] == 0.0 and d["by_view"]["PA"]["n"] == 2
+    assert "by_view" not in CV.compare(better, worse, labels)  # no views given: overall only
+    # a view whose films are all of one class has no AUC: left out rather than reported as a number
+    one_class = dict(views, e="LL")
+    assert set(CV.compare(better, worse, labels, views=one_class | {"f": "XX"})["by_view"]) == {"AP"}
+
+
+def test_view_label_balance_gives_each_cell_the_same_weight():
+    src = I.Source("s", Path("x.csv"), 1.0, [Path(str(i)) for i in range(7)], np.array([1, 1, 1, 0, 1, 0, 0]),
+                   [str(i) for i in range(7)], ["AP", "AP", "AP", "AP", "PA", "PA", ""], [str(i) for i in range(7)])
+    w = CT.balance_weights(src, "view-label")
+    assert w.mean() == pytest.approx(1.0)
+    cells: dict = {}
+    for v, y, x in zip(src.views, src.labels, w):
+        cells[(v, int(y))] = cells.get((v, int(y)), 0.0) + float(x)
+    assert len(cells) == 5 and max(cells.values()) == pytest.approx(min(cells.values()))  # ("", 0) is a cell too
+    assert w[0] == pytest.approx(w[1]) and w[3] == pytest.approx(3 * w[0])  # 3 AP positives vs 1 AP negative
+    assert (CT.balance_weights(src, "none") == 1).all()
+    with pytest.raises(ValueError, match="unknown balance"):
+        CT.balance_weights(src, "label")
+    # on the real NIH pool the view is confounded with the label; balanced, the view no longer predicts it
+    nih = I.read_source(str(shared_data("nih_adult", "labels.csv")))
+    wn = CT.balance_weights(nih, "view-label")
+    views, y = np.array(nih.views), nih.labels.astype(bool)
+    raw = [y[views == v].mean() for v in ("AP", "PA")]
+    weighted = [wn[(views == v) & y].sum() / wn[views == v].sum() for v in ("AP", "PA")]
+    assert abs(raw[0] - raw[1]) > 0.15 and weighted == pytest.approx([0.5, 0.5])
+
+
+def test_mixer_hands_out_the_loss_weights_of_the_films_it_draws():
+    src = I.Source("s", Path("x.csv"), 1.0, [Path(str(i)) for i in range(4)], np.array([1, 1, 1, 0]),
+                   list("abcd"), ["AP"] * 4, list("abcd"))
+    src.images = np.arange(4, dtype=np.uint8).reshape(4, 1, 1).repeat(2, 1).repeat(2, 2)
+    m = CT.Mixer([src], torch.Generator().manual_seed(0), "view-label")
+    imgs, y, w = m.batch(8)
+    expected = CT.balance_weights(src, "view-label")
+    assert np.allclose(w, expected[imgs[:, 0, 0]]) and np.allclose(y, src.labels[imgs[:, 0, 0]])
+    _, _, w1 = CT.Mixer([src], torch.Generator().manual_seed(0)).batch(8)
+    assert (w1 == 1).all()
+
 def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     labels = nih_subset_csv(tmp_path, 24)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
@@ -165,3 +215,22 @@ def test_cv_folds_report_and_final_run_through_the_cli(tmp_path):
     assert "NaN" not in (pkg / "model.json").read_text()
     final = json.loads((tmp_path / "final" / "split.json").read_text())[labels.parent.name]
     assert set(final["train"]) == set(rep["out_of_fold"]) and final["val"] == [] and final["test"] == splits[0]["test"]
+
+
+def test_train_with_view_label_balance_weights_the_loss_and_says_so(tmp_path):
+    labels = nih_subset_csv(tmp_path, 24)  # 12 positive, 12 negative: the views are unbalanced within them
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(labels), "--size", "64",
+            "--batch-size", "8", "--val-frac", "0.25", "--test-frac", "0.25", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--threads", "1", "--epochs", "1", "--side-prior", "none"]
+    losses = {}
+    for how in ("none", "view-label"):
+        ck = tmp_path / how
+        r = subprocess.run(base + ["--balance", how, "--checkpoint-dir", str(ck), "--out", str(tmp_path / f"p-{how}")],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[how] = json.loads((ck / "summary.json").read_text())["history"][0]["loss"]
+        cfg = json.loads((tmp_path / f"p-{how}" / "model.json").read_text())
+        assert cfg["training"]["loss_balance"] == how
+    # same seed, same films, same draws: only the loss weights differ
+    assert losses["none"] != pytest.approx(losses["view-label"], abs=1e-6)

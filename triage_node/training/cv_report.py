@@ -137,17 +137,24 @@ def _yp(folds: list[dict], epochs: list[int], labels: dict[str, int]) -> tuple[n
     return np.array([labels[k] for k in keys]), p
 
 
-def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0) -> dict:
+def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0,
+            views: dict[str, str] | None = None) -> dict:
     """This report's out-of-fold AUC minus another's, each at its chosen epoch, on the same films (paired
-    bootstrap). Both must cover the same films: two recipes cross-validated on one pool with the same folds."""
+    bootstrap), overall and (``views``) within each view. Both must cover the same films: two recipes
+    cross-validated on one pool with the same folds."""
     mine, theirs = rep["out_of_fold"], other["out_of_fold"]
     if set(mine) != set(theirs):
         raise SystemExit(f"--compare: the two cross-validations scored different films ({len(set(mine) ^ set(theirs))} "
                          "differ): not the same pool")
     keys = sorted(mine)
     y = np.array([labels[k] for k in keys])
-    d = paired_auc_difference(y, np.array([mine[k] for k in keys]), np.array([theirs[k] for k in keys]), seed=seed)
-    return d | {"other_runs": other.get("runs"), "other_chosen_epoch": other.get("chosen_epoch")}
+    a, b = np.array([mine[k] for k in keys]), np.array([theirs[k] for k in keys])
+    d = paired_auc_difference(y, a, b, seed=seed)
+    v = np.array([(views or {}).get(k, "") for k in keys])
+    by_view = {view: paired_auc_difference(y[m], a[m], b[m], seed=seed)
+               for view in sorted(set(v) - {""}) for m in [v == view] if len(set(y[m].tolist())) == 2}
+    return d | {"other_runs": other.get("runs"), "other_chosen_epoch": other.get("chosen_epoch")} | (
+        {"by_view": by_view} if by_view else {})
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -170,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
     rep = report(folds, labels, views, args.target_sensitivity, args.seed)
     if args.compare:
-        rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed) | {
+        rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed, views) | {
             "report": str(args.compare)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1, default=float) + "\n")
@@ -190,6 +197,9 @@ def main(args: argparse.Namespace) -> int:
         c = rep["compared"]
         print(f"paired difference against {c['report']} (epoch {c['other_chosen_epoch']}): AUC "
               f"{c['difference']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] over {c['n']} films")
+        for view, d in c.get("by_view", {}).items():
+            print(f"  within {view}: {d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] "
+                  f"over {d['n']} films")
     print(f"wrote {args.out}")
     return 0
 

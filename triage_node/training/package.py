@@ -33,6 +33,7 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
             "seed": args.seed, "train_seed": getattr(args, "train_seed", None), "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
+            "loss_balance": getattr(args, "balance", "none"),
             "init": args.init or "random (weights=None)", "stop_epoch": getattr(args, "stop_epoch", 0) or None}
 
 
