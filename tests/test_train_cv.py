@@ -234,3 +234,17 @@ def test_train_with_view_label_balance_weights_the_loss_and_says_so(tmp_path):
         assert cfg["training"]["loss_balance"] == how
     # same seed, same films, same draws: only the loss weights differ
     assert losses["none"] != pytest.approx(losses["view-label"], abs=1e-6)
+
+
+def test_cv_summary_by_age_band():
+    keys = list("abcdefg")
+    labels = dict(zip(keys, [1, 0, 1, 0, 1, 0, 0]))
+    p = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3, 0.5])
+    ages = {"a": 30, "b": 40, "c": 10, "d": 12, "e": 3, "f": 4, "g": 50.0}  # 18+: a b g; 6-17: c d; <6: e f
+    s = CV.summarise(keys, p, labels, {}, 0, ages)
+    assert s["by_age"]["18+"] == {"n": 3, "positives": 1, "auc": 1.0, "auc_ci95": s["by_age"]["18+"]["auc_ci95"]}
+    assert s["by_age"]["6-17"]["auc"] == 0.0 and s["by_age"]["<6"]["auc"] == 1.0
+    # a band of one class has no AUC (None, not a number); no ages given: no age breakdown at all
+    one = CV.summarise(keys, p, labels, {}, 0, {"a": 30, "c": 10, "e": 3})
+    assert one["by_age"]["18+"] == {"n": 1, "positives": 1, "auc": None, "auc_ci95": None}
+    assert "by_age" not in CV.summarise(keys, p, labels, {}, 0)

@@ -89,17 +89,34 @@ def oof(folds: list[dict], epoch_of: list[int]) -> tuple[list[str], np.ndarray]:
     return keys, np.concatenate(scores)
 
 
-def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dict[str, str], seed: int) -> dict:
+#: Age bands of the out-of-fold summary (years, [low, high)): the node's pediatric gate takes < 6 (the shipped
+#: package's max_age_years); 6-17 are minors that the adult gate judges.
+AGE_BANDS = (("<6", 0.0, 6.0), ("6-17", 6.0, 18.0), ("18+", 18.0, float("inf")))
+
+
+def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dict[str, str], seed: int,
+              ages: dict[str, float] | None = None) -> dict:
     y = np.array([labels[k] for k in keys])
     out: dict = {"n": len(y), "positives": int(y.sum()), "auc": roc_auc(y, p),
                  "auc_ci95": bootstrap_auc(y, p, seed=seed)}
     v = np.array([views.get(k, "") for k in keys])
     out["by_view"] = {view: {"n": int(m.sum()), "auc": roc_auc(y[m], p[m])}
                       for view in sorted(set(v) - {""}) for m in [v == view]}
+    if ages:
+        a = np.array([ages.get(k, np.nan) for k in keys], np.float64)
+        out["by_age"] = {}
+        for band, lo, hi in AGE_BANDS:
+            m = (a >= lo) & (a < hi)
+            if m.any():
+                two = 0 < y[m].sum() < m.sum()
+                out["by_age"][band] = {"n": int(m.sum()), "positives": int(y[m].sum()),
+                                       "auc": roc_auc(y[m], p[m]) if two else None,
+                                       "auc_ci95": bootstrap_auc(y[m], p[m], seed=seed) if two else None}
     return out
 
 
-def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], target: float, seed: int = 0) -> dict:
+def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], target: float, seed: int = 0,
+           ages: dict[str, float] | None = None) -> dict:
     meta = pool(folds, labels)
     reached = min(len(f["scores"]) for f in folds)
     curve: list[dict] = []
@@ -121,7 +138,7 @@ def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], tar
         "rule": "epoch: highest mean per-fold validation AUC over the epochs every fold reached; threshold: highest "
                 f"with sensitivity >= {target} on the pooled out-of-fold scores at that epoch",
         "epochs_reached": [len(f["scores"]) for f in folds], "chosen_epoch": chosen,
-        "at_chosen_epoch": summarise(keys, p, labels, views, seed)
+        "at_chosen_epoch": summarise(keys, p, labels, views, seed, ages)
         | {"mean_fold_auc": curve[chosen - 1]["mean_fold_auc"]},
         "operating_point": operating_point(y, p, t),
         "at_each_folds_best_epoch": summarise(*oof(folds, best), labels, views, seed) | {"epochs": best},
@@ -174,8 +191,9 @@ def main(args: argparse.Namespace) -> int:
     src = I.read_source(args.image_labels)
     labels = {k: int(v) for k, v in zip(src.keys, src.labels)}
     views = {k: v for k, v in zip(src.keys, src.views) if v}
+    ages = {k: float(a) for k, a in zip(src.keys, src.ages) if a is not None}
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
-    rep = report(folds, labels, views, args.target_sensitivity, args.seed)
+    rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages)
     if args.compare:
         rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed, views) | {
             "report": str(args.compare)}
@@ -190,6 +208,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"{rep['k']}-fold CV, folds {rep['folds_present']}: chosen epoch {rep['chosen_epoch']}; out-of-fold "
           f"n {a['n']} ({a['positives']} pos) AUC {a['auc']:.3f} [{a['auc_ci95'][0]:.3f}, {a['auc_ci95'][1]:.3f}] "
           + " ".join(f"{v} {d['auc']:.3f} (n {d['n']})" for v, d in a["by_view"].items()))
+    for band, d in a.get("by_age", {}).items():
+        auc = ("n/a (one class)" if d["auc"] is None
+               else f"{d['auc']:.3f} [{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}]")
+        print(f"  age {band}: n {d['n']} ({d['positives']} pos) AUC {auc}")
     print(f"threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.3f} specificity {op['specificity']:.3f}")
     b = rep["at_each_folds_best_epoch"]
     print(f"at each fold's best epoch {b['epochs']}: AUC {b['auc']:.3f} (optimistic: early stopping on these films)")
