@@ -320,18 +320,25 @@ fi
 #     accuracy (every film routed as a child) >= 0.928 (0.3.1 in fp16: 0.951, known: this checks the routing and the
 #     int8 storage), (c) int8 costs nothing that matters: NIH test AUC within 0.005 of the fp16 final model (0.955)
 #     and Kermany val AUC within 0.005 of 0.3.1 (0.988), (d) <= 25 MB, and `bench/cpu_infer.py` against 0.3.1 >= 0.95x.
+#     Step 17's variant: AGEGATE=1 ADULT=balanced VERSION=0.5.0-demo (the adult gate from var/cv-ADULT/pkg; the
+#     evaluations go to var/eval/agegate-ADULT-*, compared film for film with A's final model, whose per-film scores
+#     are kept in docs/evidence/2026-12-06/eval-plain-nih-*).
 if [ "${AGEGATE:-0}" = 1 ]; then
-  PKG=var/age-gate/pkg
+  ADULT=${ADULT:-plain}
+  PKG=var/age-gate/pkg TAG=agegate  # step 15's names
+  [ "$ADULT" = plain ] || { PKG=var/age-gate-$ADULT/pkg; TAG=agegate-$ADULT; }
   pkg_031
-  $PY -m triage_node.cli age-gate --model var/cv-plain/pkg --pediatric-from "$PKG031" --max-age 6 \
-    --version 0.4.0-demo --out "$PKG"
+  $PY -m triage_node.cli age-gate --model "var/cv-$ADULT/pkg" --pediatric-from "$PKG031" --max-age 6 \
+    --version "${VERSION:-0.4.0-demo}" --out "$PKG"
   for side in val test; do
     $PY -m triage_node.cli evaluate --model "$PKG" --image-labels "$KER/labels.csv" --split "$SPLIT:$side" \
-      --population pediatric --threads 2 --out "var/eval/agegate-kermany-$side"
-    eval_nih "$PKG" "$side" "var/eval/agegate-nih-$side" "var/eval/plain-nih-$side"
+      --population pediatric --threads 2 --out "var/eval/$TAG-kermany-$side"
+    cmp=var/eval/plain-nih-$side
+    [ -f "$cmp/per_image.csv" ] || cmp=docs/evidence/2026-12-06/eval-plain-nih-$side
+    eval_nih "$PKG" "$side" "var/eval/$TAG-nih-$side" "$cmp"
   done
   $PY -m triage_node.cli evaluate --model "$PKG" --rsna-labels "$DATA/cxr_samples/rsna_dicom/labels.csv" \
-    --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out var/eval/agegate-rsna10
+    --images "$DATA/cxr_samples/rsna_dicom" --threads 2 --out "var/eval/$TAG-rsna10"
 fi
 
 # 12. (FINAL=NAME, with that recipe's train arguments in RECIPE) the final run of a step 10-11 recipe on all 501 films
