@@ -284,13 +284,17 @@ fi
 #     Correction, 21:54 UTC, before any fold finished: the trainer applies `--tta` to the final validation and the
 #     package only; the per-epoch validation scores that cv-report pools are scored without the flip. So F's
 #     out-of-fold AUC is the baseline *without* its TTA (on 0.2.0's weights the flip moved test AUC by +0.001 and val
-#     by -0.003: the ablation table in the model card). The shipped adult gate (A: the same recipe at 192 px, 16 epochs, no TTA) was never compared
-#     with it on the same films: the 256 px rows of the ablation were one split of 84 val films.
+#     by -0.003: the ablation table in the model card). The shipped adult gate (A: the same recipe at 192 px, 16
+#     epochs, no TTA) was never compared with it on the same films: the 256 px rows of the ablation were one split
+#     of 84 val films.
 #     Declared 2026-12-06 21:55 UTC, before any fold of F ran. A measurement, not a candidate: nothing ships from it.
 #     Reported: F's out-of-fold AUC (same 501 films, same 4 folds by patient, same cv-report rule) and F vs A paired
 #     (`cv-report --compare` against A's scores of step 13, kept in docs/evidence/2026-12-06/cv-plain.json).
 #     "A beats the issue's baseline" is claimed only if the paired CI of A - F excludes 0. The two runs of A's own
 #     recipe differed by 0.011 out-of-fold (0.882, 0.893), so a difference smaller than that is read as a tie.
+#     Result (written after the run, 23:44 UTC): by this rule A - F = +0.052 [+0.022, +0.081], but the rule's epoch
+#     (12, first of three tied on the mean per-fold AUC) pools badly; at F's last epoch A - F = +0.015 [-0.003,
+#     +0.032]. The model card reports both and claims neither "beats" (steps 16-17 there).
 if [ "${CV6:-0}" = 1 ]; then
   EPOCHS=15 SIZE=256 cv_recipe baseline256 docs/evidence/2026-12-06/cv-plain.json --lr 2e-3 --tta
 fi
@@ -306,6 +310,8 @@ fi
 #       (a) within AP, G - A has a 95 % CI that excludes 0 (above), and
 #       (b) pooled, G - A >= -0.005 and within PA, G - A >= -0.01 (point estimates: no real loss elsewhere).
 #     Otherwise A stays, and G's figures are reported either way.
+#     Result (written after the run, 22:39 UTC): G - A +0.001 [-0.012, +0.014], within AP -0.004 [-0.023, +0.016]:
+#     rule (a) fails, A stays.
 if [ "${CV7:-0}" = 1 ]; then
   cv_recipe balanced docs/evidence/2026-12-06/cv-plain.json --lr 2e-3 --balance view-label
 fi
