@@ -20,6 +20,7 @@ import logging
 import math
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +107,7 @@ def balance_weights(source: I.Source, how: str) -> np.ndarray:
     if how != "view-label":
         raise ValueError(f"unknown balance {how!r} (none, view-label)")
     cells = [(v, int(y)) for v, y in zip(source.views, source.labels)]
-    counts: dict[tuple[str, int], int] = {}
-    for c in cells:
-        counts[c] = counts.get(c, 0) + 1
+    counts = Counter(cells)
     w = np.array([1.0 / counts[c] for c in cells], np.float64)
     return (w * n / w.sum()).astype(np.float32)
 
@@ -340,8 +339,7 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
         load_init(model, args.init)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
-    balance = getattr(args, "balance", "none")
-    mixer = Mixer(tr, g, balance)
+    mixer = Mixer(tr, g, getattr(args, "balance", "none"))
     t_start = time.monotonic()
     from tqdm import tqdm
 
@@ -354,10 +352,8 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
             x = to_float(imgs)
             if args.aug > 0:
                 x = augment(x, g, args.aug)
-            if balance == "none":
-                loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(y))
-            else:
-                loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(y), weight=torch.from_numpy(w))
+            # weights of 1 (no --balance) leave the mean loss and its gradient exactly as unweighted
+            loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(y), weight=torch.from_numpy(w))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
