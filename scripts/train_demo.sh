@@ -178,7 +178,8 @@ if [ "${CV:-0}" = 1 ]; then
       --lr 1e-3 --cv "4:$F" --checkpoint-dir "$CVDIR/f$F" --size 192 "${COMMON[@]}"
     RUNS+=(--run "$CVDIR/f$F")
   done
-  $PY -m triage_node.cli cv-report "${RUNS[@]}" --image-labels "$NIH/labels.csv" --out "$CVDIR/report.json"
+  $PY -m triage_node.cli cv-report "${RUNS[@]}" --image-labels "$NIH/labels.csv" --out "$CVDIR/report.json" \
+    --epoch-rule best-mean  # the rule step 9 declared (cv-report's default became "last" on 2026-12-07)
   E=$($PY -c "import json; print(json.load(open('$CVDIR/report.json'))['chosen_epoch'])")
   T=$($PY -c "import json; print(json.load(open('$CVDIR/report.json'))['operating_point']['threshold'])")
   $PY -m triage_node.cli train --image-labels "$NIH/labels.csv" --image-labels "$KER/labels.csv:0.3" \
@@ -220,8 +221,9 @@ cv_recipe() {  # NAME, COMPARE (another report.json or ""), then the recipe's ow
       "${COMMON[@]}"
     runs+=(--run "var/cv-$name/f$F")
   done
+  # steps 10-17 were declared with the best-mean epoch rule; cv-report's default became "last" on 2026-12-07
   $PY -m triage_node.cli cv-report "${runs[@]}" --image-labels "$NIH/labels.csv" --out "var/cv-$name/report.json" \
-    ${cmp:+--compare "$cmp"}
+    --epoch-rule "${EPOCH_RULE:-best-mean}" ${cmp:+--compare "$cmp"}
 }
 if [ "${CV2:-0}" = 1 ]; then
   cv_recipe plain "" --lr 2e-3

@@ -94,6 +94,55 @@ def test_cv_report_rule_on_a_hand_worked_case(tmp_path):
     # a missing fold is reported
     alone = CV.report([f0], labels, views, 0.9)
     assert alone["folds_present"] == [0] and "only folds [0] of 2" in alone["warnings"][0]
+    # under the default rule (the last common epoch), folds that ran different numbers of epochs are flagged
+    assert rep["epoch_rule"] == "last" and any("ran [2, 3] epochs" in w for w in rep["warnings"])
+    assert rep["fold_of"] == {"a": 0, "b": 0, "c": 1, "d": 1}
+
+
+def test_cv_report_epoch_rules_and_the_pooling_warning(tmp_path):
+    labels = {"a": 1, "b": 0, "c": 1, "d": 0}
+    # epoch 2: each fold ranks its pair right (mean per fold 1.0), but fold 1's scores sit far below fold 0's, so
+    # pooled: positives 0.9, 0.3 against negatives 0.8, 0.2 -> 3 of 4 pairs, 0.75. Epoch 3: fold 1 wrong (mean 0.5),
+    # pooled positives 0.9, 0.2 against 0.1, 0.3 -> 0.75.
+    f0 = CV.read_fold(_fold(tmp_path / "f0", 2, 0, ["a", "b"], [[0.2, 0.8], [0.9, 0.8], [0.9, 0.1]], best=2))
+    f1 = CV.read_fold(_fold(tmp_path / "f1", 2, 1, ["c", "d"], [[0.5, 0.5], [0.3, 0.2], [0.2, 0.3]], best=2))
+    best = CV.report([f0, f1], labels, {}, 0.9, epoch_rule="best-mean")
+    assert best["chosen_epoch"] == 2 and best["at_chosen_epoch"]["mean_fold_auc"] == 1.0
+    assert best["at_chosen_epoch"]["auc"] == pytest.approx(0.75) and best["at_chosen_epoch"]["fold_aucs"] == [1.0, 1.0]
+    assert best["epoch_rule"] == "best-mean" and best["rule"].startswith("epoch: highest mean per-fold")
+    assert any("pooled AUC (0.750) is 0.250 below the mean per-fold AUC (1.000)" in w for w in best["warnings"])
+    last = CV.report([f0, f1], labels, {}, 0.9)  # the default: the schedule's end, chosen without the scores
+    assert last["chosen_epoch"] == 3 and last["at_chosen_epoch"]["mean_fold_auc"] == 0.5
+    assert last["at_chosen_epoch"]["auc"] == pytest.approx(0.75) and last["warnings"] == []
+    assert last["rule"].startswith("epoch: the last epoch every fold reached")
+    with pytest.raises(ValueError, match="unknown epoch rule"):
+        CV.report([f0, f1], labels, {}, 0.9, epoch_rule="best-pooled")
+
+
+def test_cv_report_compare_mean_per_fold_is_stratified_by_fold():
+    labels = {"a": 1, "b": 0, "c": 1, "d": 0}
+    folds = {"a": 0, "b": 0, "c": 1, "d": 1}
+    # "better" ranks both folds right on different scales (pooled 0.75, per fold 1.0 and 1.0); "worse" ranks fold 0
+    # wrong (pooled: 0.8, 0.3 against 0.9, 0.2 -> 0.5; per fold 0.0 and 1.0 -> 0.5)
+    better = {"out_of_fold": {"a": 0.9, "b": 0.8, "c": 0.3, "d": 0.2}, "fold_of": folds, "epoch_rule": "last"}
+    worse = {"out_of_fold": {"a": 0.8, "b": 0.9, "c": 0.3, "d": 0.2}, "fold_of": folds}
+    d = CV.compare(better, worse, labels)
+    assert d["difference"] == pytest.approx(0.25) and d["mean_fold"]["difference"] == pytest.approx(0.5)
+    # one film of each class per fold: every resample draws the same films, so the CI is the point itself
+    assert d["mean_fold"]["ci95_low"] == pytest.approx(0.5) == d["mean_fold"]["ci95_high"]
+    assert d["mean_fold"]["folds"] == 2 and d["epoch_rules"] == ["last", "best-mean"]  # older reports: best-mean
+    assert "mean_fold" not in CV.compare(better, {"out_of_fold": worse["out_of_fold"]}, labels)  # an older report
+    with pytest.raises(SystemExit, match="different folds"):
+        CV.compare(better, worse | {"fold_of": {"a": 0, "b": 1, "c": 1, "d": 0}}, labels)
+    # the mean-fold CI is a real bootstrap on a larger case: it contains the point and is not degenerate
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(80)]
+    y = {k: i % 2 for i, k in enumerate(keys)}
+    fo = {k: (i // 2) % 4 for i, k in enumerate(keys)}
+    a = {k: float(y[k] + rng.normal(0, 0.8) + fo[k]) for k in keys}  # fold-dependent offsets: pooling suffers
+    b = {k: float(y[k] + rng.normal(0, 1.6)) for k in keys}
+    big = CV.compare({"out_of_fold": a, "fold_of": fo}, {"out_of_fold": b, "fold_of": fo}, y)["mean_fold"]
+    assert big["ci95_low"] < big["difference"] < big["ci95_high"] and big["ci95_high"] - big["ci95_low"] > 0.05
 
 
 def test_cv_report_compare_is_paired_on_the_same_films():

@@ -9,13 +9,22 @@ of its ``split.json`` val keys). Every film of the pool is validated by exactly 
 out-of-fold scores cover the whole pool (500 films instead of one 84-film validation split). The rule, fixed here
 before any run is read:
 
-* **epoch** = the epoch with the highest mean per-fold validation AUC, over the epochs every fold reached;
+* **epoch** (``--epoch-rule``):
+  - ``last`` (the default): the last epoch every fold reached, i.e. the end of the schedule when no fold stopped
+    early. Nothing is chosen on the scores, so the figures at it are not optimistic, and the final run
+    (``--cv K:all``) trains the same schedule to its end.
+  - ``best-mean``: the epoch with the highest mean per-fold validation AUC over the epochs every fold reached (the
+    rule of steps 9-17 of ``scripts/train_demo.sh``). It is chosen on the scores it reports, so it is optimistic;
+    and in mid-schedule the folds' scores can sit on different scales, so the pooled AUC at the chosen epoch can
+    fall well below the mean per fold it was chosen by (step 16: 0.841 pooled against 0.879 per fold).
 * **threshold** = the highest threshold with sensitivity >= ``--target-sensitivity`` on the pooled out-of-fold
   scores at that epoch.
 
-Pooled AUC mixes the scores of K models (their calibrations differ a little); the mean of the per-fold AUCs is
-reported beside it. The chosen epoch is picked on the same scores, so the AUC at it is slightly optimistic; the AUC
-at each fold's own best epoch (what early stopping would give) and at a fixed last epoch are reported too.
+Pooled AUC mixes the scores of K models (their calibrations differ); the mean of the per-fold AUCs is reported
+beside it, with a warning when the two disagree by more than ``POOLING_GAP``. The AUC at each fold's own best
+epoch (what early stopping would give) and at the last common epoch are reported too. ``--compare`` gives two
+paired differences against another report of the same folds: of the pooled AUC, and of the mean per-fold AUC
+(a bootstrap stratified by fold, which the folds' calibrations cannot distort).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
 from triage_node.training.classifier_train import operating_point, parse_cv, threshold_for_sensitivity
-from triage_node.training.evaluate import bootstrap_auc, paired_auc_difference
+from triage_node.training.evaluate import bootstrap_auc, mw_auc, paired_auc_difference
 
 
 def read_fold(run: Path) -> dict:
@@ -115,8 +124,20 @@ def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dic
     return out
 
 
+#: How the epoch of the out-of-fold figures (and of the final run) is chosen; see the module's docstring.
+EPOCH_RULES = {
+    "last": "epoch: the last epoch every fold reached (not chosen on the scores)",
+    "best-mean": "epoch: highest mean per-fold validation AUC over the epochs every fold reached",
+}
+#: Pooled and mean per-fold AUC further apart than this at the reported epoch: the report warns (the folds' scores
+#: sit on different scales, so the pooled figure understates the ranking each fold's model achieves).
+POOLING_GAP = 0.02
+
+
 def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], target: float, seed: int = 0,
-           ages: dict[str, float] | None = None) -> dict:
+           ages: dict[str, float] | None = None, epoch_rule: str = "last") -> dict:
+    if epoch_rule not in EPOCH_RULES:
+        raise ValueError(f"unknown epoch rule {epoch_rule!r}: expected one of {', '.join(EPOCH_RULES)}")
     meta = pool(folds, labels)
     reached = min(len(f["scores"]) for f in folds)
     curve: list[dict] = []
@@ -129,23 +150,39 @@ def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], tar
         per_fold = [roc_auc([labels[k] for k in f["keys"]], f["scores"][e - 1]) for f in folds]
         curve.append({"epoch": e, "mean_fold_auc": float(np.mean(per_fold)), "fold_aucs": per_fold,
                       "pooled_auc": roc_auc(*_yp(folds, [e] * len(folds), labels))})
-    chosen = int(max(curve, key=lambda c: float(c["mean_fold_auc"]))["epoch"])
+    if epoch_rule == "last":
+        chosen = reached
+    else:
+        chosen = int(max(curve, key=lambda c: float(c["mean_fold_auc"]))["epoch"])
+    reached_each = [len(f["scores"]) for f in folds]
+    if epoch_rule == "last" and len(set(reached_each)) > 1:
+        meta["warnings"].append(f"the folds ran {reached_each} epochs (early stopping?): the last epoch every fold "
+                                f"reached, {reached}, is not the end of every fold's schedule")
     keys, p = oof(folds, [chosen] * len(folds))
     y = np.array([labels[k] for k in keys])
     t = threshold_for_sensitivity(y, p, target)
     best = [int(f["best_epoch"] or len(f["scores"])) for f in folds]
+    at = curve[chosen - 1]
+    gap = at["mean_fold_auc"] - at["pooled_auc"]
+    if gap > POOLING_GAP:
+        meta["warnings"].append(
+            f"at epoch {chosen} the pooled AUC ({at['pooled_auc']:.3f}) is {gap:.3f} below the mean per-fold AUC "
+            f"({at['mean_fold_auc']:.3f}): the folds' scores sit on different scales; compare recipes by the mean "
+            "per fold (--compare reports both)")
     return meta | {
-        "rule": "epoch: highest mean per-fold validation AUC over the epochs every fold reached; threshold: highest "
-                f"with sensitivity >= {target} on the pooled out-of-fold scores at that epoch",
-        "epochs_reached": [len(f["scores"]) for f in folds], "chosen_epoch": chosen,
+        "rule": f"{EPOCH_RULES[epoch_rule]}; threshold: highest with sensitivity >= {target} on the pooled "
+                "out-of-fold scores at that epoch",
+        "epoch_rule": epoch_rule,
+        "epochs_reached": reached_each, "chosen_epoch": chosen,
         "at_chosen_epoch": summarise(keys, p, labels, views, seed, ages)
-        | {"mean_fold_auc": curve[chosen - 1]["mean_fold_auc"]},
+        | {"mean_fold_auc": at["mean_fold_auc"], "fold_aucs": at["fold_aucs"]},
         "operating_point": operating_point(y, p, t),
         "at_each_folds_best_epoch": summarise(*oof(folds, best), labels, views, seed) | {"epochs": best},
         "at_last_common_epoch": summarise(*oof(folds, [reached] * len(folds)), labels, views, seed)
         | {"epoch": reached},
         "curve": curve, "runs": [f["run"] for f in folds],
         "out_of_fold": dict(zip(keys, (round(float(v), 5) for v in p))),
+        "fold_of": {k: f["fold"] for f in folds for k in f["keys"]},
     }
 
 
@@ -154,11 +191,35 @@ def _yp(folds: list[dict], epochs: list[int], labels: dict[str, int]) -> tuple[n
     return np.array([labels[k] for k in keys]), p
 
 
+def paired_mean_fold_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, fold: np.ndarray,
+                                    n: int = 2000, seed: int = 0) -> dict[str, float | int]:
+    """Mean per-fold AUC of scores ``a`` minus that of ``b`` on the same films, with a 95 % CI from a paired
+    bootstrap stratified by fold and class: each resample draws, within every fold, the same positives and negatives
+    for both. Each fold's AUC compares scores of one model only, so the folds' calibrations cannot distort it (the
+    pooled AUC mixes K models' scores)."""
+    y, a, b, fold = np.asarray(y).astype(bool), np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(fold)
+    cells = [(np.flatnonzero(y & (fold == f)), np.flatnonzero(~y & (fold == f))) for f in sorted(set(fold.tolist()))]
+    if any(len(pos) < 1 or len(neg) < 1 for pos, neg in cells):
+        raise SystemExit("--compare: a fold validates films of one class only: its AUC is undefined")
+
+    def diff(draws: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        return float(np.mean([mw_auc(a[p], a[q]) - mw_auc(b[p], b[q]) for p, q in draws]))
+
+    d = diff(cells)
+    rng = np.random.default_rng(seed)
+    ds = np.array([diff([(rng.choice(p, len(p)), rng.choice(q, len(q))) for p, q in cells]) for _ in range(n)])
+    lo, hi = np.percentile(ds, (2.5, 97.5))
+    return {"n": int(len(y)), "folds": len(cells), "difference": d, "ci95_low": float(lo), "ci95_high": float(hi),
+            "share_of_resamples_new_better": float(np.mean(ds > 0))}
+
+
 def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0,
             views: dict[str, str] | None = None) -> dict:
     """This report's out-of-fold AUC minus another's, each at its chosen epoch, on the same films (paired
     bootstrap), overall and (``views``) within each view. Both must cover the same films: two recipes
-    cross-validated on one pool with the same folds."""
+    cross-validated on one pool with the same folds. When both reports say which fold scored each film (reports of
+    this version), the difference of the mean per-fold AUC is given too (``mean_fold``), and two reports whose
+    folds differ are refused."""
     mine, theirs = rep["out_of_fold"], other["out_of_fold"]
     if set(mine) != set(theirs):
         raise SystemExit(f"--compare: the two cross-validations scored different films ({len(set(mine) ^ set(theirs))} "
@@ -170,8 +231,16 @@ def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0,
     v = np.array([(views or {}).get(k, "") for k in keys])
     by_view = {view: paired_auc_difference(y[m], a[m], b[m], seed=seed)
                for view in sorted(set(v) - {""}) for m in [v == view] if len(set(y[m].tolist())) == 2}
-    return d | {"other_runs": other.get("runs"), "other_chosen_epoch": other.get("chosen_epoch")} | (
-        {"by_view": by_view} if by_view else {})
+    extra: dict = {"by_view": by_view} if by_view else {}
+    if "fold_of" in rep and "fold_of" in other:
+        if rep["fold_of"] != other["fold_of"]:
+            raise SystemExit("--compare: the two cross-validations put the films in different folds: not the same "
+                             "folds (another --seed?)")
+        fold = np.array([rep["fold_of"][k] for k in keys])
+        extra["mean_fold"] = paired_mean_fold_auc_difference(y, a, b, fold, seed=seed)
+    rules = rep.get("epoch_rule", "best-mean"), other.get("epoch_rule", "best-mean")  # older reports: best-mean
+    return d | {"other_runs": other.get("runs"), "other_chosen_epoch": other.get("chosen_epoch"),
+                "epoch_rules": list(rules)} | extra
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -182,6 +251,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", type=Path, default=Path("var/cv/report.json"))
+    p.add_argument("--epoch-rule", choices=tuple(EPOCH_RULES), default="last",
+                   help="the epoch reported (and trained by the final run): the last every fold reached (default), or "
+                        "the best mean per-fold AUC (optimistic: chosen on the scores it reports)")
     p.add_argument("--compare", type=Path, metavar="REPORT",
                    help="another cv-report's report.json on the same pool: paired AUC difference (this - that)")
     return p
@@ -193,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     views = {k: v for k, v in zip(src.keys, src.views) if v}
     ages = {k: float(a) for k, a in zip(src.keys, src.ages) if a is not None}
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
-    rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages)
+    rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages, args.epoch_rule)
     if args.compare:
         rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed, views) | {
             "report": str(args.compare)}
@@ -219,6 +291,12 @@ def main(args: argparse.Namespace) -> int:
         c = rep["compared"]
         print(f"paired difference against {c['report']} (epoch {c['other_chosen_epoch']}): AUC "
               f"{c['difference']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] over {c['n']} films")
+        if "mean_fold" in c:
+            m = c["mean_fold"]
+            print(f"  mean per-fold AUC: {m['difference']:+.3f} [{m['ci95_low']:+.3f}, {m['ci95_high']:+.3f}] "
+                  f"(bootstrap within each of {m['folds']} folds)")
+        if len(set(c["epoch_rules"])) > 1:
+            print(f"  note: the two reports chose their epochs by different rules: {c['epoch_rules']}")
         for view, d in c.get("by_view", {}).items():
             print(f"  within {view}: {d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] "
                   f"over {d['n']} films")

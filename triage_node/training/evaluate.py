@@ -49,12 +49,12 @@ def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) ->
     if len(pos) < 2 or len(neg) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    aucs = [_mw_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)]
+    aucs = [mw_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)]
     lo, hi = np.percentile(aucs, (2.5, 97.5))
     return float(lo), float(hi)
 
 
-def _mw_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+def mw_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """AUC of positive scores ``pos`` over negative scores ``neg``: Mann-Whitney, ties counted half, vectorised."""
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
@@ -66,14 +66,14 @@ def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n
     CIs that overlap say little about whether one model is better)."""
     y, a, b = np.asarray(y).astype(bool), np.asarray(p_new, np.float64), np.asarray(p_old, np.float64)
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    diff = _mw_auc(a[pos], a[neg]) - _mw_auc(b[pos], b[neg])
+    diff = mw_auc(a[pos], a[neg]) - mw_auc(b[pos], b[neg])
     if len(pos) < 2 or len(neg) < 2:
         return {"n": int(len(y)), "difference": diff, "ci95_low": float("nan"), "ci95_high": float("nan")}
     rng = np.random.default_rng(seed)
     ds = []
     for _ in range(n):
         ip, ineg = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
-        ds.append(_mw_auc(a[ip], a[ineg]) - _mw_auc(b[ip], b[ineg]))
+        ds.append(mw_auc(a[ip], a[ineg]) - mw_auc(b[ip], b[ineg]))
     lo, hi = np.percentile(ds, (2.5, 97.5))
     return {"n": int(len(y)), "difference": diff, "ci95_low": float(lo), "ci95_high": float(hi),
             "share_of_resamples_new_better": float(np.mean(np.array(ds) > 0))}
