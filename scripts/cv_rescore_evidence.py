@@ -5,6 +5,10 @@ The folds are recomputed from the split the runs used (seed 0, val/test 0.15, bo
 patient) and checked against each report's stored per-fold AUCs at its chosen epoch before anything is compared.
 
     .venv/bin/python scripts/cv_rescore_evidence.py
+
+Then the ensembles of those recipes (the mean of their out-of-fold probabilities, each at its chosen epoch) against
+A alone, paired on the same films: what averaging several independently trained models would buy (each costs one
+more network per film at inference).
 """
 
 import json
@@ -15,6 +19,7 @@ from triage_node.inference.gate import roc_auc
 from triage_node.training import classifier_train as CT
 from triage_node.training import cv_report as CV
 from triage_node.training import images as I
+from triage_node.training.evaluate import paired_auc_difference
 
 NIH = "../shared/data/nih_adult"
 EVIDENCE = "docs/evidence/2026-12-06/"
@@ -48,4 +53,20 @@ for name in "DEFG":
     c = CV.compare(reps["A"], reps[name], labels, views=views)
     m = c["mean_fold"]
     print(f"A - {name}: pooled {c['difference']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}]  "
+          f"mean per fold {m['difference']:+.3f} [{m['ci95_low']:+.3f}, {m['ci95_high']:+.3f}]")
+
+ks = sorted(fold_of)
+y, fo = np.array([labels[k] for k in ks]), np.array([fold_of[k] for k in ks])
+
+
+def scores(name: str) -> np.ndarray:
+    return np.array([reps[name]["out_of_fold"][k] for k in ks])
+
+
+for combo in ("AG", "AD", "AGD", "AGDF"):
+    ens = np.mean([scores(n) for n in combo], axis=0)
+    d = paired_auc_difference(y, ens, scores("A"))
+    m = CV.paired_mean_fold_auc_difference(y, ens, scores("A"), fo)
+    name = "+".join(combo)
+    print(f"ensemble {name} - A: pooled {d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]  "
           f"mean per fold {m['difference']:+.3f} [{m['ci95_low']:+.3f}, {m['ci95_high']:+.3f}]")
