@@ -255,6 +255,12 @@ def apply_settings(cfg: dict, settings: list[str]) -> dict:
     return cfg
 
 
+def results_per_instance(cfg: dict) -> int:
+    """Objects the node stores in the PACS per instance under this run's [outputs] (the burst is done when the PACS
+    holds that many per instance)."""
+    return sum(bool(cfg["outputs"].get(kind)) for kind in ("sr", "sc", "gsps"))
+
+
 def start_node(work: Path, code: Path, model: str, pacs,
                settings: list[str] | None = None) -> tuple[subprocess.Popen, dict, int]:
     from triage_node.services import wait_port
@@ -311,7 +317,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
             raise SystemExit("warm-up results never reached Orthanc:\n" + (work / "node.log").read_text()[-3000:])
         phase(f"{label}: warm-up result in Orthanc; burst of {args.n}")
         time.sleep(1.0)
-        outputs_per_result = 2  # SR + SC
+        outputs_per_result = results_per_instance(cfg)  # SR + SC by default; --set outputs.sc=false etc.
         base = count_instances(pacs)
         pgid = node.pid
         procs = node_processes(pgid)
@@ -347,7 +353,7 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
         rss: dict[str, float] = {}
         for pid, role in node_processes(pgid).items():
             rss[role] = max(rss.get(role, 0.0), peak_rss_mb(pid))
-        backfill = run_backfill(args, code, work, pacs, procs, extra) if args.backfill else None
+        backfill = run_backfill(args, code, work, pacs, procs, extra, outputs_per_result) if args.backfill else None
         entries = read_audit(Path(cfg["audit_log"]))
     finally:
         stop_node(node)
@@ -367,7 +373,8 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
     } | ({"backfill": backfill} if backfill else {})
 
 
-def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extra: dict[str, int]) -> dict:
+def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extra: dict[str, int],
+                 per_instance: int = 2) -> dict:
     """``--backfill`` N instances, stored in Orthanc first, re-analysed by the running node through
     ``triage-node backfill``: clock from the backfill's start to the last of their results (SR + SC) in Orthanc."""
     import resource
@@ -393,7 +400,7 @@ def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extr
     got = re.search(r"received (\d+)", res.stdout)
     received = int(got[1]) if got else 0  # what the backfill handed to the node (a backfill that misses studies
     deadline = time.time() + 120 + 10 * max(received, 1)  # is reported as incomplete, not waited for)
-    while count_instances(pacs) < base + 2 * received and time.time() < deadline:
+    while count_instances(pacs) < base + per_instance * received and time.time() < deadline:
         time.sleep(0.1)
     t_done = time.time() - t0
     cpu1 = cpu_by_role(procs, extra)
@@ -401,7 +408,7 @@ def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extr
     node_ms = sum(cpu1[r] - cpu0.get(r, 0.0) for r in cpu1 if r != "orthanc") * 1000 / n
     backfill_ms = ((child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)) * 1000 / n
     return {"n": args.backfill, "received": received, "exit": res.returncode,
-            "complete": received == args.backfill and count_instances(pacs) >= base + 2 * received,
+            "complete": received == args.backfill and count_instances(pacs) >= base + per_instance * received,
             "fed_s": round(t_fed, 2), "wall_s": round(t_done, 2), "results_per_s": round(received / t_done, 2),
             "summary": res.stdout.strip().splitlines()[-3:],
             "cpu_ms_per_cxr": {"backfill_process": round(backfill_ms, 1), "node": round(node_ms, 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,3 +39,16 @@ def test_e2e_bench_reports_every_figure(tmp_path):
     assert backfill["exit"] == 0 and backfill["complete"] is True and backfill["n"] == 2
     assert backfill["results_per_s"] > 0 and "ratio_to_sustained" in backfill
     assert any("received 2" in line for line in backfill["summary"]), backfill["summary"]
+
+
+def test_e2e_bench_waits_for_the_outputs_the_run_configures():
+    # the burst is done when the PACS holds every configured output of every instance: with --set outputs.sc=false
+    # a fixed "SR + SC" count would wait for objects that never come (the run hung until its 35-minute deadline)
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+    assert spec is not None and spec.loader is not None
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    defaults = {"outputs": {"sr": True, "sc": True, "gsps": False}}
+    assert e2e.results_per_instance(defaults) == 2
+    assert e2e.results_per_instance(e2e.apply_settings(json.loads(json.dumps(defaults)), ["outputs.sc=false"])) == 1
+    assert e2e.results_per_instance(e2e.apply_settings(json.loads(json.dumps(defaults)), ["outputs.gsps=true"])) == 3
