@@ -69,6 +69,20 @@ def _cfg(tmp: Path, archive: bool = True) -> config.Config:
     return dataclasses.replace(cfg, outputs=outputs)
 
 
+def test_the_display_cache_is_kept_only_when_the_overlay_is_built(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert pipeline.display_cache(cfg, tmp_path) == tmp_path / pipeline.DISPLAY_CACHE
+    pred = prediction(boxes=BOXES)
+    for outputs in (dataclasses.replace(cfg.outputs, sc=False), dataclasses.replace(cfg.outputs, sc=False, gsps=True)):
+        no_sc = dataclasses.replace(cfg, outputs=outputs)
+        assert pipeline.display_cache(no_sc, tmp_path) is None  # SR and GSPS need no pixels: nothing rendered
+        box = tmp_path / f"gsps-{outputs.gsps}"
+        pipeline.analyze(RSNA[1], no_sc, predict=lambda _img, _age: pred, display_to=pipeline.display_cache(no_sc, box))
+        files = pipeline.build(RSNA[1], pred, no_sc, box)
+        assert not (box / pipeline.DISPLAY_CACHE).exists()
+        assert [f.name.split("-")[0] for f in files] == ["sr"] + (["gsps"] if outputs.gsps else [])
+
+
 def test_build_from_the_cached_display_equals_build_from_the_source(tmp_path):
     cfg = _cfg(tmp_path)
     pred = prediction(boxes=BOXES)

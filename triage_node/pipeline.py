@@ -161,6 +161,12 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
 DISPLAY_CACHE = "display.npy"
 
 
+def display_cache(cfg: Config, out_dir: Path) -> Path | None:
+    """Where the infer worker keeps the 8-bit rendering for :func:`build` (``out_dir/display.npy``), or None when no
+    configured output needs the pixels (only the SC overlay does): then nothing is rendered or written."""
+    return out_dir / DISPLAY_CACHE if "sc" in output_names(cfg) else None
+
+
 def save_display(path: Path, display) -> None:
     """Keep the 8-bit rendering for the report worker (a cache: tmp + rename, no fsync; lost = decoded again)."""
     import numpy as np

@@ -189,8 +189,8 @@ def analyze(self, payload: dict) -> dict:
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
         with _predict() as predict:
-            pred = pipeline.analyze(path, cfg, predict=predict,
-                                    display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)  # decoded once per node
+            pred = pipeline.analyze(path, cfg, predict=predict,  # decoded once per node
+                                    display_to=pipeline.display_cache(cfg, spool.outbox_dir(sop)))
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
