@@ -255,10 +255,36 @@ def apply_settings(cfg: dict, settings: list[str]) -> dict:
     return cfg
 
 
-def results_per_instance(cfg: dict) -> int:
+def results_per_instance(cfg: dict) -> int | None:
     """Objects the node stores in the PACS per instance under this run's [outputs] (the burst is done when the PACS
-    holds that many per instance)."""
-    return sum(bool(cfg["outputs"].get(kind)) for kind in ("sr", "sc", "gsps"))
+    holds that many per instance); None when it depends on the film (``sc_for = "flagged"``: no overlay below the
+    threshold), and the node's own ``sent`` records say when each instance is done."""
+    out = cfg["outputs"]
+    if out.get("sc") and out.get("sc_for", "all") == "flagged":
+        return None
+    return sum(bool(out.get(kind)) for kind in ("sr", "sc", "gsps"))
+
+
+def wait_done(pacs, cfg: dict, per_instance: int | None, base: int, sops: set[str], deadline: float,
+              n: int | None = None) -> bool:
+    """Wait until every instance's results are in the PACS: by the PACS's instance count when each instance makes
+    ``per_instance`` objects, else by the node's audit records (``sent`` is written once the PACS acknowledged every
+    result of the instance; a dead letter or a failure ends an instance too). True when all were done in time.
+    ``n``: by the count, wait for that many instances' results (default: all of ``sops``)."""
+    from triage_node.audit import read as read_audit
+
+    def done() -> bool:
+        if per_instance is not None:
+            return count_instances(pacs) >= base + per_instance * (len(sops) if n is None else n)
+        ended = {e.get("sop_instance_uid") for e in read_audit(Path(cfg["audit_log"]), since=time.time() - 3600)
+                 if e.get("event") in ("sent", "dead_lettered", "failed")}
+        return sops <= ended
+
+    while not done():
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1 if per_instance is not None else 0.25)
+    return True
 
 
 def start_node(work: Path, code: Path, model: str, pacs,
@@ -328,12 +354,10 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
         for p in burst:
             scu.store(p)
         t_sent = time.time() - t0
-        deadline = time.time() + 120 + 10 * args.n
-        while count_instances(pacs) < base + outputs_per_result * args.n and time.time() < deadline:
-            time.sleep(0.1)
+        complete = wait_done(pacs, cfg, outputs_per_result, base, {sop_uid(p) for p in burst},
+                             time.time() + 120 + 10 * args.n)
         t_done = time.time() - t0
         cpu1 = cpu_by_role(procs, extra)
-        complete = count_instances(pacs) >= base + outputs_per_result * args.n
         phase(f"{label}: burst done in {t_done:.1f} s; {args.paced} paced at {args.rate}/s")
         # paced: one C-STORE every 1/rate s on the same association, latency to the SR in Orthanc
         start: dict[str, float] = {}
@@ -353,7 +377,8 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
         rss: dict[str, float] = {}
         for pid, role in node_processes(pgid).items():
             rss[role] = max(rss.get(role, 0.0), peak_rss_mb(pid))
-        backfill = run_backfill(args, code, work, pacs, procs, extra, outputs_per_result) if args.backfill else None
+        backfill = (run_backfill(args, code, work, pacs, procs, extra, cfg, outputs_per_result) if args.backfill
+                    else None)
         entries = read_audit(Path(cfg["audit_log"]))
     finally:
         stop_node(node)
@@ -373,8 +398,8 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
     } | ({"backfill": backfill} if backfill else {})
 
 
-def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extra: dict[str, int],
-                 per_instance: int = 2) -> dict:
+def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extra: dict[str, int], cfg: dict,
+                 per_instance: int | None) -> dict:
     """``--backfill`` N instances, stored in Orthanc first, re-analysed by the running node through
     ``triage-node backfill``: clock from the backfill's start to the last of their results (SR + SC) in Orthanc."""
     import resource
@@ -400,15 +425,16 @@ def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extr
     got = re.search(r"received (\d+)", res.stdout)
     received = int(got[1]) if got else 0  # what the backfill handed to the node (a backfill that misses studies
     deadline = time.time() + 120 + 10 * max(received, 1)  # is reported as incomplete, not waited for)
-    while count_instances(pacs) < base + per_instance * received and time.time() < deadline:
-        time.sleep(0.1)
+    # by the audit, which ones were handed over is not known: a backfill that missed some is incomplete
+    done = (per_instance is not None or received == len(files)) and wait_done(
+        pacs, cfg, per_instance, base, {sop_uid(f) for f in files}, deadline, n=received)
     t_done = time.time() - t0
     cpu1 = cpu_by_role(procs, extra)
     n = max(received, 1)
     node_ms = sum(cpu1[r] - cpu0.get(r, 0.0) for r in cpu1 if r != "orthanc") * 1000 / n
     backfill_ms = ((child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)) * 1000 / n
     return {"n": args.backfill, "received": received, "exit": res.returncode,
-            "complete": received == args.backfill and count_instances(pacs) >= base + per_instance * received,
+            "complete": received == args.backfill and done,
             "fed_s": round(t_fed, 2), "wall_s": round(t_done, 2), "results_per_s": round(received / t_done, 2),
             "summary": res.stdout.strip().splitlines()[-3:],
             "cpu_ms_per_cxr": {"backfill_process": round(backfill_ms, 1), "node": round(node_ms, 1),

@@ -83,6 +83,25 @@ def test_the_display_cache_is_kept_only_when_the_overlay_is_built(tmp_path):
         assert [f.name.split("-")[0] for f in files] == ["sr"] + (["gsps"] if outputs.gsps else [])
 
 
+def test_sc_for_flagged_builds_no_overlay_for_a_film_below_the_threshold(tmp_path):
+    cfg = _cfg(tmp_path)
+    flagged_only = dataclasses.replace(cfg, outputs=dataclasses.replace(cfg.outputs, sc_for="flagged"))
+    with pytest.raises(ValueError, match="sc_for"):
+        dataclasses.replace(cfg.outputs, sc_for="negatives")
+    for pred in (prediction(boxes=BOXES), prediction(boxes=(), probability=0.1)):
+        assert pipeline.output_names(cfg, pred) == ("sr", "sc")  # the default: every film
+        assert pipeline.output_names(flagged_only, pred) == (("sr", "sc") if pred.positive else ("sr",))
+        assert pipeline.output_names(flagged_only) == ("sr", "sc")  # what is configured, before any prediction
+        box = tmp_path / f"film-{pred.positive}"
+        got = pipeline.analyze(RSNA[1], flagged_only, predict=lambda _img, _age, pred=pred: pred,
+                               display_to=pipeline.display_cache(flagged_only, box))
+        assert (box / pipeline.DISPLAY_CACHE).exists() is pred.positive  # rendered only when the overlay comes
+        assert ("display" in got.timings_ms) is pred.positive
+        files = pipeline.build(RSNA[1], pred, flagged_only, box)
+        assert [f.name.split("-")[0] for f in files] == (["sr", "sc"] if pred.positive else ["sr"])
+        assert (box / "preview.png").exists() is pred.positive and not (box / pipeline.DISPLAY_CACHE).exists()
+
+
 def test_build_from_the_cached_display_equals_build_from_the_source(tmp_path):
     cfg = _cfg(tmp_path)
     pred = prediction(boxes=BOXES)

@@ -128,3 +128,29 @@ def test_dashboard_row_shows_sr_sent_then_sent(tmp_path):
     audit.record("sent", sop_instance_uid="1.2.3", latency_s=0.33, positive=True)
     state.refresh()
     assert state.studies["1.2.3"]["status"] == "sent" and state.hist["end_to_end"].total == 1
+
+
+def test_sc_for_flagged_sends_the_overlay_for_flagged_films_only(tmp_path, redis_url, make_node):
+    """``outputs.sc_for = "flagged"``: a film over the threshold gets SR + overlay, a film below it the SR only, with
+    nothing left behind (no display cache, no half-built phase); the dashboard's preview exists for the flagged one."""
+    peer = RecordingPeer()
+    try:
+        node = make_node(redis_url, peer.destination(), outputs={"sc_for": "flagged"})
+        # under the shipped 0.4.0-demo: 00704310 scores 0.90 (flagged), 00aecb01 0.09 (not)
+        films = [pydicom.dcmread(p) for p in SAMPLES if p.name.startswith(("00704310", "00aecb01"))]
+        assert c_store(node.port, films) == [0, 0]
+        entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) == 2)
+        time.sleep(0.5)  # an overlay sent late would land now
+    finally:
+        peer.server.shutdown()
+    sent = {e["sop_instance_uid"]: e for e in entries if e["event"] == "sent"}
+    positive = {sop: e["positive"] for sop, e in sent.items()}
+    assert sorted(positive.values()) == [False, True], f"expected one flagged and one negative film: {positive}"
+    for sop, e in sent.items():
+        got = sorted(c for c, u, _ in peer.got if u in e["sent_uids"])
+        assert got == sorted([SR_CLASS] + ([SC_CLASS] if positive[sop] else [])), (sop, got)
+        archived = tmp_path / "results" / sop
+        assert bool(list(archived.glob("sc-*.dcm"))) is positive[sop]
+        assert (archived / "preview.png").exists() is positive[sop]
+    assert len(peer.got) == 3, peer.got
+    assert not list((tmp_path / "spool" / "outbox").iterdir()), "outbox cleaned (no display cache left)"

@@ -151,6 +151,11 @@ class OutputConfig:
     #: marked Lossy Image Compression 01). A C-STORE peer that does not accept the
     #: compressed syntax gets the overlay decompressed to Explicit VR Little Endian on the same association.
     sc_transfer_syntax: str = "jpeg-ls-palette"
+    #: Which films get the SC overlay: ``all`` (every analysed film; a film below the operating threshold gets its
+    #: overlay without boxes, marked as such) or ``flagged`` (only films over the threshold; the others get the SR, and
+    #: the GSPS when configured). The overlay is most of a result's CPU (~40 ms of ~80 ms of non-model CPU per CXR on
+    #: the RSNA samples, docs/performance.md) and a series in every study; a negative film's overlay carries no box.
+    sc_for: str = "all"
     #: Longest side of the SC overlay in pixels: a larger film's overlay is reduced to fit (aspect kept, boxes
     #: scaled; the SR and GSPS keep source coordinates). Render and encode cost grows with the pixels: a 2832 x 2328
     #: DX film cost 89 ms to JPEG-LS encode at full size (docs/performance.md). 0 = the source's size.
@@ -172,6 +177,8 @@ class OutputConfig:
             raise ValueError("outputs.sc_max_size must be 0 (the source's size) or at least 256")
         if self.report_processes < 1 or self.report_threads < 1:
             raise ValueError("outputs.report_processes and outputs.report_threads must be >= 1")
+        if self.sc_for not in ("all", "flagged"):
+            raise ValueError(f"outputs.sc_for {self.sc_for!r}: expected 'all' or 'flagged'")
         if self.sc_transfer_syntax not in SC_TRANSFER_SYNTAXES:
             raise ValueError(f"outputs.sc_transfer_syntax {self.sc_transfer_syntax!r}: expected one of "
                              f"{', '.join(SC_TRANSFER_SYNTAXES)}")

@@ -74,19 +74,21 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     ds = read_eligible(path, cfg)
     age = dicom_io.patient_age_years(ds)
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
-    if display_to is not None:
-        try:
-            save_display(display_to, dicom_io.display(img))  # full size: the report worker reduces it
-        except OSError as exc:  # only a cache: the report worker decodes the source instead
-            log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
     t1 = time.perf_counter()
     if predict is None:
         model = model or get_model(cfg)
         predict = lambda im, a: model.predict([im], ages=[a])[0]
     pred = predict(img, age)
+    t2 = time.perf_counter()
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)
-    timings["model"] = round((time.perf_counter() - t1) * 1000, 1)
+    timings["model"] = round((t2 - t1) * 1000, 1)
+    if display_to is not None and "sc" in output_names(cfg, pred):  # only the overlay needs the pixels
+        try:
+            save_display(display_to, dicom_io.display(img))  # full size: the report worker reduces it
+        except OSError as exc:  # only a cache: the report worker decodes the source instead
+            log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
+        timings["display"] = round((time.perf_counter() - t2) * 1000, 1)
     return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings,
                       pred.operating_point)
 
@@ -99,9 +101,11 @@ _KIND_BY_SOP_CLASS = {
 }
 
 
-def output_names(cfg: Config) -> tuple[str, ...]:
-    """The configured outputs, SR first."""
-    return tuple(k for k, on in (("sr", True), ("sc", cfg.outputs.sc), ("gsps", cfg.outputs.gsps)) if on)
+def output_names(cfg: Config, prediction: Prediction | None = None) -> tuple[str, ...]:
+    """The configured outputs, SR first; given a ``prediction``, those built for that film: with
+    ``outputs.sc_for = "flagged"`` a film below its operating threshold gets no SC overlay."""
+    sc = cfg.outputs.sc and (prediction is None or cfg.outputs.sc_for == "all" or prediction.positive)
+    return tuple(k for k, on in (("sr", True), ("sc", sc), ("gsps", cfg.outputs.gsps)) if on)
 
 
 def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
@@ -120,7 +124,8 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
     from .encoding.results import build_results
     from .encoding.sc import SC_ENCODINGS, render_overlay
 
-    outputs = output_names(cfg) if only is None else tuple(o for o in output_names(cfg) if o in only)
+    built = output_names(cfg, prediction)  # this film's outputs (outputs.sc_for)
+    outputs = built if only is None else tuple(o for o in built if o in only)
     cache = out_dir / DISPLAY_CACHE
     display = load_display(cache) if "sc" in outputs else None  # only the overlay needs pixels
     ds = dicom_io.read(path, header_only=display is not None or "sc" not in outputs)
@@ -153,7 +158,7 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
         write_preview(overlay, out_dir / "preview.png")
     if "sr" in outputs:
         atomic_write(out_dir / "prediction.json", json.dumps(prediction.to_json(), indent=1).encode(), mode=0o640)
-    if "sc" in outputs or "sc" not in output_names(cfg):  # else a later phase builds the overlay from it
+    if "sc" in outputs or "sc" not in built:  # else a later phase builds the overlay from it
         cache.unlink(missing_ok=True)
     return files
 
@@ -163,7 +168,8 @@ DISPLAY_CACHE = "display.npy"
 
 def display_cache(cfg: Config, out_dir: Path) -> Path | None:
     """Where the infer worker keeps the 8-bit rendering for :func:`build` (``out_dir/display.npy``), or None when no
-    configured output needs the pixels (only the SC overlay does): then nothing is rendered or written."""
+    configured output needs the pixels (only the SC overlay does): then nothing is rendered or written. With
+    ``outputs.sc_for = "flagged"``, :func:`analyze` writes it only for a film over the threshold."""
     return out_dir / DISPLAY_CACHE if "sc" in output_names(cfg) else None
 
 

@@ -95,7 +95,11 @@ class WebApp:
         studies = list(known.values())[:100]
         for r in studies:
             has_result = r["status"].startswith("sent") or r["status"] == "dead-lettered"
-            r["thumbnail"] = f"thumb/{r['sop_instance_uid']}.png" if has_result and self.cfg.outputs.archive_dir else ""
+            # no preview without an overlay (outputs.sc off, or sc_for = "flagged" and a negative film)
+            r["thumbnail"] = (f"thumb/{r['sop_instance_uid']}.png" if has_result and self.cfg.outputs.archive_dir
+                              and valid_uid(r["sop_instance_uid"])
+                              and (Path(self.cfg.outputs.archive_dir) / r["sop_instance_uid"] / "preview.png").exists()
+                              else "")
         return {"now": time.time(), "node": {"ae_title": self.cfg.receiver.ae_title, "port": self.cfg.receiver.port},
                 "queues": {k: v for k, v in (depths or {}).items() if not k.startswith("_")},
                 "unacked": (depths or {}).get("_unacked"), "broker_ok": depths is not None,

@@ -242,7 +242,7 @@ def report(self, payload: dict) -> dict:
     stage = "build"
     try:
         prediction = Prediction.from_json(payload["prediction"])
-        phases = _phases()
+        phases = _phases(prediction)
         for i, (phase, outputs, destinations) in enumerate(phases):
             stage = "build"
             _build_phase(src, prediction, box, phase, outputs, first=i == 0)
@@ -274,10 +274,11 @@ def report(self, payload: dict) -> dict:
 _FILE_KINDS = frozenset({"dicom", "stow", "folder"})
 
 
-def _phases() -> list[tuple[str, tuple[str, ...] | None, tuple]]:
+def _phases(prediction: Prediction) -> list[tuple[str, tuple[str, ...] | None, tuple]]:
     """(phase, outputs built in it or None for all, destinations) in order. SR-first: the SR goes to every
-    destination (flags included) before the overlay and GSPS are built and sent to the file destinations."""
-    rest = tuple(o for o in pipeline.output_names(cfg) if o != "sr")
+    destination (flags included) before the overlay and GSPS are built and sent to the file destinations. Only
+    this film's outputs count (``outputs.sc_for``): a negative film without an overlay or GSPS has one phase."""
+    rest = tuple(o for o in pipeline.output_names(cfg, prediction) if o != "sr")
     if not cfg.outputs.sr_first or not rest:
         return [("all", None, cfg.destinations)]
     return [("sr", ("sr",), cfg.destinations),
