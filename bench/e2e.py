@@ -354,7 +354,8 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
         for p in burst:
             scu.store(p)
         t_sent = time.time() - t0
-        complete = wait_done(pacs, cfg, outputs_per_result, base, {sop_uid(p) for p in burst},
+        burst_sops = {sop_uid(p) for p in burst}
+        complete = wait_done(pacs, cfg, outputs_per_result, base, burst_sops,
                              time.time() + 120 + 10 * args.n)
         t_done = time.time() - t0
         cpu1 = cpu_by_role(procs, extra)
@@ -395,6 +396,9 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
         "cpu_ms_per_cxr_by_process": cpu_ms | {"node_total": round(node_total, 1)},
         "peak_rss_mb": rss | {"node_total": round(sum(rss.values()), 1)},
         "dead_lettered_or_failed": sum(1 for e in entries if e.get("event") in ("dead_lettered", "failed")),
+        # share of the burst over the operating threshold (what outputs.sc_for = "flagged" builds overlays for)
+        "burst_flagged_share": round(sum(1 for e in entries if e.get("event") == "analysed" and e.get("positive")
+                                         and e.get("sop_instance_uid") in burst_sops) / args.n, 3),
     } | ({"backfill": backfill} if backfill else {})
 
 

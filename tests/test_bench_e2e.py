@@ -39,6 +39,7 @@ def test_e2e_bench_reports_every_figure(tmp_path, settings):
             "build_total", "send"} <= set(stages)
     assert run["peak_rss_mb"]["infer_worker"] > 0 and run["peak_rss_mb"]["report_worker"] > 0
     assert "non_model_cpu_ms_per_cxr" in run and run["dead_lettered_or_failed"] == 0
+    assert run["burst_flagged_share"] in (0.0, 0.5, 1.0)  # a share of the 2 burst instances, not of the others
     backfill = run["backfill"]  # both instances came back from Orthanc through QIDO/WADO and were analysed
     assert backfill["exit"] == 0 and backfill["complete"] is True and backfill["n"] == 2
     assert backfill["results_per_s"] > 0 and "ratio_to_sustained" in backfill
