@@ -68,12 +68,41 @@ def sources() -> list[Path]:
 BACKFILL_DATE = "19990101"  # the backfill instances' StudyDate: nothing else in the bench's Orthanc has it
 
 
-def make_instances(n: int, out: Path, prefix: str, study_date: str = "") -> list[Path]:
-    """n unique instances (new Study/Series/SOP UIDs) from the RSNA samples."""
+def mix(flagged: list[Path], negative: list[Path], share: float, slots: int = 20) -> list[Path]:
+    """A cycle of ``slots`` source films of which round(share * slots) are ones the model flags, spread evenly,
+    each kind taken in turn from its list: the workload of a stream with that share of films over the threshold."""
+    k = round(share * slots)
+    if (k and not flagged) or (k < slots and not negative):
+        raise SystemExit(f"--flagged-share {share}: the samples hold {len(flagged)} flagged and {len(negative)} "
+                         "negative films under this model")
+    out: list[Path] = []
+    for i in range(slots):  # slot i is flagged when the running count of flagged slots steps up (even spacing)
+        if (i + 1) * k // slots > i * k // slots:
+            out.append(flagged[sum(1 for x in out if x in flagged) % len(flagged)])
+        else:
+            out.append(negative[sum(1 for x in out if x not in flagged) % len(negative)])
+    return out
+
+
+def flagged_sources(model: str) -> tuple[list[Path], list[Path]]:
+    """The samples split by the model's verdict at its operating point (as the node will judge them)."""
+    import dataclasses
+
+    from triage_node import config, pipeline
+
+    cfg = config.Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    m = pipeline.get_model(cfg)
+    verdicts = {f: pipeline.analyze(f, cfg, model=m).positive for f in sources()}
+    return [f for f, v in verdicts.items() if v], [f for f, v in verdicts.items() if not v]
+
+
+def make_instances(n: int, out: Path, prefix: str, study_date: str = "", cycle: list[Path] | None = None) -> list[Path]:
+    """n unique instances (new Study/Series/SOP UIDs) from the RSNA samples, or cycling through ``cycle``."""
     import pydicom
     from pydicom.uid import generate_uid
 
-    srcs = [pydicom.dcmread(p) for p in sources()]
+    srcs = [pydicom.dcmread(p) for p in (cycle or sources())]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
@@ -323,8 +352,8 @@ def run_node(args, code: Path, label: str, version: str, work: Path, settings: l
 
     work.mkdir(parents=True)
     warm = make_instances(1, work / "in", "warm")
-    burst = make_instances(args.n, work / "in", "burst")
-    paced = make_instances(args.paced, work / "in", "paced")
+    burst = make_instances(args.n, work / "in", "burst", cycle=args.cycle)
+    paced = make_instances(args.paced, work / "in", "paced", cycle=args.cycle)
     pacs = LocalOrthanc(work / "orthanc").start()
     node, cfg, port = start_node(work, code, args.model, pacs, settings)
     phase(f"{label}: node up on {code}")
@@ -410,7 +439,7 @@ def run_backfill(args, code: Path, work: Path, pacs, procs: dict[int, str], extr
 
     import requests
 
-    files = make_instances(args.backfill, work / "in", "backfill", study_date=BACKFILL_DATE)
+    files = make_instances(args.backfill, work / "in", "backfill", study_date=BACKFILL_DATE, cycle=args.cycle)
     with requests.Session() as http:
         for f in files:  # into the archive before the clock starts
             http.post(f"{pacs.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
@@ -505,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a node setting for the baseline's run (repeatable)")
     ap.add_argument("--backfill", type=int, default=0,
                     help="also re-analyse this many instances from Orthanc through `triage-node backfill` (0 = skip)")
+    ap.add_argument("--flagged-share", type=float, metavar="F",
+                    help="feed a mix of the samples of which this share is flagged by the model (e.g. 0.4), instead of "
+                         "the samples in turn: for settings whose cost depends on the verdict (outputs.sc_for)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     model = args.model if args.model == "untrained" else str(Path(args.model).resolve())
@@ -512,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="triage-e2e-"))
     busy = busy_warning()
     try:
-        bare_files = make_instances(args.bare, work / "bare", "bare")
+        args.cycle = None
+        if args.flagged_share is not None:  # the burst, the paced series, the backfill and the bare loop: one mix
+            args.cycle = mix(*flagged_sources(model), args.flagged_share)
+        bare_files = make_instances(args.bare, work / "bare", "bare", cycle=args.cycle)
         phase(f"bare loop over {args.bare}")
         bare = bare_loop(model, bare_files)
         runs = {}
@@ -533,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[label] = r
         res = {"suite": "e2e", "bare": bare, **runs, "cpus": os.cpu_count(), "scu_stalls_resent": Scu.stalls,
                "machine_busy": bool(busy), "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "flagged_share_requested": args.flagged_share,
                "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         if "baseline" in runs:
             b, c = runs["baseline"], runs["current"]

@@ -15,7 +15,8 @@ from conftest import require
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("settings", [[], ["--set", "outputs.sc_for=flagged"]], ids=["defaults", "sc-for-flagged"])
+@pytest.mark.parametrize("settings", [[], ["--set", "outputs.sc_for=flagged", "--flagged-share", "0.5"]],
+                         ids=["defaults", "sc-for-flagged"])
 def test_e2e_bench_reports_every_figure(tmp_path, settings):
     # sc-for-flagged: the results per instance depend on the film, so the burst and the backfill end by the node's
     # "sent" records instead of the PACS's instance count
@@ -40,6 +41,8 @@ def test_e2e_bench_reports_every_figure(tmp_path, settings):
     assert run["peak_rss_mb"]["infer_worker"] > 0 and run["peak_rss_mb"]["report_worker"] > 0
     assert "non_model_cpu_ms_per_cxr" in run and run["dead_lettered_or_failed"] == 0
     assert run["burst_flagged_share"] in (0.0, 0.5, 1.0)  # a share of the 2 burst instances, not of the others
+    if "--flagged-share" in settings:  # the mix's first two films: one negative, one flagged, and the node agrees
+        assert report["flagged_share_requested"] == 0.5 and run["burst_flagged_share"] == 0.5
     backfill = run["backfill"]  # both instances came back from Orthanc through QIDO/WADO and were analysed
     assert backfill["exit"] == 0 and backfill["complete"] is True and backfill["n"] == 2
     assert backfill["results_per_s"] > 0 and "ratio_to_sustained" in backfill
@@ -61,3 +64,23 @@ def test_e2e_bench_waits_for_the_outputs_the_run_configures():
     flagged = e2e.apply_settings(json.loads(json.dumps(defaults)), ["outputs.sc_for=flagged"])
     assert e2e.results_per_instance(flagged) is None
     assert e2e.results_per_instance(e2e.apply_settings(flagged, ["outputs.sc=false"])) == 1
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e_mix", ROOT / "bench" / "e2e.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_bench_mixes_flagged_and_negative_films_in_the_share_asked():
+    e2e = _bench()
+    f, n = [Path(f"f{i}") for i in range(3)], [Path(f"n{i}") for i in range(2)]
+    cycle = e2e.mix(f, n, 0.4)
+    assert len(cycle) == 20 and sum(x in f for x in cycle) == 8
+    assert all(sum(x in f for x in cycle[i:i + 5]) == 2 for i in range(0, 20, 5))  # spread evenly, not in a block
+    assert {x for x in cycle if x in f} == set(f) and {x for x in cycle if x in n} == set(n)  # each film in turn
+    assert e2e.mix(f, n, 0.0) == [n[i % 2] for i in range(20)] and e2e.mix(f, [], 1.0) == [f[i % 3] for i in range(20)]
+    with pytest.raises(SystemExit, match="0 negative"):
+        e2e.mix(f, [], 0.4)
