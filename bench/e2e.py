@@ -77,21 +77,27 @@ def mix(flagged: list[Path], negative: list[Path], share: float, slots: int = 20
                          "negative films under this model")
     out: list[Path] = []
     for i in range(slots):  # slot i is flagged when the running count of flagged slots steps up (even spacing)
-        if (i + 1) * k // slots > i * k // slots:
-            out.append(flagged[sum(1 for x in out if x in flagged) % len(flagged)])
-        else:
-            out.append(negative[sum(1 for x in out if x not in flagged) % len(negative)])
+        taken = i * k // slots  # flagged slots before slot i
+        is_flagged = (i + 1) * k // slots > taken
+        out.append(flagged[taken % len(flagged)] if is_flagged else negative[(i - taken) % len(negative)])
     return out
+
+
+def model_config(model: str):
+    """The node's defaults with this model package (what the bench's in-process loops analyse with)."""
+    import dataclasses
+
+    from triage_node import config
+
+    cfg = config.Config()
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
 
 
 def flagged_sources(model: str) -> tuple[list[Path], list[Path]]:
     """The samples split by the model's verdict at its operating point (as the node will judge them)."""
-    import dataclasses
+    from triage_node import pipeline
 
-    from triage_node import config, pipeline
-
-    cfg = config.Config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    cfg = model_config(model)
     m = pipeline.get_model(cfg)
     verdicts = {f: pipeline.analyze(f, cfg, model=m).positive for f in sources()}
     return [f for f, v in verdicts.items() if v], [f for f, v in verdicts.items() if not v]
@@ -493,14 +499,12 @@ def stage_profile(code: Path, model: str, files: list[Path], work: Path) -> dict
 
 def bare_loop(model: str, files: list[Path]) -> dict:
     """decode + model, one CXR at a time, in this process (the baseline the node is compared with)."""
-    import dataclasses
     import logging
 
-    from triage_node import config, dicom_io, pipeline
+    from triage_node import dicom_io, pipeline
 
     logging.disable(logging.WARNING)
-    cfg = config.Config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    cfg = model_config(model)
     m = pipeline.get_model(cfg)
     for f in files[:2]:
         pipeline.analyze(f, cfg, model=m)

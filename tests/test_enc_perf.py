@@ -71,13 +71,15 @@ def _cfg(tmp: Path, archive: bool = True) -> config.Config:
 
 def test_the_display_cache_is_kept_only_when_the_overlay_is_built(tmp_path):
     cfg = _cfg(tmp_path)
-    assert pipeline.display_cache(cfg, tmp_path) == tmp_path / pipeline.DISPLAY_CACHE
     pred = prediction(boxes=BOXES)
+    got = pipeline.analyze(RSNA[1], cfg, predict=lambda _img, _age: pred, display_to=tmp_path / pipeline.DISPLAY_CACHE)
+    assert (tmp_path / pipeline.DISPLAY_CACHE).exists() and "display" in got.timings_ms
     for outputs in (dataclasses.replace(cfg.outputs, sc=False), dataclasses.replace(cfg.outputs, sc=False, gsps=True)):
         no_sc = dataclasses.replace(cfg, outputs=outputs)
-        assert pipeline.display_cache(no_sc, tmp_path) is None  # SR and GSPS need no pixels: nothing rendered
         box = tmp_path / f"gsps-{outputs.gsps}"
-        pipeline.analyze(RSNA[1], no_sc, predict=lambda _img, _age: pred, display_to=pipeline.display_cache(no_sc, box))
+        got = pipeline.analyze(RSNA[1], no_sc, predict=lambda _img, _age: pred, display_to=box / pipeline.DISPLAY_CACHE)
+        # SR and GSPS need no pixels: nothing rendered, nothing written
+        assert not (box / pipeline.DISPLAY_CACHE).exists() and "display" not in got.timings_ms
         files = pipeline.build(RSNA[1], pred, no_sc, box)
         assert not (box / pipeline.DISPLAY_CACHE).exists()
         assert [f.name.split("-")[0] for f in files] == ["sr"] + (["gsps"] if outputs.gsps else [])
@@ -94,7 +96,7 @@ def test_sc_for_flagged_builds_no_overlay_for_a_film_below_the_threshold(tmp_pat
         assert pipeline.output_names(flagged_only) == ("sr", "sc")  # what is configured, before any prediction
         box = tmp_path / f"film-{pred.positive}"
         got = pipeline.analyze(RSNA[1], flagged_only, predict=lambda _img, _age, pred=pred: pred,
-                               display_to=pipeline.display_cache(flagged_only, box))
+                               display_to=box / pipeline.DISPLAY_CACHE)
         assert (box / pipeline.DISPLAY_CACHE).exists() is pred.positive  # rendered only when the overlay comes
         assert ("display" in got.timings_ms) is pred.positive
         files = pipeline.build(RSNA[1], pred, flagged_only, box)

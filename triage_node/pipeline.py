@@ -68,7 +68,8 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
 
     ``predict`` ((image, age in years or None) -> Prediction) lets a worker route the model call through a
     micro-batcher. ``display_to``: also keep the 8-bit rendering there for :func:`build` (the source is then decoded
-    once per node). The patient's age (Patient's Age) picks the model's operating point when it has one per age.
+    once per node), when this film gets an SC overlay (:func:`output_names`); else nothing is rendered. The
+    patient's age (Patient's Age) picks the model's operating point when it has one per age.
     """
     t0 = time.perf_counter()
     ds = read_eligible(path, cfg)
@@ -164,13 +165,6 @@ def build(path: str | Path, prediction: Prediction, cfg: Config, out_dir: Path,
 
 
 DISPLAY_CACHE = "display.npy"
-
-
-def display_cache(cfg: Config, out_dir: Path) -> Path | None:
-    """Where the infer worker keeps the 8-bit rendering for :func:`build` (``out_dir/display.npy``), or None when no
-    configured output needs the pixels (only the SC overlay does): then nothing is rendered or written. With
-    ``outputs.sc_for = "flagged"``, :func:`analyze` writes it only for a film over the threshold."""
-    return out_dir / DISPLAY_CACHE if "sc" in output_names(cfg) else None
 
 
 def save_display(path: Path, display) -> None:

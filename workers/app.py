@@ -189,8 +189,9 @@ def analyze(self, payload: dict) -> dict:
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
     try:
         with _predict() as predict:
-            pred = pipeline.analyze(path, cfg, predict=predict,  # decoded once per node
-                                    display_to=pipeline.display_cache(cfg, spool.outbox_dir(sop)))
+            # decoded once per node: the display is kept for the overlay (analyze skips it for a film without one)
+            pred = pipeline.analyze(path, cfg, predict=predict,
+                                    display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
