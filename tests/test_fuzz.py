@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import ARTIFACTS, SAMPLES
+from conftest import ARTIFACTS, SAMPLES, SPOOL_UNGUARDED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement, RawDataElement
@@ -379,12 +379,12 @@ def live_receiver(tmp_path_factory, redis_server):
     cfg = config.Config(
         receiver=config.ReceiverConfig(port=free_port(), allowed_calling_aets=("TESTSCU",), acse_timeout=5,
                                        dimse_timeout=5, network_timeout=5, max_associations=8),
-        spool=config.SpoolConfig(directory=str(tmp / "spool")),
+        spool=config.SpoolConfig(directory=str(tmp / "spool"), **SPOOL_UNGUARDED),
         broker=config.BrokerConfig(url=redis_server.url.replace("/0", "/5")),
         retry=config.RetryConfig(dead_letter_dir=str(tmp / "dead")),
         audit_log=str(tmp / "audit.jsonl"),
     )
-    spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
+    spool = Spool.from_config(cfg)
     server = scp.start(cfg, spool, _submitter(cfg), Audit(cfg.audit_log), block=False)
     RSS_AT_START["receiver"] = _rss_mb()
     yield cfg, spool, server

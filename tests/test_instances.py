@@ -26,7 +26,7 @@ from threading import Thread
 import pydicom
 import pytest
 import redis as redis_lib
-from conftest import SAMPLES, c_store, write_toml
+from conftest import SAMPLES, SPOOL_UNGUARDED, c_store, write_toml
 from pydicom.uid import generate_uid
 
 from triage_node import config
@@ -184,7 +184,7 @@ class Split:
         self.port, self.http_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{advertised_port or self.http_port}"
         common = {"log_level": "INFO", "audit_log": "var/audit.jsonl",
-                  "spool": {"directory": "var/spool"},  # relative: the same words name different folders
+                  "spool": {"directory": "var/spool", **SPOOL_UNGUARDED},  # relative: the same words name different folders
                   "broker": {"url": broker, "visibility_timeout": visibility_timeout},
                   "retry": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 1.0,
                             "dead_letter_dir": "var/dead-letter"},
@@ -367,7 +367,7 @@ def test_serve_re_enqueues_what_no_task_holds_with_its_source_url(tmp_path, redi
     os.utime(path, (time.time() - 3600,) * 2)
     port, http_port = free_port(), free_port()
     write_toml(recv / "node.toml", {
-        "audit_log": "var/audit.jsonl", "spool": {"directory": "var/spool"},
+        "audit_log": "var/audit.jsonl", "spool": {"directory": "var/spool", **SPOOL_UNGUARDED},
         "broker": {"url": redis_url, "visibility_timeout": 60},
         "retry": {"dead_letter_dir": "var/dead-letter"}, "web": {"enabled": False},
         "receiver": {"port": port}, "instances": {"url": f"http://127.0.0.1:{http_port}", "port": http_port,

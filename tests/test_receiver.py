@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pydicom
 import pytest
 import redis
-from conftest import SAMPLES, require
+from conftest import SAMPLES, SPOOL_UNGUARDED, require
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -31,12 +32,12 @@ def receiver(tmp_path, redis_url):
         cfg = config.Config(
             receiver=config.ReceiverConfig(port=free_port(), allowed_calling_aets=("STORESCU", "TESTSCU"),
                                            **kw.pop("receiver", {})),
-            spool=config.SpoolConfig(directory=str(tmp_path / "spool"), **kw.pop("spool", {})),
+            spool=config.SpoolConfig(directory=str(tmp_path / "spool"), **{**SPOOL_UNGUARDED, **kw.pop("spool", {})}),
             broker=config.BrokerConfig(url=kw.pop("broker", redis_url)),
             retry=config.RetryConfig(dead_letter_dir=str(tmp_path / "dead")),
             audit_log=str(tmp_path / "audit.jsonl"),
         )
-        spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
+        spool = Spool.from_config(cfg)
         server = scp.start(cfg, spool, _submitter(cfg), Audit(cfg.audit_log), block=False)
         servers.append(server)
         return cfg, spool, server
@@ -167,10 +168,23 @@ def test_broker_down_answers_out_of_resources_and_keeps_nothing(receiver):
     assert refused and refused[-1]["reason"].startswith("broker unavailable")
 
 
-def test_disk_watermark_answers_out_of_resources(receiver, redis_url):
-    cfg, spool, _ = receiver(spool={"max_disk_usage": 0.0})
-    assert store(cfg.receiver.port, fresh()) == scp.OUT_OF_RESOURCES
-    assert queued(redis_url) == []
+@pytest.mark.parametrize("limits, reason", [
+    ({"max_disk_usage": 0.0}, r"spool disk usage \d+%, at or above the 0% watermark"),
+    # a reserve larger than any disk here: the free-space floor alone refuses
+    ({"reserve_mb": 2**30}, r"spool free space \d+ MiB, below the 1073741824 MiB reserve"),
+], ids=["watermark", "reserve"])
+def test_intake_guard_answers_out_of_resources_then_recovers(receiver, redis_url, limits, reason):
+    cfg, spool, _ = receiver(spool=limits)
+    ds = fresh()
+    assert store(cfg.receiver.port, ds) == scp.OUT_OF_RESOURCES
+    assert queued(redis_url) == [] and spool.pending() == []
+    refused = [e for e in read(cfg.audit_log) if e["event"] == "refused"]
+    assert refused and refused[-1]["sop_instance_uid"] == ds.SOPInstanceUID
+    assert re.fullmatch(reason, refused[-1]["reason"]), refused[-1]["reason"]
+    # the disk is clear again (here: the limits lifted on the running node's spool): accepted, no restart
+    spool.max_disk_usage, spool.reserve_bytes = 1.0, 0
+    assert store(cfg.receiver.port, ds) == 0x0000
+    assert len(spool.pending()) == 1 and len(queued(redis_url)) == 1
 
 
 def test_same_instance_twice_is_queued_once(receiver, redis_url):

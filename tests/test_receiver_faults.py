@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from conftest import SAMPLES, write_toml
+from conftest import SAMPLES, SPOOL_UNGUARDED, write_toml
 from pydicom.uid import generate_uid
 from test_receiver import receiver, store  # noqa: F401 - the in-process receiver fixture
 
@@ -124,7 +124,7 @@ def test_receiver_killed_between_spool_and_enqueue(tmp_path, own_redis):
     port = free_port()
     cfg = {"audit_log": str(tmp_path / "audit.jsonl"),
            "receiver": {"port": port, "allowed_calling_aets": ["TESTSCU"]},
-           "spool": {"directory": str(tmp_path / "spool")}, "broker": {"url": own_redis.url},
+           "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED}, "broker": {"url": own_redis.url},
            "retry": {"dead_letter_dir": str(tmp_path / "dead")}}
     path = write_toml(tmp_path / "serve.toml", cfg)
 

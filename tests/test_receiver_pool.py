@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from conftest import SAMPLES, write_toml
+from conftest import SAMPLES, SPOOL_UNGUARDED, write_toml
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
@@ -86,7 +86,7 @@ def pool(tmp_path, redis_url):
         cfg = {"audit_log": str(tmp_path / "audit.jsonl"),
                "receiver": {"port": port or free_port(), "allowed_calling_aets": ["TESTSCU"], "processes": processes,
                             "balance": balance, "max_associations_per_address": 0},
-               "spool": {"directory": str(tmp_path / "spool")},
+               "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
                "broker": {"url": redis_url},
                "retry": {"dead_letter_dir": str(tmp_path / "dead")}}
         path = write_toml(tmp_path / "serve.toml", cfg)

@@ -189,6 +189,8 @@ def test_dashboard_metrics_health_and_replay(tmp_path, redis_url, orthanc_factor
     assert total(m, "triage_workers_online", role="report") >= 1
     assert total(m, "triage_dead_letters") == 1 and total(m, "triage_spool_bytes", area="dead_letter") > 0
     assert 0 < total(m, "triage_spool_disk_usage_ratio") < 1
+    assert total(m, "triage_spool_disk_free_bytes") > 0 and total(m, "triage_spool_disk_reserve_bytes") == 0
+    assert total(m, "triage_spool_disk_watermark_ratio") == 1.0  # the tests' unguarded spool (SPOOL_UNGUARDED)
     last = [e for e in entries if e["event"] == "analysed"][-1]
     assert m[("triage_model_info", (("hostname", last["hostname"]), ("version", last["model"])))] == 1
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import ROOT, write_toml
+from conftest import ROOT, SPOOL_UNGUARDED, write_toml
 
 from triage_node import config, web
 from triage_node.audit import Audit, read
@@ -40,7 +40,7 @@ def test_readyz_says_only_ready_without_login_and_details_with_it(tmp_path, redi
         web=config.WebConfig(bind="0.0.0.0", port=free_port(), username=USER, password=PASSWORD),
         audit_log=str(tmp_path / "audit.jsonl"))
     toml = write_toml(tmp_path / "node.toml", {
-        "audit_log": cfg.audit_log, "spool": {"directory": cfg.spool.directory}, "broker": {"url": redis_url},
+        "audit_log": cfg.audit_log, "spool": {"directory": cfg.spool.directory, **SPOOL_UNGUARDED}, "broker": {"url": redis_url},
         "retry": {"dead_letter_dir": cfg.retry.dead_letter_dir}})
     spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir)
     audit = Audit.from_config(cfg)

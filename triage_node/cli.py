@@ -45,7 +45,7 @@ def _load(args) -> config_mod.Config:
 def _spool(cfg):
     from .spool import Spool
 
-    return Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
+    return Spool.from_config(cfg)
 
 
 def _submitter(cfg):

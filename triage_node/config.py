@@ -16,6 +16,8 @@ ENV_OVERRIDES = {
     "TRIAGE_BROKER_URL": ("broker", "url"),
     "TRIAGE_BROKER_TASK_EVENTS": ("broker", "task_events"),
     "TRIAGE_SPOOL_DIR": ("spool", "directory"),
+    "TRIAGE_SPOOL_MAX_DISK_USAGE": ("spool", "max_disk_usage"),
+    "TRIAGE_SPOOL_RESERVE_MB": ("spool", "reserve_mb"),
     "TRIAGE_MODEL_PATH": ("model", "path"),
     "TRIAGE_DEVICE": ("model", "device"),
     "TRIAGE_MODEL_THREADS": ("model", "threads"),
@@ -80,9 +82,20 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     directory: str = "var/spool"
-    #: Refuse new instances (0xA700) when the spool filesystem is fuller than this fraction (MONAI Deploy's
-    #: informatics gateway uses the same 75 % default); the receiver accepts again by itself once usage falls.
-    max_disk_usage: float = 0.75
+    #: The intake guard: new instances are refused (0xA700 by DIMSE, 503 by STOW-RS, with the reason) while the
+    #: spool filesystem is at least this full (used / (used + available), as ``df`` shows it) ...
+    max_disk_usage: float = 0.90
+    #: ... or has less than this many MiB available: headroom for the work already acknowledged, whose results
+    #: are still to be written. MONAI Deploy's informatics gateway guards the same two ways (watermarkPercent,
+    #: reserveSpaceGB, 5 GB by default, sized at 2-3 studies per AE title; a CXR is 5-30 MB). The receiver
+    #: accepts again by itself once either is clear. ``TRIAGE_SPOOL_MAX_DISK_USAGE``, ``TRIAGE_SPOOL_RESERVE_MB``.
+    reserve_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_disk_usage <= 1.0:
+            raise ValueError(f"spool.max_disk_usage {self.max_disk_usage!r}: expected a fraction from 0 to 1")
+        if self.reserve_mb < 0:
+            raise ValueError(f"spool.reserve_mb {self.reserve_mb!r}: expected >= 0")
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpoolError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,9 @@ class Spool:
     """The node's on-disk state between receipt and delivery."""
 
     def __init__(self, directory: str | os.PathLike, dead_letter_dir: str | os.PathLike,
-                 max_disk_usage: float = 0.95) -> None:
+                 max_disk_usage: float = 1.0, reserve_bytes: int = 0) -> None:
+        """``max_disk_usage`` and ``reserve_bytes`` are the intake guard (``store`` refuses past either); the
+        defaults guard nothing: a node takes them from its configuration (``from_config``)."""
         self.root = Path(directory)
         self.instances = self.root / "instances"
         self.outbox = self.root / "outbox"
@@ -188,11 +193,18 @@ class Spool:
         self.dead = Path(dead_letter_dir)
         self.tmp = self.root / "tmp"
         self.max_disk_usage = max_disk_usage
+        self.reserve_bytes = reserve_bytes
         for d in (self.instances, self.outbox, self.attempts_dir, self.fetched, self.tmp, self.dead):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self._pool: PrecreatedFiles | None = None
         self._pool_pid = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Spool:
+        """The node's spool, with the intake guard of ``[spool]``."""
+        return cls(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage,
+                   cfg.spool.reserve_mb * 2**20)
 
     def precreated(self) -> PrecreatedFiles:
         """This process's pool of tmp files (started on first use, and again in a forked child: Celery's prefork
@@ -247,14 +259,35 @@ class Spool:
         st = shutil.disk_usage(self.root)
         return st.used / max(st.used + st.free, 1)
 
+    def free_bytes(self) -> int:
+        """Bytes of the spool filesystem still available to the node."""
+        return shutil.disk_usage(self.root).free
+
+    def refusal(self) -> str | None:
+        """Why new instances would be refused now (the intake guard), or None when there is room.
+
+        Two limits, either refuses: the used fraction (``max_disk_usage``: leaves the rest of a shared disk to
+        its other users) and the free space (``reserve_bytes``: headroom for the work already acknowledged,
+        whose outputs are still to be written). On a large disk shared with others the fraction alone says
+        little: 80 % used can still leave tens of GiB free."""
+        st = shutil.disk_usage(self.root)
+        usage = st.used / max(st.used + st.free, 1)
+        if usage >= self.max_disk_usage:
+            return f"spool disk usage {usage:.0%}, at or above the {self.max_disk_usage:.0%} watermark"
+        if st.free < self.reserve_bytes:
+            return (f"spool free space {st.free / 2**20:.0f} MiB, below the {self.reserve_bytes / 2**20:.0f} MiB "
+                    "reserve")
+        return None
+
     def has_room(self) -> bool:
-        return self.disk_usage() < self.max_disk_usage
+        return self.refusal() is None
 
     def store(self, sop_instance_uid: str, data: bytes | memoryview) -> tuple[Path, bool]:
         """Atomically store the encoded instance. Returns (path, already_pending)."""
         path = self.instance_path(sop_instance_uid)
-        if not self.has_room():
-            raise SpoolError(f"spool disk usage above {self.max_disk_usage:.0%}")
+        why = self.refusal()
+        if why is not None:
+            raise SpoolError(why)
         pending = path.exists()
         try:
             self.write(path, data)

@@ -29,7 +29,9 @@ def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:
         lines.append(f"  {ev}: {why} x{n}")
     for e in flagged[-10:]:
         lines.append(f"  FLAGGED {e['sop_instance_uid']} p={e.get('probability')} boxes={e.get('boxes')}")
-    lines.append(f"spool pending: {len(spool.pending())}, disk used {spool.disk_usage():.0%}")
+    why = spool.refusal()
+    lines.append(f"spool pending: {len(spool.pending())}, disk used {spool.disk_usage():.0%}, "
+                 f"{spool.free_bytes() / 2**30:.1f} GiB free" + (f"; REFUSING NEW INSTANCES: {why}" if why else ""))
     dl = spool.dead_letters()
     lines.append(f"dead letters: {len(dl)}")
     for info in dl[-10:]:

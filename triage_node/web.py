@@ -106,7 +106,8 @@ class WebApp:
                 "workers": self.probes.workers(), "model": self.state.model,
                 "last_hour": self.state.last_hour(), "studies": studies, "dead_letters": dead,
                 "failures_by_stage": self.state.failures_by_stage(),
-                "spool": {"pending": len(self.spool.pending()), "disk_usage": round(self.spool.disk_usage(), 4)}}
+                "spool": {"pending": len(self.spool.pending()), "disk_usage": round(self.spool.disk_usage(), 4),
+                          "free_bytes": self.spool.free_bytes(), "refusing": self.spool.refusal()}}
 
     def replay(self, sop: str) -> tuple[int, dict[str, Any]]:
         from .replay import replay_one

@@ -182,10 +182,11 @@ class Probes:
                 os.unlink(tmp)
         except OSError as exc:
             return False, f"write failed: {exc.strerror or type(exc).__name__}"
-        usage = self.spool.disk_usage()
-        if usage >= self.spool.max_disk_usage:
-            return False, f"disk {usage:.0%} used, at or above the {self.spool.max_disk_usage:.0%} watermark"
-        return True, f"write+delete ok, disk {usage:.0%} used"
+        why = self.spool.refusal()
+        if why is not None:
+            return False, why
+        free_gib = self.spool.free_bytes() / 2**30
+        return True, f"write+delete ok, disk {self.spool.disk_usage():.0%} used, {free_gib:.1f} GiB free"
 
     def model_loaded(self) -> tuple[bool, str]:
         """An inference worker answers a Celery ping and the last analysis did not fail with a model error.

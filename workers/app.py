@@ -36,7 +36,7 @@ log = logging.getLogger("workers")
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 cfg = config.load()
 app = make_app(cfg, name="workers")
-spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir, cfg.spool.max_disk_usage)
+spool = Spool.from_config(cfg)
 audit = Audit.from_config(cfg)
 senders.set_audit(audit)  # a stalled C-STORE's resend goes to the node's own trail
 #: Fetched copies older than this were left by tasks redelivered to another host; swept at most once an hour.

@@ -220,17 +220,23 @@ def fill(directory: Path, leave_bytes: int = 0, name: str = "ballast") -> Path:
     return f
 
 
-def test_disk_watermark_refuses_then_recovers(tmp_path, small_spool, redis_url, pacs_factory, chaos_node):
+@pytest.mark.parametrize("limits, reason, name", [
+    ({"max_disk_usage": 0.5}, "at or above the 50% watermark", "disk_watermark"),
+    ({"reserve_mb": 16}, "below the 16 MiB reserve", "disk_reserve"),  # the fraction alone would take them
+], ids=["watermark", "reserve"])
+def test_disk_watermark_refuses_then_recovers(tmp_path, small_spool, redis_url, pacs_factory, chaos_node, limits,
+                                              reason, name):
     pacs = pacs_factory()
-    node = chaos_node(redis_url, dicom_dest(pacs), spool={"max_disk_usage": 0.5})
+    node = chaos_node(redis_url, dicom_dest(pacs), spool=limits)
     ok1, refused, ok2 = unique(1), unique(3, 1), unique(2, 4)
     assert set(store_all(node.port, ok1).values()) == {0}
     settle(pacs, tmp_path, {str(d.SOPInstanceUID): d for d in ok1}, quiet=0)
-    ballast = fill(small_spool, leave_bytes=12 << 20)  # ~62% used: above the 50% watermark, room left for outboxes
+    # ~62% used, 12 MiB free: over the 50% watermark, under the 16 MiB reserve; room left for the outboxes
+    ballast = fill(small_spool, leave_bytes=12 << 20)
     st = store_all(node.port, refused)
     assert set(st.values()) == {A700}, st
     reasons = [e["reason"] for e in node.audit() if e["event"] == "refused"]
-    assert len(reasons) == 3 and all("disk usage above 50%" in r for r in reasons), reasons
+    assert len(reasons) == 3 and all(reason in r for r in reasons), reasons
     assert not [p for p in (small_spool / "instances").iterdir()
                 if p.stem in {str(d.SOPInstanceUID) for d in refused}], "refused instances are not kept"
     ballast.unlink()
@@ -238,7 +244,7 @@ def test_disk_watermark_refuses_then_recovers(tmp_path, small_spool, redis_url, 
     assert set(st.values()) == {0}, st
     acked = {str(d.SOPInstanceUID): d for d in ok1 + refused + ok2}
     out = settle(pacs, tmp_path, acked)
-    check(out, "disk_watermark", faults=1, pushed=len(acked) + len(refused), refused_0xA700=len(refused))
+    check(out, name, faults=1, pushed=len(acked) + len(refused), refused_0xA700=len(refused))
 
 
 def test_disk_full_while_in_flight(tmp_path, small_spool, redis_url, pacs_factory, chaos_node):

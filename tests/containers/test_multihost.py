@@ -60,7 +60,7 @@ def test_worker_container_killed_mid_run_every_instance_gets_exactly_one_result(
     cfg = write_toml(tmp_path / "node.toml", {
         "audit_log": f"{DATA}/audit.jsonl",
         "receiver": {"ae_title": "TRIAGE", "bind": "0.0.0.0", "port": 11112, "allowed_calling_aets": ["ORTHANC"]},
-        "spool": {"directory": f"{DATA}/spool", "max_disk_usage": 0.99},
+        "spool": {"directory": f"{DATA}/spool", "max_disk_usage": 0.99, "reserve_mb": 0},
         "broker": {"url": "redis://redis:6379/0", "visibility_timeout": VISIBILITY_S},
         "model": {"device": "cpu"},
         "outputs": {"sr": True, "sc": True, "gsps": False, "archive_dir": f"{DATA}/results"},

@@ -27,8 +27,10 @@ function render(d) {
   fill("lasthour", [["received", c.received || 0], ["results sent", c.sent || 0], ["skipped", c.skipped || 0],
     ["refused", c.refused || 0], ["failed", c.failed || 0], ["dead-lettered", c.dead_lettered || 0],
     ["latency p50", fmtS(h.latency_s.p50)], ["latency p95", fmtS(h.latency_s.p95)], ["latency max", fmtS(h.latency_s.max)],
-    ["spool pending", d.spool.pending], ["spool disk", `${(d.spool.disk_usage * 100).toFixed(0)} %`]]
-    .map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v))));
+    ["spool pending", d.spool.pending],
+    ["spool disk", `${(d.spool.disk_usage * 100).toFixed(0)} % used, ${(d.spool.free_bytes / 2 ** 30).toFixed(1)} GiB free`]]
+    .map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))
+    .concat(d.spool.refusing ? [el("tr", {"data-refusing": ""}, el("td", {}, "intake"), el("td", {class: "bad"}, `refusing: ${d.spool.refusing}`))] : []));
   const f = Object.entries(d.failures_by_stage || {});
   fill("failures", f.length ? f.map(([stage, n]) => el("tr", {"data-stage": stage}, el("td", {}, stage),
     el("td", {class: n.failed ? "bad" : ""}, n.failed), el("td", {}, n.retry), el("td", {class: n.dead_lettered ? "bad" : ""}, n.dead_lettered)))
