@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bare WADO-RS retrieve ({args.concurrency} threads): {bare:.1f} inst/s")
         cfg = work / "node.toml"
         cfg.write_text(f'audit_log = "{work}/audit.jsonl"\nlog_level = "WARNING"\n[spool]\ndirectory = "{work}/spool"\n'
-                       f'max_disk_usage = 0.99\n[broker]\nurl = "{redis.url}"\n'
+                       f'max_disk_usage = 0.99\nreserve_mb = 0\n[broker]\nurl = "{redis.url}"\n'
                        f'[retry]\ndead_letter_dir = "{work}/dead"\n'
                        f'[backfill]\nurl = "{pacs.dicomweb_url}"\nconcurrency = {args.concurrency}\nrate_limit = 0.0\n')
         t0 = time.monotonic()

@@ -330,7 +330,8 @@ def start_node(work: Path, code: Path, model: str, pacs,
     cfg = {
         "audit_log": str(work / "audit.jsonl"), "log_level": "WARNING",
         "receiver": {"ae_title": "TRIAGE", "port": port, "allowed_calling_aets": ["BENCHSCU"], "max_associations": 4},
-        "spool": {"directory": str(work / "spool")},
+        # the intake guard off: a bench must not stop on how full this machine's disk is
+        "spool": {"directory": str(work / "spool"), "max_disk_usage": 1.0, "reserve_mb": 0},
         "broker": {"url": ""},
         "model": {"path": model},
         "outputs": {"sr": True, "sc": True, "gsps": False, "archive_dir": str(work / "results")},

@@ -45,6 +45,7 @@ max_associations_per_address = 0
 [spool]
 directory = "{work}/spool"
 max_disk_usage = 0.99
+reserve_mb = 0
 [broker]
 url = "{broker}"
 [retry]

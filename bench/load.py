@@ -99,7 +99,8 @@ def start_node(work: Path, port: int, dest: list[dict], model: str, max_assoc: i
         "audit_log": str(work / "audit.jsonl"), "log_level": "WARNING",
         "receiver": {"ae_title": "TRIAGE", "port": port, "allowed_calling_aets": ["STORESCU", "LOADSCU"],
                      "max_associations": max_assoc + 2},
-        "spool": {"directory": str(work / "spool")},
+        # the intake guard off: a bench must not stop on how full this machine's disk is
+        "spool": {"directory": str(work / "spool"), "max_disk_usage": 1.0, "reserve_mb": 0},
         # `up` starts its private redis-server; a short visibility timeout makes the periodic reconcile sweep run
         # many times while the backlog lasts (it must re-enqueue nothing that is still queued)
         "broker": {"url": "", **({"visibility_timeout": visibility_timeout} if visibility_timeout else {})},

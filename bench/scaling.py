@@ -113,7 +113,7 @@ class Node:
         self.redis = PrivateRedis(work / "redis", persist=False).start()
         self.port, self.http_port = free_port(), free_port()
         common = {"log_level": "WARNING", "audit_log": "var/audit.jsonl",
-                  "spool": {"directory": "var/spool"},
+                  "spool": {"directory": "var/spool", "max_disk_usage": 1.0, "reserve_mb": 0},  # guard off
                   "broker": {"url": self.redis.url, "visibility_timeout": 900},
                   "retry": {"max_attempts": 5, "backoff_base_s": 0.5, "backoff_max_s": 5.0,
                             "dead_letter_dir": "var/dead-letter"},

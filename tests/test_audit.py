@@ -171,7 +171,8 @@ def test_metrics_and_status_equal_across_a_rotation(tmp_path):
     text = summarise(cfg, spool)
     assert "received 25" in text and "sent 25" in text and "skipped 2" in text, text
     # the real command, in its own process, on the rotated trail
-    toml = write_toml(tmp_path / "node.toml", {"audit_log": str(path), "spool": {"directory": cfg.spool.directory, **SPOOL_UNGUARDED},
+    toml = write_toml(tmp_path / "node.toml", {"audit_log": str(path),
+                                              "spool": {"directory": cfg.spool.directory, **SPOOL_UNGUARDED},
                                               "retry": {"dead_letter_dir": cfg.retry.dead_letter_dir}})
     out = subprocess.run([sys.executable, "-m", "triage_node.cli", "status", "--config", str(toml)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120,

@@ -80,7 +80,8 @@ def test_backfill_killed_resumed_and_late_arrivals(tmp_path, orthanc_factory, re
     make_instances(tmp_path / "a", 5, 2, "20240111", "OT")               # 10 of another modality
     upload(pacs, tmp_path / "a")
     state = tmp_path / "backfill.sqlite"
-    cfg = {"audit_log": str(tmp_path / "audit.jsonl"), "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
+    cfg = {"audit_log": str(tmp_path / "audit.jsonl"),
+           "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
            "broker": {"url": redis_url}, "retry": {"dead_letter_dir": str(tmp_path / "dead")},
            "backfill": {"url": pacs.dicomweb_url, "concurrency": 3, "rate_limit": 100.0, "state": str(state)}}
     config = write_toml(tmp_path / "node.toml", cfg)
@@ -137,7 +138,8 @@ def test_backfill_recovers_the_audit_line_lost_between_enqueue_and_audit(tmp_pat
     pacs = orthanc_factory()
     a, b = make_instances(tmp_path / "a", 1, 2, "20240110")
     upload(pacs, tmp_path / "a")
-    cfg = {"audit_log": str(tmp_path / "audit.jsonl"), "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
+    cfg = {"audit_log": str(tmp_path / "audit.jsonl"),
+           "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
            "broker": {"url": redis_url}, "retry": {"dead_letter_dir": str(tmp_path / "dead")},
            "backfill": {"url": pacs.dicomweb_url, "state": str(tmp_path / "backfill.sqlite")}}
     config = write_toml(tmp_path / "node.toml", cfg)
@@ -169,7 +171,8 @@ def test_backfill_finds_every_study_when_the_archive_holds_more_than_one_page(tm
     want += make_instances(tmp_path / "a", 3, 1, "20240120", "DX")
     make_instances(tmp_path / "a", 2, 1, "20231230")                     # before the range
     upload(pacs, tmp_path / "a")
-    cfg = {"audit_log": str(tmp_path / "audit.jsonl"), "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
+    cfg = {"audit_log": str(tmp_path / "audit.jsonl"),
+           "spool": {"directory": str(tmp_path / "spool"), **SPOOL_UNGUARDED},
            "broker": {"url": redis_url}, "retry": {"dead_letter_dir": str(tmp_path / "dead")},
            "backfill": {"url": pacs.dicomweb_url, "concurrency": 2, "rate_limit": 0.0, "page_size": 7,
                         "state": str(tmp_path / "backfill.sqlite")}}

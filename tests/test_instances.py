@@ -184,7 +184,8 @@ class Split:
         self.port, self.http_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{advertised_port or self.http_port}"
         common = {"log_level": "INFO", "audit_log": "var/audit.jsonl",
-                  "spool": {"directory": "var/spool", **SPOOL_UNGUARDED},  # relative: the same words name different folders
+                  # relative: the same words name different folders
+                  "spool": {"directory": "var/spool", **SPOOL_UNGUARDED},
                   "broker": {"url": broker, "visibility_timeout": visibility_timeout},
                   "retry": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 1.0,
                             "dead_letter_dir": "var/dead-letter"},

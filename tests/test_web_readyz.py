@@ -40,7 +40,8 @@ def test_readyz_says_only_ready_without_login_and_details_with_it(tmp_path, redi
         web=config.WebConfig(bind="0.0.0.0", port=free_port(), username=USER, password=PASSWORD),
         audit_log=str(tmp_path / "audit.jsonl"))
     toml = write_toml(tmp_path / "node.toml", {
-        "audit_log": cfg.audit_log, "spool": {"directory": cfg.spool.directory, **SPOOL_UNGUARDED}, "broker": {"url": redis_url},
+        "audit_log": cfg.audit_log, "spool": {"directory": cfg.spool.directory, **SPOOL_UNGUARDED},
+        "broker": {"url": redis_url},
         "retry": {"dead_letter_dir": cfg.retry.dead_letter_dir}})
     spool = Spool(cfg.spool.directory, cfg.retry.dead_letter_dir)
     audit = Audit.from_config(cfg)

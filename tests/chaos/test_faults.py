@@ -244,7 +244,9 @@ def test_disk_watermark_refuses_then_recovers(tmp_path, small_spool, redis_url, 
     assert set(st.values()) == {0}, st
     acked = {str(d.SOPInstanceUID): d for d in ok1 + refused + ok2}
     out = settle(pacs, tmp_path, acked)
-    check(out, name, faults=1, pushed=len(acked) + len(refused), refused_0xA700=len(refused))
+    check(out, name, faults=1, pushed=len(acked) + len(refused), refused_0xA700=len(refused),
+          command="TRIAGE_TEST_MODEL=untrained .venv/bin/python -m pytest tests/chaos/test_faults.py "
+                  f"-k 'disk_watermark and {name.removeprefix('disk_')}'")
 
 
 def test_disk_full_while_in_flight(tmp_path, small_spool, redis_url, pacs_factory, chaos_node):
