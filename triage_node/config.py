@@ -82,8 +82,9 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     directory: str = "var/spool"
-    #: The intake guard: new instances are refused (0xA700 by DIMSE, 503 by STOW-RS, with the reason) while the
-    #: spool filesystem is at least this full (used / (used + available), as ``df`` shows it) ...
+    #: The intake guard: new instances are refused (0xA700 to a C-STORE; a DICOMweb pull leaves them for its next
+    #: poll; the reason audited) while the spool filesystem is at least this full (used / (used + available), as
+    #: ``df`` shows it) ...
     max_disk_usage: float = 0.90
     #: ... or has less than this many MiB available: headroom for the work already acknowledged, whose results
     #: are still to be written. MONAI Deploy's informatics gateway guards the same two ways (watermarkPercent,

@@ -178,6 +178,11 @@ def _new_pool_lock() -> None:
 os.register_at_fork(after_in_child=_new_pool_lock)
 
 
+def _used_fraction(st: Any) -> float:
+    """used / (used + available) of a ``shutil.disk_usage`` result."""
+    return float(st.used / max(st.used + st.free, 1))
+
+
 class Spool:
     """The node's on-disk state between receipt and delivery."""
 
@@ -256,8 +261,7 @@ class Spool:
     def disk_usage(self) -> float:
         """Fraction in use as ``df`` reports it: used / (used + available to us); blocks reserved for root or held
         back by the filesystem count neither way."""
-        st = shutil.disk_usage(self.root)
-        return st.used / max(st.used + st.free, 1)
+        return _used_fraction(shutil.disk_usage(self.root))
 
     def free_bytes(self) -> int:
         """Bytes of the spool filesystem still available to the node."""
@@ -271,7 +275,7 @@ class Spool:
         whose outputs are still to be written). On a large disk shared with others the fraction alone says
         little: 80 % used can still leave tens of GiB free."""
         st = shutil.disk_usage(self.root)
-        usage = st.used / max(st.used + st.free, 1)
+        usage = _used_fraction(st)
         if usage >= self.max_disk_usage:
             return f"spool disk usage {usage:.0%}, at or above the {self.max_disk_usage:.0%} watermark"
         if st.free < self.reserve_bytes:
