@@ -28,10 +28,12 @@ SHARED_DATA = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared
 SPOOL_UNGUARDED = {"max_disk_usage": 1.0, "reserve_mb": 0}
 
 
-def pytest_report_header(config) -> str:
-    """How full the disk under the tests is: the first thing to read when intake is refused in CI."""
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How full the disk under the tests was at the end (shown under -q too): the first thing to read when a run
+    fails with 0xA700 or ENOSPC."""
     st = shutil.disk_usage(ROOT)
-    return f"disk under {ROOT}: {st.free / 2**30:.1f} GiB free, {st.used / max(st.used + st.free, 1):.0%} used"
+    terminalreporter.write_line(f"disk under {ROOT}: {st.free / 2**30:.1f} GiB free, "
+                                f"{st.used / max(st.used + st.free, 1):.0%} used")
 
 
 def shared_data(*parts: str) -> Path:
