@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -112,12 +113,23 @@ ae_title = "ORTHANC"
             ids.append(pacs.upload(f)["ID"])
             studies[str(ds.StudyInstanceUID)] = str(ds.SOPInstanceUID)
         print(f"demo: uploaded {len(files)} CXR(s) to Orthanc; routing them to the node (/modalities/triage/store)")
-        t0 = time.time()
-        pacs.route("triage", ids, synchronous=True)
+        t0 = wall0 = time.time()
+        failed = 0
+        for i in ids:  # one store job per CXR, as a routing rule sends each on arrival: one refusal stops no other
+            try:
+                pacs.route("triage", [i], synchronous=True)
+            except requests.HTTPError:  # Orthanc's job fails when the node refuses the C-STORE; the node says why
+                failed += 1
+        if failed:
+            print(f"demo: Orthanc could not store {failed} CXR(s) on the node; the node's reasons are below")
         done: dict[str, float] = {}
-        while len(done) < len(studies) and time.time() - t0 < args.timeout and not stop["flag"]:
-            for study in studies:
-                if study in done:
+        refused: dict[str, str] = {}  # SOP Instance UID -> the node's reason (audit `refused`)
+        while len(done) + len(refused) < len(studies) and time.time() - t0 < args.timeout and not stop["flag"]:
+            refused = {e["sop_instance_uid"]: e["reason"] for e in read_audit(work / "audit.jsonl")
+                       if e["event"] == "refused" and e["ts"] >= wall0 - 1  # this run's, not an earlier one's
+                       and e.get("sop_instance_uid") in studies.values()}
+            for study, sop in studies.items():
+                if study in done or sop in refused:
                     continue
                 inst = pacs.study_instances(study)
                 if any(i.get("SOPClassUID") == SR_CLASS for i in inst) and \
@@ -128,6 +140,9 @@ ae_title = "ORTHANC"
         print(f"\n{'study (last 20 of UID)':24} {'finding':28} {'p':>6} {'boxes':>5} {'result in PACS':>14}")
         for study, sop in studies.items():
             pred_file = work / "results" / sop / "prediction.json"
+            if study not in done and sop in refused:
+                print(f"{study[-20:]:24} refused by the node: {refused[sop]}")
+                continue
             if study not in done or not pred_file.exists():
                 print(f"{study[-20:]:24} {'(no result yet)':28}")
                 continue
@@ -146,6 +161,10 @@ ae_title = "ORTHANC"
               f"/preview.png\n  audit log: {work / 'audit.jsonl'}   status: .venv/bin/triage-node status --config "
               f"{node_cfg}")
         print(f"\nmodel: {model or '(none reported)'}\nAll results come from a DEMO model: NOT FOR CLINICAL USE.")
+        if refused:
+            print(f"demo: the node refused {len(refused)} CXR(s) (0xA700, nothing kept): "
+                  f"{'; '.join(sorted(set(refused.values())))}")
+            return 1
         if len(done) < len(studies):
             missing = len(studies) - len(done)
             print(f"demo: {missing} result(s) missing after {args.timeout:.0f} s; see {work / 'node.log'}")

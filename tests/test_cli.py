@@ -69,3 +69,19 @@ def test_demo_once_routes_samples_through_orthanc(tmp_path):
     assert ps.stdout.strip() == ""
     status = run("status", "--config", str(tmp_path / "node.toml"), cwd=tmp_path)
     assert status.returncode == 0 and f"sent {len(SAMPLES)}" in status.stdout
+
+
+def test_demo_says_why_when_the_node_refuses(tmp_path):
+    """A node whose spool cannot take the films (here: a free-space reserve no disk meets) refuses every C-STORE;
+    the demo ends at once with the node's reason for each film, not after its timeout with "no result yet"."""
+    require("Orthanc", "redis-server")
+    env = dict(os.environ, TRIAGE_SPOOL_MAX_DISK_USAGE="1.0", TRIAGE_SPOOL_RESERVE_MB=str(2**30))
+    if MODEL:
+        env["TRIAGE_MODEL_PATH"] = MODEL
+    res = subprocess.run([sys.executable, str(ROOT / "deploy" / "demo.py"), "--once", "--workdir", str(tmp_path),
+                          "--timeout", "400"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "no result yet" not in res.stdout and "missing after" not in res.stdout, res.stdout[-3000:]
+    assert res.stdout.count("refused by the node: spool free space") == len(SAMPLES), res.stdout[-3000:]
+    assert f"the node refused {len(SAMPLES)} CXR(s)" in res.stdout and "below the 1073741824 MiB reserve" in res.stdout
+    assert not list((tmp_path / "spool" / "instances").glob("*")), "nothing refused is kept"
