@@ -111,18 +111,14 @@ class NodeCollector:
 
     def _spool(self):
         sp = self.probes.spool
-        g = GaugeMetricFamily("triage_spool_disk_usage_ratio", "Used fraction of the spool filesystem")
-        g.add_metric([], sp.disk_usage())
-        yield g
-        g = GaugeMetricFamily("triage_spool_disk_watermark_ratio", "Usage at or above which instances are refused")
-        g.add_metric([], sp.max_disk_usage)
-        yield g
-        g = GaugeMetricFamily("triage_spool_disk_free_bytes", "Bytes of the spool filesystem available to the node")
-        g.add_metric([], sp.free_bytes())
-        yield g
-        g = GaugeMetricFamily("triage_spool_disk_reserve_bytes", "Free space below which instances are refused")
-        g.add_metric([], sp.reserve_bytes)
-        yield g
+        yield GaugeMetricFamily("triage_spool_disk_usage_ratio", "Used fraction of the spool filesystem",
+                                value=sp.disk_usage())
+        yield GaugeMetricFamily("triage_spool_disk_watermark_ratio", "Usage at or above which instances are refused",
+                                value=sp.max_disk_usage)
+        yield GaugeMetricFamily("triage_spool_disk_free_bytes", "Bytes of the spool filesystem available to the node",
+                                value=sp.free_bytes())
+        yield GaugeMetricFamily("triage_spool_disk_reserve_bytes", "Free space below which instances are refused",
+                                value=sp.reserve_bytes)
         g = GaugeMetricFamily("triage_spool_bytes", "Bytes held by the node, by area", labels=["area"])
         for area, n in self.probes.spool_bytes().items():
             g.add_metric([area], n)
