@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from .age import read_age
 from .config import EligibilityConfig
 from .errors import BadDataset, NotEligible
 
@@ -334,24 +335,11 @@ def _codestream_dimensions(frame: bytes, ts: str) -> tuple[int, int] | None:
     return None
 
 
-_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
-
-
 def patient_age_years(ds: Dataset) -> float | None:
-    """The patient's age in years from Patient's Age (0010,1010), for the model's age-specific operating point.
-
-    Age String ``nnnD/W/M/Y`` as the standard writes it; a bare number (the RSNA files carry ``"48"``) is read as
-    years. ``None`` when absent, empty or unreadable: the caller then uses the default (adult) operating point.
-    Patient's Birth Date is not used: archives hold placeholders there (the NIH-derived files carry 19010101)."""
-    elem = ds.get("PatientAge")
-    text = str(elem if elem is not None else "").strip().upper()
-    if not text:
-        return None
-    unit = text[-1] if text[-1] in _AGE_UNITS else "Y"
-    digits = text[:-1] if text[-1] in _AGE_UNITS else text
-    if not digits.isdigit() or len(digits) > 3:
-        return None
-    return int(digits) * _AGE_UNITS[unit]
+    """The patient's age in years, for the model's age-specific operating point: Patient's Age (0010,1010), else
+    Patient's Birth Date and the study's date; ``None`` when unknown (the caller then uses the default, adult,
+    operating point). :func:`triage_node.age.read_age` also says which rule gave it."""
+    return read_age(ds).years
 
 
 def fit_size(rows: int, columns: int, max_size: int) -> tuple[int, int]:

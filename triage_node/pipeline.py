@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 
 from . import dicom_io
+from .age import read_age
 from .config import Config, Destination
 from .errors import SendFailed
 from .failures import describe, is_transient
@@ -69,17 +70,18 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     ``predict`` ((image, age in years or None) -> Prediction) lets a worker route the model call through a
     micro-batcher. ``display_to``: also keep the 8-bit rendering there for :func:`build` (the source is then decoded
     once per node), when this film gets an SC overlay (:func:`output_names`); else nothing is rendered. The
-    patient's age (Patient's Age) picks the model's operating point when it has one per age.
+    patient's age (Patient's Age, else birth date and study date: :func:`triage_node.age.read_age`) picks the model's
+    operating point when it has one per age; the prediction carries the rule that gave it (``age_rule``).
     """
     t0 = time.perf_counter()
     ds = read_eligible(path, cfg)
-    age = dicom_io.patient_age_years(ds)
+    age = read_age(ds)
     img = dicom_io.pixels(ds, max_pixels=cfg.eligibility.max_pixels)
     t1 = time.perf_counter()
     if predict is None:
         model = model or get_model(cfg)
         predict = lambda im, a: model.predict([im], ages=[a])[0]
-    pred = predict(img, age)
+    pred = predict(img, age.years)
     t2 = time.perf_counter()
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)
@@ -91,7 +93,7 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
             log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
         timings["display"] = round((time.perf_counter() - t2) * 1000, 1)
     return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings,
-                      pred.operating_point)
+                      pred.operating_point, age.text)
 
 
 _KIND_BY_SOP_CLASS = {

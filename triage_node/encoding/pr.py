@@ -25,6 +25,7 @@ from highdicom.pr import (
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from triage_node.age import AGE_UNKNOWN_WARNING
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.sc import BANNER
 from triage_node.encoding.sr import box_polyline
@@ -160,6 +161,14 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
             bounding_box=_clip_box(0, 0, columns, line_height, rows, columns),
         )
     )
+    if prediction.age_unknown:  # the adult gate judged a film without an age: say so under the header
+        texts.append(
+            TextObject(
+                text_value=AGE_UNKNOWN_WARNING,
+                units=AnnotationUnitsValues.PIXEL,
+                bounding_box=_clip_box(0, line_height, columns, 2 * line_height, rows, columns),
+            )
+        )
     annotation = GraphicAnnotation(
         referenced_images=[source],
         graphic_layer=layer,

@@ -13,7 +13,9 @@ For viewers that render neither SR nor presentation states. Decisions:
   and the lossy-compression history of the source are carried over; Source Image Sequence points at the source.
   A film larger than ``outputs.sc_max_size`` gets an overlay reduced to fit (same aspect and orientation, boxes
   scaled, Derivation Description says so): the encode cost grows with the pixels, and the SC is not for diagnosis.
-* ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in.
+* ``BurnedInAnnotation`` = YES (the image carries text), "NOT FOR DIAGNOSTIC USE" and the model label burned in;
+  a film judged without a known age also gets :data:`~triage_node.age.AGE_UNKNOWN_WARNING` (the adult gate ranks
+  children's films poorly).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from triage_node.age import AGE_UNKNOWN_WARNING
 from triage_node.dicom_io import is_display_of
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (
@@ -132,6 +135,8 @@ def render_overlay(display: np.ndarray, prediction: Prediction, palette: bool = 
         (f"Pneumonia {verdict} p={prediction.probability:.2f}; {len(prediction.detections)} opacity box(es)",
          text_ink, small),
     ]
+    if prediction.age_unknown:  # a child's film without an age went through the adult gate: say so
+        lines.append((AGE_UNKNOWN_WARNING, warn, small))
     heights = [draw.textbbox((0, 0), text, font=font)[3] + line for text, _, font in lines]
     draw.rectangle([0, 0, columns, sum(heights) + 2 * line], fill=black)
     y = line

@@ -8,6 +8,8 @@ Layout (what OHIF-class viewers and PACS SR renderers expect)::
       Imaging Measurements
         TID 1501 group "Pneumonia assessment": Pneumonia (SCT 233604007) = Present/Absent,
                                                Probability = p {probability}, finding site Lung, TID 4019
+                                               (Algorithm Parameters: threshold=, operating_point=, age_rule=,
+                                               and age_warning= for a film judged without a known age)
         TID 1410 group per box: tracking id + UID, finding Opacity (DCM 112001), TID 4019, closed 5-point POLYLINE
                                 on the source image, NUM "Opacity confidence" = score in % whose TID 300 concept
                                 modifier carries the finding site Lung (SCT 39607008)
@@ -41,6 +43,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from triage_node.age import AGE_UNKNOWN_WARNING
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (
     algorithm_equipment,
@@ -98,7 +101,9 @@ def _algorithm_id(prediction: Prediction) -> AlgorithmIdentification:
         version=model.version,
         manufacturer=model.manufacturer or None,
         parameters=[f"threshold={prediction.threshold:g}"]
-        + ([f"operating_point={prediction.operating_point}"] if prediction.operating_point else []),
+        + ([f"operating_point={prediction.operating_point}"] if prediction.operating_point else [])
+        + ([f"age_rule={prediction.age_rule}"] if prediction.age_rule else [])
+        + ([f"age_warning={AGE_UNKNOWN_WARNING}"] if prediction.age_unknown else []),
     )
 
 

@@ -54,10 +54,18 @@ class Prediction:
     #: which of the package's operating points set ``threshold``: "" (the package has one), "adult", "pediatric",
     #: or "age unknown" (the adult point, for a film without a readable Patient's Age)
     operating_point: str = ""
+    #: the rule that gave the patient's age (``triage_node.age``): "PatientAge", "PatientBirthDate and StudyDate",
+    #: "unknown (<reason>)", with a note after "; " where one applies; "" when not read (an older node's payload)
+    age_rule: str = ""
 
     @property
     def positive(self) -> bool:
         return self.probability >= self.threshold
+
+    @property
+    def age_unknown(self) -> bool:
+        """The film was judged without a known age (by the adult point where the package has a pediatric one)."""
+        return self.operating_point == "age unknown" or self.age_rule.startswith("unknown")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,4 +83,5 @@ class Prediction:
             columns=int(d.get("columns", 0)),
             timings_ms=dict(d.get("timings_ms", {})),
             operating_point=str(d.get("operating_point", "")),  # absent in payloads queued by an older node
+            age_rule=str(d.get("age_rule", "")),  # likewise
         )
