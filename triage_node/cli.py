@@ -144,6 +144,13 @@ def start_instances(cfg, spool, audit) -> list[_Stops]:
     return [srv]
 
 
+def _start_monitor(cfg, audit) -> _Stops:
+    """The drift monitor (docs/monitoring.md): one per receiver host."""
+    from .monitoring.monitor import Monitor
+
+    return Monitor(cfg, audit).start()
+
+
 def start_dicomweb(cfg, ingest, spool) -> list[_Stops]:
     """STOW-RS endpoint and/or QIDO/WADO pull, when configured; both feed the receiver's ingest gate."""
     from .transport.dicomweb_in import Puller, start_stow
@@ -173,6 +180,7 @@ def cmd_up(args) -> int:
     if private:
         redis = PrivateRedis(Path(cfg.spool.directory).parent / "redis", persist=True).start()
         cfg = replace(cfg, broker=replace(cfg.broker, url=redis.url))
+        (redis.dir / "url").write_text(redis.url + "\n")  # for `triage-node mode` (monitoring.mode.broker_url)
     log_dir = Path(cfg.spool.directory).parent / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = child_env(TRIAGE_BROKER_URL=cfg.broker.url,
@@ -195,6 +203,7 @@ def cmd_up(args) -> int:
               include_unacked=not private)
     server, receivers = start_receivers(cfg, args, spool, submit_fn, audit, env, log_dir)
     extras += start_dicomweb(cfg, server.ingest, spool)
+    extras.append(_start_monitor(cfg, audit))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -271,6 +280,7 @@ def cmd_serve(args) -> int:
         server, pool = scp.start(cfg, spool, submit_fn, audit, block=False, sock=sock), None
     else:
         extras = start_instances(cfg, spool, audit)  # one per host: the children share this spool
+        extras.append(_start_monitor(cfg, audit))
         server, pool = start_receivers(cfg, args, spool, submit_fn, audit, child_env(), None)
         sweep = _Sweep(cfg, spool, submit_fn, now=True)  # the spool's owner re-enqueues what no task holds
     parent = os.getppid()
@@ -405,6 +415,25 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_mode(args) -> int:
+    """Show or switch live / shadow on a running node (no restart; audited)."""
+    from .monitoring import mode
+
+    cfg = _load(args)
+    if args.mode:
+        try:
+            now = mode.set_mode(cfg, args.mode, Audit.from_config(cfg), who=args.by)
+        except (RuntimeError, ValueError) as exc:
+            print(f"triage-node mode: {exc}", file=sys.stderr)
+            return 2
+        print(f"outputs mode: {now.upper()}" + (" (nothing is sent to PACS or flag channels)" if now == "shadow"
+                                                 else ""))
+        return 0
+    current, source = mode.current(cfg, strict=False)
+    print(f"outputs mode: {current.upper()} ({source})")
+    return 0
+
+
 def _delegate(module: str):
     def run(args) -> int:
         import importlib
@@ -420,7 +449,10 @@ _DELEGATED = {
     "train": ("triage_node.training.classifier_train", "train the classifier + CAM localiser on image-level CSVs"),
     "evaluate": ("triage_node.training.evaluate", "AUC (bootstrap CI), operating point, per view, localisation"),
     "cv-report": ("triage_node.training.cv_report", "pool k-fold train --cv runs: out-of-fold AUC, epoch, threshold"),
-    "calibrate": ("triage_node.training.calibrate", "choose and package an age-specific (pediatric) operating point"),
+    "calibrate": ("triage_node.training.calibrate", "choose and package an age-specific (pediatric) operating point; "
+                  "--site: a site operating point from this site's validated films (triage_node.monitoring.site_cli)"),
+    "validate": ("triage_node.validate.cli", "join the site's ground truth (CSV or HL7 ORU reports) with what the node "
+                 "recorded: AUC, sensitivity/specificity, subgroups, calibration, HTML + JSON report"),
     "age-gate": ("triage_node.training.age_gate", "package an adult model with a pediatric gate routed by age"),
     "train-detector": ("triage_node.training.detector_train", "train the FCOS detector on RSNA-format boxes"),
     "evaluate-boxes": ("triage_node.training.evaluate_boxes", "RSNA metric / mAP ablation on RSNA-format boxes"),
@@ -476,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--older-than", type=float, default=0.0)
     sp = add("status", cmd_status, "summary of the audit log, spool and dead letters")
     sp.add_argument("--last", type=float, default=3600.0, help="window in seconds")
+    sp = add("mode", cmd_mode, "show or switch the outputs mode of a running node: live | shadow | default")
+    sp.add_argument("mode", nargs="?", choices=["live", "shadow", "default"])
+    sp.add_argument("--by", help="who switches (audited; default: the login name)")
     for name, (module, help_) in _DELEGATED.items():
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -490,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:  # their own parsers (argparse.REMAINDER would swallow --options)
         import importlib
 
-        mod = importlib.import_module(_DELEGATED[argv[0]][0])
+        site = argv[0] == "calibrate" and "--site" in argv  # torch-free: from the audit trail's recorded scores
+        mod = importlib.import_module("triage_node.monitoring.site_cli" if site else _DELEGATED[argv[0]][0])
         return int(mod.main(mod.get_args_parser().parse_args(argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     try:

@@ -32,6 +32,8 @@ ENV_OVERRIDES = {
     "TRIAGE_DEAD_LETTER_DIR": ("retry", "dead_letter_dir"),
     "TRIAGE_ARCHIVE_DIR": ("outputs", "archive_dir"),
     "TRIAGE_REPORT_PROCESSES": ("outputs", "report_processes"),
+    "TRIAGE_OUTPUTS_MODE": ("outputs", "mode"),
+    "TRIAGE_MONITORING_STATISTICS": ("monitoring", "input_statistics"),
     "TRIAGE_AUDIT_LOG": ("", "audit_log"),
     "TRIAGE_INSTANCES_URL": ("instances", "url"),
     "TRIAGE_INSTANCES_BIND": ("instances", "bind"),
@@ -141,6 +143,9 @@ class ModelConfig:
     #: Inference processes (prefork children of the infer worker, each with the model and ``threads`` threads)
     #: when ``batch_size`` is 1; more than one uses more cores on a CPU host (bench/e2e.py, docs/performance.md).
     processes: int = 1
+    #: A site operating point written by ``triage-node calibrate --site`` (outside the package, which is never
+    #: edited; it names the package's hash and is ignored, with a warning, for any other package). Empty = none.
+    site_operating_point: str = "var/site/operating_point.json"
 
     def __post_init__(self) -> None:
         if self.processes < 1 or self.batch_size < 1:
@@ -185,8 +190,15 @@ class OutputConfig:
     #: Task threads per report worker process (``up``, and ``triage-node worker --queue report`` without
     #: ``--concurrency``): they overlap the sends' network waits with building.
     report_threads: int = 4
+    #: ``live``: results go to the destinations and flag channels. ``shadow``: every film is analysed, its results
+    #: built and kept under ``archive_dir`` and audited (score, input statistics), but nothing is sent to a PACS or
+    #: a flag channel: local acceptance testing before clinical use. The default for ``triage-node mode``, which
+    #: switches a running node (workers included, no restart) through the broker. ``TRIAGE_OUTPUTS_MODE``.
+    mode: str = "live"
 
     def __post_init__(self) -> None:
+        if self.mode not in ("live", "shadow"):
+            raise ValueError(f"outputs.mode {self.mode!r}: expected 'live' or 'shadow'")
         if self.sc_max_size != 0 and self.sc_max_size < 256:
             raise ValueError("outputs.sc_max_size must be 0 (the source's size) or at least 256")
         if self.report_processes < 1 or self.report_threads < 1:
@@ -348,6 +360,38 @@ class InstancesConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """Input and output drift against the model package's reference profile (docs/monitoring.md)."""
+
+    #: Per-film input statistics (``inference.filmstats``) in the inference worker's audit line (~1.5 ms per film);
+    #: off: no input drift, and ``bench/e2e.py --set monitoring.input_statistics=false`` measures their cost.
+    input_statistics: bool = True
+    #: The sliding window: the last ``window_films`` analysed films received in the last ``window_hours``.
+    window_films: int = 500
+    window_hours: float = 24.0
+    #: No drift state changes before the window holds this many films (PSI of a small sample is biased upwards:
+    #: about (bins - 1) / n with no drift at all; 10 bins and 100 films: ~0.09).
+    min_films: int = 100
+    #: Population stability index bands: below ``psi_watch`` stable, from ``psi_drift`` drift (the usual 0.1 / 0.25).
+    psi_watch: float = 0.1
+    psi_drift: float = 0.25
+    #: Output drift: the window's flagged rate is out of band when the reference rate lies outside its Wilson
+    #: interval at this z (2.576: 99 %).
+    z: float = 2.576
+    #: Seconds between evaluations by the monitor of ``up`` / ``serve`` (state changes audited, alerts sent).
+    interval_s: float = 60.0
+    #: Reference profile file; empty = ``reference_profile.json`` in the model package (or model.json's
+    #: ``reference_profile``); none found: drift says "no reference profile".
+    reference_profile: str = ""
+    #: Flag channel destinations (by name, kinds hl7 / fhir / webhook) told once per drift state change.
+    alert_to: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.window_films < 1 or self.min_films < 1 or not 0 < self.psi_watch <= self.psi_drift:
+            raise ValueError("monitoring: window_films, min_films >= 1 and 0 < psi_watch <= psi_drift expected")
+
+
+@dataclass(frozen=True)
 class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -362,6 +406,7 @@ class Config:
     pull: PullConfig = field(default_factory=PullConfig)
     backfill: BackfillConfig = field(default_factory=BackfillConfig)
     instances: InstancesConfig = field(default_factory=InstancesConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     audit_log: str = "var/audit.jsonl"
     #: The active audit file is rotated (renamed ``<audit_log>.<UTC time>``) at this size; 0 = never.
     audit_max_bytes: int = 64 << 20
@@ -394,6 +439,7 @@ _SECTIONS = {
     "pull": PullConfig,
     "backfill": BackfillConfig,
     "instances": InstancesConfig,
+    "monitoring": MonitoringConfig,
 }
 
 

@@ -64,7 +64,8 @@ def read_eligible(path: str | Path, cfg: Config):
     return ds
 
 
-def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to: Path | None = None) -> Prediction:
+def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to: Path | None = None,
+            stats_out: dict | None = None) -> Prediction:
     """Decode, run the model, return the small JSON-able prediction.
 
     ``predict`` ((image, age in years or None) -> Prediction) lets a worker route the model call through a
@@ -72,6 +73,9 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     once per node), when this film gets an SC overlay (:func:`output_names`); else nothing is rendered. The
     patient's age (Patient's Age, else birth date and study date: :func:`triage_node.age.read_age`) picks the model's
     operating point when it has one per age; the prediction carries the rule that gave it (``age_rule``).
+    ``stats_out``: filled with the film's input statistics (``inference.filmstats``, from the pixels decoded here)
+    when ``monitoring.input_statistics`` is on. A site operating point (``triage-node calibrate --site``) replaces
+    the package's threshold for the films of the point it was calibrated for.
     """
     t0 = time.perf_counter()
     ds = read_eligible(path, cfg)
@@ -86,14 +90,29 @@ def analyze(path: str | Path, cfg: Config, model=None, predict=None, display_to:
     timings = dict(pred.timings_ms)
     timings["decode"] = round((t1 - t0) * 1000, 1)
     timings["model"] = round((t2 - t1) * 1000, 1)
+    if stats_out is not None and cfg.monitoring.input_statistics:
+        from .inference import filmstats
+
+        stats_out.update(filmstats.image_statistics(img), **filmstats.header_statistics(ds, age.years))
+        timings["stats"] = round((time.perf_counter() - t2) * 1000, 2)
+    pred = site_point(cfg, pred)
     if display_to is not None and "sc" in output_names(cfg, pred):  # only the overlay needs the pixels
         try:
             save_display(display_to, dicom_io.display(img))  # full size: the report worker reduces it
         except OSError as exc:  # only a cache: the report worker decodes the source instead
             log.warning("display cache not written for %s: %s", ds.get("SOPInstanceUID", "?"), exc.strerror or exc)
-        timings["display"] = round((time.perf_counter() - t2) * 1000, 1)
+        timings["display"] = round((time.perf_counter() - t2) * 1000 - timings.get("stats", 0.0), 1)
     return Prediction(pred.probability, pred.threshold, pred.detections, pred.model, pred.rows, pred.columns, timings,
                       pred.operating_point, age.text)
+
+
+def site_point(cfg: Config, pred: Prediction) -> Prediction:
+    """``pred`` judged at the site operating point when one is configured for its package and point."""
+    if not cfg.model.site_operating_point:
+        return pred
+    from .monitoring.site import apply_site_point
+
+    return apply_site_point(cfg, pred)
 
 
 _KIND_BY_SOP_CLASS = {

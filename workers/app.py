@@ -27,6 +27,7 @@ from triage_node.audit import Audit
 from triage_node.errors import BadDataset, InstanceUnavailable, ModelError, NotEligible, SendFailed
 from triage_node.failures import attempts_allowed, describe
 from triage_node.inference.types import Prediction
+from triage_node.monitoring import mode as outputs_mode
 from triage_node.queue import ANALYZE_TASK, REPORT_TASK, make_app
 from triage_node.spool import Spool, atomic_write, valid_uid
 from triage_node.transport import instances, senders
@@ -187,11 +188,12 @@ def analyze(self, payload: dict) -> dict:
         return poisoned
     t0 = time.time()
     audit.record("analyze_started", redelivered=bool(self.request.delivery_info.get("redelivered")), **base)
+    stats: dict = {}  # the film's input statistics (monitoring.input_statistics), for the drift monitor
     try:
         with _predict() as predict:
             # decoded once per node: the display is kept for the overlay (analyze skips it for a film without one)
             pred = pipeline.analyze(path, cfg, predict=predict,
-                                    display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE)
+                                    display_to=spool.outbox_dir(sop) / pipeline.DISPLAY_CACHE, stats_out=stats)
     except NotEligible as exc:
         audit.record("skipped", reason=str(exc), **base)
         spool.discard(sop)
@@ -207,14 +209,16 @@ def analyze(self, payload: dict) -> dict:
         return _failed(self, sop, "analyze", exc, base, payload=payload, fetched=fetched)
     audit.record("analysed", probability=round(pred.probability, 4), positive=pred.positive,
                  boxes=len(pred.detections), model=pred.model.label, ms=round((time.time() - t0) * 1000, 1),
-                 batch=int(pred.timings_ms.get("batch", 1)),
-                 hostname=self.request.hostname, **base)
+                 batch=int(pred.timings_ms.get("batch", 1)), threshold=round(pred.threshold, 6),
+                 operating_point=pred.operating_point, hostname=self.request.hostname,
+                 **({"stats": stats} if stats else {}), **base)
     if fetched:
         # The report task fetches its own copy (it may run on another host): nothing of this one stays here.
         # Before the hand-over, or a report task on this host could find its fresh copy deleted under it.
         spool.discard(sop)
     try:
-        app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time()}])
+        app.send_task(REPORT_TASK, args=[{**payload, "prediction": pred.to_json(), "analysed_at": time.time(),
+                                          **({"input_statistics": stats} if stats else {})}])
     except Exception as exc:  # broker gone between the two queues, or anything else
         return _failed(self, sop, "analyze", exc, base, payload=payload, fetched=fetched)
     spool.end(sop, "analyze")
@@ -242,6 +246,8 @@ def report(self, payload: dict) -> dict:
     box = spool.outbox_dir(sop)
     stage = "build"
     try:
+        if outputs_mode.current(cfg)[0] == "shadow":  # a broker that cannot say raises: retried, never sent
+            return _shadow(sop, src, payload, base, fetched)
         prediction = Prediction.from_json(payload["prediction"])
         phases = _phases(prediction)
         for i, (phase, outputs, destinations) in enumerate(phases):
@@ -269,6 +275,25 @@ def report(self, payload: dict) -> dict:
         return _failed(self, sop, stage, exc, base, files=_files(box), payload=payload, fetched=fetched)
     spool.end(sop, "report")
     return result
+
+
+def _shadow(sop: str, src: Path, payload: dict, base: dict, fetched: bool) -> dict:
+    """Shadow mode: build every result into the archive (``outputs.archive_dir``) and audit the score and the
+    film's statistics; nothing goes to a destination or flag channel."""
+    prediction = Prediction.from_json(payload["prediction"])
+    box = spool.outbox_dir(sop)
+    pipeline.build(src, prediction, cfg, box, preview=True)
+    archive(box, prediction, payload)
+    latency = round(time.time() - float(payload.get("received_at", time.time())), 3)
+    audit.record("shadow", probability=round(prediction.probability, 4), positive=prediction.positive,
+                 threshold=round(prediction.threshold, 6), operating_point=prediction.operating_point,
+                 boxes=len(prediction.detections), latency_s=latency,
+                 archived=str(Path(cfg.outputs.archive_dir) / sop) if cfg.outputs.archive_dir else "",
+                 **({"stats": payload["input_statistics"]} if payload.get("input_statistics") else {}), **base)
+    spool.discard(sop)
+    _release(payload, sop, fetched)
+    spool.end(sop, "report")
+    return {"status": "shadow"}
 
 
 #: Destination kinds that receive files; the flag channels (hl7, fhir, webhook) report the finding once, with the SR.
