@@ -24,9 +24,9 @@ from triage_node import config
 from triage_node.audit import Audit, read, rotated_files
 from triage_node.spool import Spool
 from triage_node.status import summarise
-from triage_node.web_metrics import NodeCollector, render
-from triage_node.web_probes import Probes
-from triage_node.web_state import AuditState
+from triage_node.web.metrics import NodeCollector, render
+from triage_node.web.probes import Probes
+from triage_node.web.state import AuditState
 
 WRITER = """
 import sys, threading, time

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from conftest import SAMPLES, require
 
-from triage_node import config, dicom_io, pipeline
+from triage_node import config, dicom_io, own_outputs, pipeline
 from triage_node.encoding.sc import _BOX_INDEX
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
@@ -39,9 +39,9 @@ def test_fit_size_and_is_display_of_hand_worked():
     assert dicom_io.fit_size(2100, 2600, 2048) == (1654, 2048)
     assert dicom_io.fit_size(1024, 1024, 2048) == (1024, 1024)  # fits: unchanged
     assert dicom_io.fit_size(2600, 2100, 0) == (2600, 2100)  # 0 = the source's size
-    assert dicom_io.is_display_of((2048, 1654), 2600, 2100) and dicom_io.is_display_of((2600, 2100), 2600, 2100)
-    assert not dicom_io.is_display_of((2048, 1700), 2600, 2100)  # not the same aspect
-    assert not dicom_io.is_display_of((2700, 2181), 2600, 2100)  # larger than the source
+    assert own_outputs.is_display_of((2048, 1654), 2600, 2100) and own_outputs.is_display_of((2600, 2100), 2600, 2100)
+    assert not own_outputs.is_display_of((2048, 1700), 2600, 2100)  # not the same aspect
+    assert not own_outputs.is_display_of((2700, 2181), 2600, 2100)  # larger than the source
     img = np.random.default_rng(0).random((2600, 2100), dtype=np.float32)
     d = dicom_io.display(img, 2048)
     assert d.shape == (2048, 1654) and d.dtype == np.uint8

@@ -22,8 +22,8 @@ from triage_node.transport.flags import ResultContext
 from triage_node.transport.pool import POOL
 from triage_node.transport.scu import guard_of
 from triage_node.transport.senders import CStoreSender
-from triage_node.web_metrics import NodeCollector
-from triage_node.web_state import AuditState
+from triage_node.web.metrics import NodeCollector
+from triage_node.web.state import AuditState
 
 SAMPLE = sorted((Path(__file__).resolve().parent.parent / "sample_dicom").glob("*.dcm"))[0]
 

@@ -14,8 +14,8 @@ from triage_node import config
 from triage_node.errors import SpoolError
 from triage_node.spool import Spool
 from triage_node.status import summarise
-from triage_node.web_probes import Probes
-from triage_node.web_state import AuditState
+from triage_node.web.probes import Probes
+from triage_node.web.state import AuditState
 
 
 def node_cfg(tmp_path, **spool) -> config.Config:

@@ -109,7 +109,7 @@ def test_dashboard_row_shows_sr_sent_then_sent(tmp_path):
     """Ops see the SR-first step: a study whose SR is out but whose overlay is not yet shows 'SR sent' and, when
     positive, is flagged (read first) already; the sr_delivered histogram takes its latency."""
     from triage_node.audit import Audit
-    from triage_node.web_state import AuditState
+    from triage_node.web.state import AuditState
 
     path = tmp_path / "audit.jsonl"
     audit = Audit(path)

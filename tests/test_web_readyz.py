@@ -95,8 +95,8 @@ def test_receiver_check_by_c_echo_when_the_dashboard_runs_apart(tmp_path):
     """[web] receiver_address (the dashboard in its own container): /readyz's receiver check is a C-ECHO to that
     address, not a look at local sockets; it fails with the reason when the probe's AE is not allowed or nothing
     answers, and it leaves no association open."""
-    from triage_node.web_probes import Probes
-    from triage_node.web_state import AuditState
+    from triage_node.web.probes import Probes
+    from triage_node.web.state import AuditState
 
     port = free_port()
     cfg = config.Config(

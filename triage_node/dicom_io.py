@@ -20,6 +20,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from .age import read_age
 from .config import EligibilityConfig
 from .errors import BadDataset, NotEligible
+from .own_outputs import fit_size, is_own_output
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ def read(path: str | Path, header_only: bool = False) -> Dataset:
         return pydicom.dcmread(path, stop_before_pixels=header_only)
     except Exception as exc:  # InvalidDicomError, EOFError, BytesLengthException, struct.error, NotImplementedError...
         raise BadDataset(f"unreadable DICOM: {type(exc).__name__}") from exc
-
-
-def is_own_output(ds: Dataset) -> bool:
-    """Objects the node itself wrote (SR, overlay, GSPS): a PACS routing rule may send them back to us."""
-    from .encoding.results import is_own_output as ours
-
-    return ours(ds)
 
 
 def check_eligible(ds: Dataset, cfg: EligibilityConfig) -> None:
@@ -342,16 +336,6 @@ def patient_age_years(ds: Dataset) -> float | None:
     return read_age(ds).years
 
 
-def fit_size(rows: int, columns: int, max_size: int) -> tuple[int, int]:
-    """(rows, columns) scaled down, aspect kept, so the longer side is ``max_size``; unchanged when it already fits
-    or ``max_size`` is 0."""
-    longest = max(rows, columns)
-    if max_size <= 0 or longest <= max_size:
-        return rows, columns
-    scale = max_size / longest
-    return max(1, round(rows * scale)), max(1, round(columns * scale))
-
-
 def display(img: np.ndarray, max_size: int = 0) -> np.ndarray:
     """uint8 rendering of a normalised image (for overlays and previews); with ``max_size``, an image whose longer
     side is larger is first reduced to fit (area average, aspect kept; :func:`fit_size`)."""
@@ -367,9 +351,3 @@ def reduce_display(display: np.ndarray, max_size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(np.ascontiguousarray(display)).resize((columns, rows), Image.Resampling.BOX))
-
-
-def is_display_of(shape: tuple[int, ...], rows: int, columns: int) -> bool:
-    """Whether a rendering of this shape belongs to a rows x columns image: its size, or :func:`fit_size` of it."""
-    return len(shape) == 2 and 0 < shape[0] <= rows and 0 < shape[1] <= columns and \
-        tuple(shape) == fit_size(rows, columns, max(shape))

@@ -8,7 +8,7 @@ from collections import Counter
 from . import audit as audit_mod
 from .config import Config
 from .spool import Spool
-from .web_state import percentile
+from .web.state import percentile
 
 
 def summarise(cfg: Config, spool: Spool, last_s: float = 3600.0) -> str:

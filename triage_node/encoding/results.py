@@ -7,60 +7,19 @@ from collections.abc import Iterable
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    ComprehensiveSRStorage,
-    EnhancedSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    SecondaryCaptureImageStorage,
-)
 
-from triage_node.dicom_io import is_display_of
 from triage_node.encoding.pr import build_gsps
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.sc import build_overlay
 from triage_node.encoding.sr import build_sr
-from triage_node.encoding.uids import OUTPUT_MANUFACTURER, SERIES_DESCRIPTION_PREFIX
 from triage_node.inference.types import Prediction
+from triage_node.own_outputs import OUTPUT_MANUFACTURER, is_display_of, is_own_output
 
 __all__ = ["OUTPUT_MANUFACTURER", "OUTPUTS", "build_results", "is_own_output"]
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("sr", "sc", "gsps")
-_OUR_CLASSES = frozenset(
-    {
-        ComprehensiveSRStorage,
-        EnhancedSRStorage,
-        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-        GrayscaleSoftcopyPresentationStateStorage,
-        SecondaryCaptureImageStorage,
-    }
-)
-
-
-def _ihe_algorithm(item: Dataset) -> bool:
-    return any(
-        code.get("CodeValue") == "Newcode1" and code.get("CodingSchemeDesignator") == "99IHE"
-        for code in item.get("PurposeOfReferenceCodeSequence", [])
-    )
-
-
-def is_own_output(ds: Dataset) -> bool:
-    """True for any instance this node wrote (so the receiver never re-analyses its own overlay).
-
-    Recognised by Manufacturer, or, for the SR/PR/SC classes we emit, by our contributing-equipment item or series
-    description (a PACS that rewrites Manufacturer still leaves those).
-    """
-    if str(ds.get("Manufacturer", "") or "").strip() == OUTPUT_MANUFACTURER:
-        return True
-    if str(ds.get("SOPClassUID", "")) not in _OUR_CLASSES:
-        return False
-    if str(ds.get("SeriesDescription", "") or "").startswith(SERIES_DESCRIPTION_PREFIX):
-        return True
-    return any(
-        str(item.get("Manufacturer", "") or "") == OUTPUT_MANUFACTURER or _ihe_algorithm(item)
-        for item in ds.get("ContributingEquipmentSequence", [])
-    )
 
 
 def build_results(

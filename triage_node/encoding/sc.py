@@ -3,7 +3,7 @@
 For viewers that render neither SR nor presentation states. Decisions:
 
 * Modality ``OT`` (highdicom's ``SCImage`` fixes it; we keep it on purpose): a PACS routing rule "Modality CR -> AI
-  node" must not send our overlay back to be analysed again. :func:`results.is_own_output` is the second guard.
+  node" must not send our overlay back to be analysed again. :func:`own_outputs.is_own_output` is the second guard.
 * Colour separates the annotations from anatomy. ``jpeg-ls-palette``: PALETTE COLOR, one 8-bit index per pixel
   (252 grays + the annotation colours), JPEG-LS lossless: ~0.25 MB for a 1024 x 1024 overlay and a third of the
   encode of RGB. ``jpeg-ls`` (RGB, ~1 MB, ~45 ms to encode), RLE (palette: ~6 ms less to encode than JPEG-LS,
@@ -34,7 +34,6 @@ from pydicom.uid import (
 )
 
 from triage_node.age import AGE_UNKNOWN_WARNING
-from triage_node.dicom_io import is_display_of
 from triage_node.encoding.sanitize import clean_source
 from triage_node.encoding.uids import (
     algorithm_equipment,
@@ -43,6 +42,7 @@ from triage_node.encoding.uids import (
     series_description,
 )
 from triage_node.inference.types import Prediction
+from triage_node.own_outputs import is_display_of
 
 BANNER = "NOT FOR DIAGNOSTIC USE"
 _BOX = (255, 215, 0)  # amber
@@ -203,7 +203,7 @@ def build_overlay(
         The analysed image.
     display
         2-D uint8 MONOCHROME2 rendering of the source: its rows and columns, or a reduction of them
-        (``dicom_io.fit_size``, for ``outputs.sc_max_size``); the SC has the display's size.
+        (``own_outputs.fit_size``, for ``outputs.sc_max_size``); the SC has the display's size.
     prediction
         What to draw.
     series_number

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 from pydicom.uid import UID
 
+from triage_node.own_outputs import OUTPUT_MANUFACTURER, SERIES_DESCRIPTION_PREFIX
+
 if TYPE_CHECKING:
     from highdicom import ContributingEquipment
 
@@ -69,13 +71,7 @@ def model_device_uid(model_name: str, model_version: str) -> str:
     return _derive("device", str(model_name), str(model_version))
 
 
-# --- identity of what we write (shared by sr/sc/pr; results.py re-exports OUTPUT_MANUFACTURER) -----------------
-
-#: Manufacturer (0008,0070) of every output; ``results.is_own_output`` recognises our instances by it.
-OUTPUT_MANUFACTURER = "CXR Triage Node"
-
-#: Prefix of every output's Series Description (second recognition signal).
-SERIES_DESCRIPTION_PREFIX = "AI CXR triage"
+# --- identity of what we write (shared by sr/sc/pr; the constants live in triage_node.own_outputs) -------------
 
 DEMO_SUFFIX = "DEMO MODEL NOT FOR CLINICAL USE"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
-from .web_probes import Probes
-from .web_state import STAGES, AuditState
+from .probes import Probes
+from .state import STAGES, AuditState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

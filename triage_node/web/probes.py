@@ -10,9 +10,9 @@ import threading
 import time
 from typing import Any
 
-from .config import Config
-from .spool import Spool
-from .web_state import AuditState
+from ..config import Config
+from ..spool import Spool
+from .state import AuditState
 
 log = logging.getLogger(__name__)
 #: kombu's Redis transport keeps priority sub-queues as ``<queue>\x06\x16<priority>`` (0 is the plain name).
@@ -100,7 +100,7 @@ class Probes:
             return {"ok": False, "error": f"broker unreachable ({why})", "workers": []}
         try:
             if self._app is None:
-                from .queue import make_app
+                from ..queue import make_app
 
                 self._app = make_app(self.cfg, name="web")
             pings = self._app.control.inspect(timeout=1.0).ping() or {}
@@ -150,7 +150,7 @@ class Probes:
             port = int(port_s)
         except ValueError:
             return False, f"[web] receiver_address {address!r}: expected host:port"
-        from .transport.scu import guard_responses
+        from ..transport.scu import guard_responses
 
         ae = AE(ae_title=self.cfg.web.probe_ae_title)
         ae.add_requested_context(Verification)

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .audit import Audit
-from .config import Config
-from .errors import TriageError
-from .spool import Spool, valid_uid
-from .web_metrics import CONTENT_TYPE as METRICS_TYPE
-from .web_metrics import make_registry, render
-from .web_probes import Probes
-from .web_state import AuditState
+from ..audit import Audit
+from ..config import Config
+from ..errors import TriageError
+from ..spool import Spool, valid_uid
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import make_registry, render
+from .probes import Probes
+from .state import AuditState
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -110,7 +110,7 @@ class WebApp:
                           "free_bytes": self.spool.free_bytes(), "refusing": self.spool.refusal()}}
 
     def replay(self, sop: str) -> tuple[int, dict[str, Any]]:
-        from .replay import replay_one
+        from ..replay import replay_one
 
         for info in self.spool.dead_letters():
             if info["sop_instance_uid"] == sop:

@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import IO, Any
 
-from . import audit as audit_mod
+from .. import audit as audit_mod
 
 log = logging.getLogger(__name__)
 
