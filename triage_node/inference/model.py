@@ -19,7 +19,7 @@ from triage_node.errors import ModelError
 from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, boxes_from_cam, build_classifier
 from triage_node.inference.detector import DEFAULT_ARCH, LABEL, build_detector
 from triage_node.inference.gate import GATE_ARCH, GATE_SIZE, build_gate
-from triage_node.inference.preprocess import resize_batch, to_batch
+from triage_node.inference.preprocess import BLUR_SIGMA, check_harmonise, harmonise, resize_batch, to_batch
 from triage_node.inference.prior import DensityAtlas, LungPrior
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
@@ -97,8 +97,11 @@ class TriageModel:
                  gate_size: int = GATE_SIZE, detector_arch: str = DEFAULT_ARCH, gate_arch: str = GATE_ARCH,
                  device: str = "auto", batch_size: int | None = None, meta: dict | None = None,
                  tta: bool = False, cam_threshold: float = 0.5, max_boxes: int = 3,
-                 atlas: DensityAtlas | None = None, pediatric: AgeOperatingPoint | None = None) -> None:
+                 atlas: DensityAtlas | None = None, pediatric: AgeOperatingPoint | None = None,
+                 harmonise: str = "none", blur_sigma: float = BLUR_SIGMA) -> None:
         self.device = resolve_device(device)
+        #: the network input's harmonisation (``preprocess.harmonise``), as in training; the CAM localiser only
+        self.harmonise, self.blur_sigma = check_harmonise(harmonise), float(blur_sigma)
         self.pediatric = pediatric
         self.detector, self.gate, self.prior, self.info = detector, gate, prior, info
         self.threshold, self.box_threshold = float(threshold), float(box_threshold)
@@ -201,17 +204,18 @@ class TriageModel:
         young = [i for i, a in enumerate(ages or ()) if ped is not None and a is not None and a < ped.max_age_years]
         with self._autocast():
             g = resize_batch(x, self.gate_size)
+            n = harmonise(g, self.harmonise, sigma=self.blur_sigma)  # the side prior's atlas reads g as it was
             if self.channels_last:
-                g = g.contiguous(memory_format=torch.channels_last)
+                n = n.contiguous(memory_format=torch.channels_last)
             if not young:
-                logits, cams = self._cam(self.gate, g)
+                logits, cams = self._cam(self.gate, n)
             else:  # each film through its own population's gate only
                 assert ped is not None and ped.gate is not None
                 rest = sorted(set(range(len(x))) - set(young))
-                parts = [(idx, self._cam(net, g[idx])) for idx, net in ((young, ped.gate), (rest, self.gate)) if idx]
+                parts = [(idx, self._cam(net, n[idx])) for idx, net in ((young, ped.gate), (rest, self.gate)) if idx]
                 logits = torch.empty((len(x),) + parts[0][1][0].shape[1:], dtype=parts[0][1][0].dtype,
-                                     device=g.device)
-                cams = torch.empty((len(x),) + parts[0][1][1].shape[1:], dtype=parts[0][1][1].dtype, device=g.device)
+                                     device=n.device)
+                cams = torch.empty((len(x),) + parts[0][1][1].shape[1:], dtype=parts[0][1][1].dtype, device=n.device)
                 for idx, (lg, cm) in parts:
                     logits[idx], cams[idx] = lg, cm
         probs = torch.sigmoid(logits.float()).cpu().numpy()
@@ -319,7 +323,8 @@ class TriageModel:
             "localiser": {"cam_threshold": self.cam_threshold, "max_boxes": self.max_boxes}
             | ({"side": "density", "atlas": self.atlas.settings()} if self.atlas is not None else {}),
             "tta": ["hflip"] if self.tta else [],
-        }
+        } | ({"preprocess": {"harmonise": self.harmonise, "blur_sigma": self.blur_sigma}}
+             if self.harmonise != "none" else {})
 
 
 def _sha256(path: Path) -> str:
@@ -458,6 +463,10 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
                                  f"no checksum for {PEDIATRIC_GATE_FILE}")
             ped_gate = build_classifier(ped["gate"]["arch"])
         pediatric = AgeOperatingPoint.from_settings("pediatric", ped, ped_gate) if ped is not None else None
+        pre = cfg.get("preprocess") or {}
+        harm, sigma = check_harmonise(str(pre.get("harmonise", "none"))), float(pre.get("blur_sigma", BLUR_SIGMA))
+        if harm != "none" and detector is not None:
+            raise ValueError("input harmonisation is implemented for the CAM localiser only")
         if cfg.get("weights", "fp16") not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {cfg.get('weights')!r}")
     except (KeyError, TypeError, ValueError) as e:
@@ -495,7 +504,7 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> TriageModel:
                        gate_size=int(cfg.get("gate_input_size", GATE_SIZE)), detector_arch=arch["detector"],
                        gate_arch=arch["gate"], device=device, meta=cfg, tta="hflip" in (cfg.get("tta") or []),
                        cam_threshold=float(loc.get("cam_threshold", 0.5)), max_boxes=int(loc.get("max_boxes", 3)),
-                       atlas=atlas, pediatric=pediatric)
+                       atlas=atlas, pediatric=pediatric, harmonise=harm, blur_sigma=sigma)
 
 
 def arch_summary(detector_arch: str, gate_arch: str, input_size: int) -> str:

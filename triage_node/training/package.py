@@ -34,7 +34,9 @@ def _training_record(args: argparse.Namespace, summary: dict) -> dict:
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "augmentation": args.aug, "input_size": args.size, "ema_decay": getattr(args, "ema", 0.0),
             "loss_balance": getattr(args, "balance", "none"),
-            "init": args.init or "random (weights=None)", "stop_epoch": getattr(args, "stop_epoch", 0) or None}
+            "init": getattr(args, "init_note", None) or args.init or "random (weights=None)",
+            "freeze_blocks": getattr(args, "freeze_blocks", 0), "nuisance_augmentation": getattr(args, "nuisance", 0.0),
+            "stop_epoch": getattr(args, "stop_epoch", 0) or None}
 
 
 def _no_nan(obj: object) -> object:
@@ -74,7 +76,7 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
                           source=f"{len(atlas_films)} training films without a finding of the primary source")
     tm = TriageModel(None, model, prior, info, threshold=t, box_threshold=0.0, input_size=args.size,
                      gate_size=args.size, detector_arch=CAM, gate_arch=args.arch, device="cpu", tta=args.tta,
-                     atlas=atlas)
+                     atlas=atlas, harmonise=getattr(args, "harmonise", "none"))
     extra = {
         "training_data": {
             "sources": {src: {"weight": m["weight"], "train": len(m["train"]), "val": len(m["val"]),
@@ -89,8 +91,10 @@ def write_cam_package(model: CamClassifier, args: argparse.Namespace, summary: d
                                "negatives) holds them" if atlas is not None else ""),
         },
         "training": _training_record(args, summary),
+        "shortcut_probe": _no_nan(summary.get("shortcut_probe") or {}),
         "metrics": _no_nan({k: summary[k] for k in ("best_epoch", "best_val_auc", "val_auc_shipped",
-                                                     "operating_point", "other_val_sources", "stopped")}
+                                                     "operating_point", "other_val_sources", "stopped")
+                            if k in summary} | {"val_auc_by_view": summary.get("val_auc_by_view", {})}
                            | {"history": [{k: v for k, v in h.items() if k != "val_p"} for h in summary["history"]]}),
     }
     d = save_package(tm, out, extra=extra)
