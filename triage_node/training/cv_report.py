@@ -39,6 +39,7 @@ from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
 from triage_node.training.classifier_train import operating_point, parse_cv, threshold_for_sensitivity
 from triage_node.training.evaluate import bootstrap_auc, mw_auc, paired_auc_difference
+from triage_node.training.strata import format_strata, read_sources, strata
 
 
 def read_fold(run: Path) -> dict:
@@ -104,7 +105,9 @@ AGE_BANDS = (("<6", 0.0, 6.0), ("6-17", 6.0, 18.0), ("18+", 18.0, float("inf")))
 
 
 def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dict[str, str], seed: int,
-              ages: dict[str, float] | None = None) -> dict:
+              ages: dict[str, float] | None = None, sources: dict[str, str] | None = None) -> dict:
+    """AUC with CI, by view, by age band (``ages``), by source and within view x source (``sources``:
+    ``training.strata``)."""
     y = np.array([labels[k] for k in keys])
     out: dict = {"n": len(y), "positives": int(y.sum()), "auc": roc_auc(y, p),
                  "auc_ci95": bootstrap_auc(y, p, seed=seed)}
@@ -121,6 +124,8 @@ def summarise(keys: list[str], p: np.ndarray, labels: dict[str, int], views: dic
                 out["by_age"][band] = {"n": int(m.sum()), "positives": int(y[m].sum()),
                                        "auc": roc_auc(y[m], p[m]) if two else None,
                                        "auc_ci95": bootstrap_auc(y[m], p[m], seed=seed) if two else None}
+    if sources:
+        out |= strata(y, p, [sources.get(k, "") for k in keys], list(v), seed)
     return out
 
 
@@ -135,7 +140,8 @@ POOLING_GAP = 0.02
 
 
 def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], target: float, seed: int = 0,
-           ages: dict[str, float] | None = None, epoch_rule: str = "last") -> dict:
+           ages: dict[str, float] | None = None, epoch_rule: str = "last",
+           sources: dict[str, str] | None = None) -> dict:
     if epoch_rule not in EPOCH_RULES:
         raise ValueError(f"unknown epoch rule {epoch_rule!r}: expected one of {', '.join(EPOCH_RULES)}")
     meta = pool(folds, labels)
@@ -174,7 +180,7 @@ def report(folds: list[dict], labels: dict[str, int], views: dict[str, str], tar
                 "out-of-fold scores at that epoch",
         "epoch_rule": epoch_rule,
         "epochs_reached": reached_each, "chosen_epoch": chosen,
-        "at_chosen_epoch": summarise(keys, p, labels, views, seed, ages)
+        "at_chosen_epoch": summarise(keys, p, labels, views, seed, ages, sources)
         | {"mean_fold_auc": at["mean_fold_auc"], "fold_aucs": at["fold_aucs"]},
         "operating_point": operating_point(y, p, t),
         "at_each_folds_best_epoch": summarise(*oof(folds, best), labels, views, seed) | {"epochs": best},
@@ -264,8 +270,9 @@ def main(args: argparse.Namespace) -> int:
     labels = {k: int(v) for k, v in zip(src.keys, src.labels)}
     views = {k: v for k, v in zip(src.keys, src.views) if v}
     ages = {k: float(a) for k, a in zip(src.keys, src.ages) if a is not None}
+    sources = dict(zip(src.keys, read_sources(args.image_labels, src.keys, src.name)))
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
-    rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages, args.epoch_rule)
+    rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages, args.epoch_rule, sources)
     if args.compare:
         rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed, views) | {
             "report": str(args.compare)}
@@ -284,6 +291,7 @@ def main(args: argparse.Namespace) -> int:
         auc = ("n/a (one class)" if d["auc"] is None
                else f"{d['auc']:.3f} [{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}]")
         print(f"  age {band}: n {d['n']} ({d['positives']} pos) AUC {auc}")
+    print("\n".join(format_strata(a)))
     print(f"threshold {op['threshold']:.4f}: sensitivity {op['sensitivity']:.3f} specificity {op['specificity']:.3f}")
     b = rep["at_each_folds_best_epoch"]
     print(f"at each fold's best epoch {b['epochs']}: AUC {b['auc']:.3f} (optimistic: early stopping on these films)")

@@ -5,10 +5,11 @@
 
 Reports: AUC with a stratified bootstrap 95 % CI; sensitivity / specificity (Wilson 95 % CIs) at the package's
 operating point; AUC within each view when the CSV has a ``view`` column (a model reading view markers shows
-there); localisation as ChestX-ray8 measures it (share of boxed films whose top box has IoBB = intersection over
-predicted-box area >= 0.1 with a ground-truth box) plus IoU >= 0.4, and the Kaggle RSNA metric; per-image scores
-(``per_image.csv``) and an ROC curve (``roc.png``). RSNA-format labels (``patientId,x,y,width,height,Target``)
-are read with ``--rsna-labels`` + ``--images``.
+there); AUC by source and within view x source strata (``training.strata``: a model that learned the archive
+scores well overall and not within a source); localisation as ChestX-ray8 measures it (share of boxed films whose
+top box has IoBB = intersection over predicted-box area >= 0.1 with a ground-truth box) plus IoU >= 0.4, and the
+Kaggle RSNA metric; per-image scores (``per_image.csv``) and an ROC curve (``roc.png``). RSNA-format labels
+(``patientId,x,y,width,height,Target``) are read with ``--rsna-labels`` + ``--images``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
 from triage_node.training.metric import rsna_score
+from triage_node.training.strata import format_strata, read_sources, strata
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Item:
     view: str = ""
     boxes: np.ndarray | None = None  # xywh source pixels; None = not annotated
     age: float | None = None  # years, from the CSV's ``age`` column (None = unknown)
+    source: str = ""  # the CSV's source / source_repo column, else the dataset's name (``training.strata``)
 
 
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -167,14 +170,16 @@ def read_items(args: argparse.Namespace) -> list[Item]:
         if args.split:
             manifest, _, side = args.split.rpartition(":")
             keep = set(json.loads(Path(manifest).read_text())[src.name][side])
-        for p, y, k, v, a in zip(src.paths, src.labels, src.keys, src.views, ages):
+        sources = read_sources(args.image_labels, src.keys, src.name)
+        for p, y, k, v, a, s in zip(src.paths, src.labels, src.keys, src.views, ages, sources):
             if keep is None or k in keep:
-                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, a))
+                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, a, s))
     if args.rsna_labels:
         from triage_node.training.data import find_image, read_labels
 
+        name = Path(args.rsna_labels).resolve().parent.name or "rsna"
         for k, b in read_labels(args.rsna_labels).items():
-            items.append(Item(find_image(args.images, k), int(len(b) > 0), k, "", b))
+            items.append(Item(find_image(args.images, k), int(len(b) > 0), k, "", b, source=name))
     if args.max_images:
         items = items[: args.max_images]
     return items
@@ -299,6 +304,7 @@ def main(args: argparse.Namespace) -> int:
     if views:
         report["by_view"] = {v: classification(y[m], p[m], ts[m], args.seed) for v in views
                              for m in [np.array([it.view == v for it in items])]}
+    report |= strata(y, p, [it.source for it in items], [it.view for it in items], args.seed)
     tops: list[np.ndarray | None] = []
     gated_tops: list[np.ndarray | None] = []
     gts: list[np.ndarray | None] = []
@@ -327,13 +333,14 @@ def main(args: argparse.Namespace) -> int:
         report["rsna_metric"] = rsna_score(annotated, preds, scores)
     with open(out / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes", "top_box_iobb"])
+        w.writerow(["key", "label", "view", "probability", "positive", "top_box_xywh", "gt_boxes", "top_box_iobb",
+                    "source"])
         for it, r, top, t in zip(items, raws, tops, ts):
             gt = it.boxes if it.boxes is not None and len(it.boxes) else None
             hit = "" if gt is None else "0.000" if top is None else f"{iobb(top, gt).max():.3f}"
             w.writerow([it.key, it.label, it.view, f"{r.probability:.5f}", int(r.probability >= t),
                         "" if top is None else " ".join(f"{v:.0f}" for v in top),
-                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit])
+                        "" if it.boxes is None else " ".join(f"{v:.0f}" for v in it.boxes.ravel()), hit, it.source])
     if other is not None:
         report["compare"] = compare_with(other, [it.key for it in items], y, p, args.seed, str(args.compare))
     if len(set(y.tolist())) == 2:
@@ -347,6 +354,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  operating point {n}: {op['films']} films at {op['threshold']:.3f}")
     for v, cv in report.get("by_view", {}).items():
         print(f"  view {v}: n {cv['n']} AUC {cv['auc']:.3f} [{cv['auc_ci95'][0]:.3f}, {cv['auc_ci95'][1]:.3f}]")
+    print("\n".join(format_strata(report)))
     for k, loc in report.get("localisation", {}).items():
         print(f"  {k}: {loc['boxed_films']} boxed films, IoBB>=0.1 {loc['top_box_iobb_0.1']:.3f}, "
               f"IoU>=0.4 {loc['top_box_iou_0.4']:.3f}")
