@@ -68,11 +68,16 @@ def null_psi(q_z: float, bins: int, n: int, ref_n: int) -> float:
     return chi2 * (1 / max(n, 1) + 1 / max(ref_n, 1))
 
 
+def limit(cfg: Config, n: int, ref_n: int, bins: int) -> float:
+    """The PSI from which a statistic is in the drift band at this window's size."""
+    return max(cfg.monitoring.psi_drift, null_psi(3.09, bins, n, ref_n))
+
+
 def band(value: float, cfg: Config, n: int = 10**9, ref_n: int = 10**9, bins: int = 2) -> str:
     """``ok`` / ``watch`` / ``drift`` of a PSI over ``bins`` bins between ``n`` window and ``ref_n`` reference films."""
     if not np.isfinite(value):
         return "ok"
-    if value >= max(cfg.monitoring.psi_drift, null_psi(3.09, bins, n, ref_n)):  # 99.9 %
+    if value >= limit(cfg, n, ref_n, bins):  # 99.9 % of the null
         return "drift"
     return "watch" if value >= max(cfg.monitoring.psi_watch, null_psi(2.326, bins, n, ref_n)) else "ok"  # 99 %
 
@@ -97,8 +102,9 @@ def input_drift(cfg: Config, films: list[dict[str, Any]], profile: dict | None) 
         counts, m = numeric_shares(entry, [_num(s.get(k)) for s in with_stats])
         ref = reference_shares(entry)
         value = psi(ref, ref_n, counts) if m else float("nan")
-        out["statistics"][k] = {"kind": "numeric", "psi": value, "band": band(value, cfg, m, ref_n, _bins(ref, counts)),
-                                "edges": entry["edges"],
+        b = _bins(ref, counts)
+        out["statistics"][k] = {"kind": "numeric", "psi": value, "band": band(value, cfg, m, ref_n, b),
+                                "limit": limit(cfg, m, ref_n, b), "edges": entry["edges"],
                                 "reference": ref, "window": _shares(counts)}
     for k in CATEGORICAL:
         entry = profile.get("categorical", {}).get(k)
@@ -108,8 +114,9 @@ def input_drift(cfg: Config, films: list[dict[str, Any]], profile: dict | None) 
         counts = categorical_counts((s.get(k, "") for s in with_stats), keys)
         ref = [float(entry.get(x, 0.0)) for x in keys]
         value = psi(ref, ref_n, counts) if n else float("nan")
-        out["statistics"][k] = {"kind": "categorical", "psi": value,
-                                "band": band(value, cfg, n, ref_n, _bins(ref, counts)), "labels": keys,
+        b = _bins(ref, counts)
+        out["statistics"][k] = {"kind": "categorical", "psi": value, "band": band(value, cfg, n, ref_n, b),
+                                "limit": limit(cfg, n, ref_n, b), "labels": keys,
                                 "reference": ref, "window": _shares(counts)}
     if n < cfg.monitoring.min_films:
         out["state"] = "insufficient"

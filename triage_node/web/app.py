@@ -34,6 +34,7 @@ from ..audit import Audit
 from ..config import Config
 from ..errors import TriageError
 from ..spool import Spool, valid_uid
+from . import monitoring
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import make_registry, render
 from .probes import Probes
@@ -107,7 +108,8 @@ class WebApp:
                 "last_hour": self.state.last_hour(), "studies": studies, "dead_letters": dead,
                 "failures_by_stage": self.state.failures_by_stage(),
                 "spool": {"pending": len(self.spool.pending()), "disk_usage": round(self.spool.disk_usage(), 4),
-                          "free_bytes": self.spool.free_bytes(), "refusing": self.spool.refusal()}}
+                          "free_bytes": self.spool.free_bytes(), "refusing": self.spool.refusal()},
+                **monitoring.overview(self.cfg)}  # mode (SHADOW), drift window against the reference
 
     def replay(self, sop: str) -> tuple[int, dict[str, Any]]:
         from ..replay import replay_one

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
+from . import monitoring
 from .probes import Probes
 from .state import STAGES, AuditState
 
@@ -80,6 +81,7 @@ class NodeCollector:
         yield h
         yield from self._broker()
         yield from self._spool()
+        yield from monitoring.collect(self.probes.cfg)  # triage_mode, triage_input_drift{statistic}, drift states
         if model.get("model"):
             i = InfoMetricFamily("triage_model", "Model seen in the last 'analysed' audit line")
             i.add_metric([], {"version": model["model"], "hostname": model.get("hostname", "")})

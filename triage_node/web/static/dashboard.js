@@ -54,6 +54,51 @@ function render(d) {
   }));
 }
 
+// Drift: one small bar plot per statistic, reference (grey) beside the window (blue; red when out of band).
+const SVG = "http://www.w3.org/2000/svg";
+function svgEl(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+function plot(name, st) {
+  const W = 150, H = 56, ref = st.reference || [], win = st.window || [], n = Math.max(ref.length, win.length, 1);
+  const top = Math.max(...ref, ...win, 0.01), bw = W / n;
+  const svg = svgEl("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img"});
+  const title = svgEl("title", {});
+  title.textContent = `${name}: reference (grey) and window (blue) shares per bin`;
+  svg.append(title);
+  for (let i = 0; i < n; i++) {
+    const r = (ref[i] || 0) / top * (H - 2), w = (win[i] || 0) / top * (H - 2);
+    svg.append(svgEl("rect", {class: "ref", x: i * bw + 1, y: H - r, width: bw / 2 - 1, height: r}));
+    svg.append(svgEl("rect", {class: "win", x: i * bw + bw / 2, y: H - w, width: bw / 2 - 1, height: w}));
+  }
+  const psi = (st.psi == null ? "–" : st.psi.toFixed(2)) + (st.limit != null ? ` (drift ≥ ${st.limit.toFixed(2)})` : "");
+  return el("div", {class: `plot ${st.band}`, "data-stat": name, "data-band": st.band},
+    el("div", {}, el("b", {}, name), ` PSI ${psi} `, el("span", {class: `state ${st.band}`}, st.band)), svg);
+}
+function renderDrift(d, mode) {
+  const banner = document.getElementById("shadow-banner");
+  banner.hidden = !mode || mode.mode !== "shadow";
+  document.body.dataset.mode = mode ? mode.mode : "";
+  if (!d) return;
+  for (const [id, part] of [["input-state", d.input], ["output-state", d.output]]) {
+    const s = document.getElementById(id);
+    s.textContent = part.state.toUpperCase();
+    s.className = `state ${part.state.replace(" ", "-")}`;
+    s.dataset.state = part.state;
+  }
+  const o = d.output, pct = (v) => v == null ? "–" : `${(v * 100).toFixed(1)} %`;
+  document.getElementById("drift-summary").textContent =
+    `${d.films} film(s) in the window (last ${d.window_films} within ${d.window_hours} h; state changes from ${d.min_films}); ` +
+    `reference: ${d.reference}. Flagged ${pct(o.flagged_rate)} [${pct(o.flagged_ci[0])}, ${pct(o.flagged_ci[1])}]` +
+    (o.reference_flagged_rate != null ? ` against ${pct(o.reference_flagged_rate)} on validation.` : "; no validation rate in the model package.") +
+    (d.input.drifted && d.input.drifted.length ? ` Out of band: ${d.input.drifted.join(", ")}.` : "");
+  const plots = Object.entries(d.input.statistics || {}).map(([k, st]) => plot(k, st));
+  if (o.score) plots.push(plot("score (output)", o.score));
+  document.getElementById("drift-plots").replaceChildren(...plots);
+}
+
 // Keep thumbnails that already loaded: only replace the table when something changed.
 let lastKey = "";
 async function refresh() {
@@ -63,7 +108,7 @@ async function refresh() {
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const d = await r.json();
     const key = JSON.stringify({...d, now: 0});
-    if (key !== lastKey) { render(d); lastKey = key; }
+    if (key !== lastKey) { render(d); renderDrift(d.drift, d.mode); lastKey = key; }
     status.textContent = `updated ${fmtTime(d.now)}`;
     status.className = "ok";
     document.body.dataset.updated = String(d.now);
