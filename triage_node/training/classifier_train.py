@@ -157,6 +157,33 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) 
     return float((t + lower.max()) / 2) if len(lower) else float(t)
 
 
+def threshold_for_specificity(y: np.ndarray, p: np.ndarray, specificity: float) -> float:
+    """The lowest threshold whose specificity on (y, p) is >= ``specificity``: midway between the highest negative
+    score it must clear and the next higher score."""
+    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
+    neg = np.sort(p[~y])
+    k = min(max(int(math.ceil(specificity * len(neg))), 1), len(neg))
+    t = neg[k - 1]
+    higher = p[p > t]
+    return float((t + higher.min()) / 2) if len(higher) else float(np.nextafter(t, np.inf))
+
+
+def choose_operating_point(y: np.ndarray, p: np.ndarray, sensitivity: float, min_specificity: float = 0.0,
+                           source: str = "") -> dict:
+    """The highest threshold with sensitivity >= ``sensitivity``, raised where needed so that specificity is
+    >= ``min_specificity`` (a floor: a point chosen for sensitivity on one collection of films loses specificity
+    on the next one; Kermany's test folder lost half of it)."""
+    t = threshold_for_sensitivity(y, p, sensitivity)
+    rule = f"highest threshold with sensitivity >= {sensitivity} on the {source} validation split"
+    if min_specificity > 0:
+        floor = threshold_for_specificity(y, p, min_specificity)
+        rule += f", raised to specificity >= {min_specificity} where it fell below"
+        if floor > t:
+            t = floor
+            rule += " (raised here)"
+    return operating_point(y, p, t) | {"rule": rule}
+
+
 def operating_point(y: np.ndarray, p: np.ndarray, t: float) -> dict:
     y = np.asarray(y).astype(bool)
     return {"threshold": t, "sensitivity": float((p[y] >= t).mean()), "specificity": float((p[~y] < t).mean()),
@@ -261,6 +288,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="var/cache")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this long (checkpoint kept)")
     p.add_argument("--target-sensitivity", type=float, default=0.90, help="operating point on validation")
+    p.add_argument("--min-specificity", type=float, default=0.0,
+                   help="specificity floor of the operating point on validation (the threshold is raised to it)")
     p.add_argument("--tta", action="store_true", help="ship flip test-time augmentation")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of training, unless --train-seed)")
@@ -563,10 +592,9 @@ def main(args: argparse.Namespace) -> int:
         model, state = train(args, tr, va)
     p_val = predict_probs(model, va[0].images, tta=args.tta, method=args.harmonise)
     if len(va[0]):
-        t = threshold_for_sensitivity(va[0].labels, p_val, args.target_sensitivity)
-        point = operating_point(va[0].labels, p_val, t) | {
-            "rule": f"highest threshold with sensitivity >= {args.target_sensitivity} on the "
-                    f"{va[0].name} validation split"}
+        point = choose_operating_point(va[0].labels, p_val, args.target_sensitivity,
+                                       getattr(args, "min_specificity", 0.0), va[0].name)
+        t = point["threshold"]
     elif getattr(args, "threshold", None) is not None:
         t = float(args.threshold)
         point = {"threshold": t, "rule": "given (--threshold): no validation split in this run "

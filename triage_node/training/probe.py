@@ -63,7 +63,10 @@ def film_record(path: Path) -> dict:
 def film_records(paths: Sequence[Path], sources: Sequence[str] | None = None, groups: Sequence[str] | None = None,
                  cache_dir: Path | None = Path("var/cache"), progress: bool = False) -> list[dict]:
     """:func:`film_record` of every film, plus ``source`` and ``id_stratum``; cached (JSON) by the list of paths."""
-    key = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:16]
+    from triage_node.inference import filmstats
+
+    stats_code = Path(filmstats.__file__).read_bytes()  # a change of the statistics' definitions is a new cache
+    key = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode() + stats_code).hexdigest()[:16]
     cache = cache_dir / f"filmstats-{key}.json" if cache_dir else None
     recs: list[dict] | None = None
     if cache is not None and cache.exists():
