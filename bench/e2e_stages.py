@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> None:
     from triage_node.encoding.sr import build_sr
     from triage_node.transport.senders import CStoreSender
 
+    try:  # the input statistics of the drift monitor (newer code; monitoring.input_statistics)
+        from triage_node.inference import filmstats
+    except ImportError:
+        filmstats = None
     try:  # the writer pipeline.build uses (newer code)
         from triage_node.encoding.dcmwrite import save
     except ImportError:
@@ -92,6 +96,9 @@ def run(args: argparse.Namespace) -> None:
         ds = timed("decode", dicom_io.read, f)
         img = timed("decode", dicom_io.pixels, ds)
         pred = timed("model", lambda im: model.predict([im])[0], img)
+        if filmstats is not None:  # what the infer worker adds per film for the drift monitor
+            timed("input_statistics", lambda im=img, d=ds: filmstats.image_statistics(im)
+                  | filmstats.header_statistics(d))
         if caches:  # what the infer worker adds: the 8-bit rendering left for the report worker
             timed("display_cache_write", lambda b=box, im=img: pipeline.save_display(b / pipeline.DISPLAY_CACHE,
                                                                                        dicom_io.display(im)))

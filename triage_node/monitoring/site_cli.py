@@ -4,11 +4,11 @@
 
 The films are those the node recorded (audit trail) and the ground truth names (the inputs of ``validate``),
 scored by the configured package at the chosen point (``adult``: films judged at the package's adult point,
-including those without a readable age; ``pediatric``; ``all``). The threshold is the one with the highest
-accuracy among those with sensitivity >= ``--min-sensitivity`` on them (ties: the highest), as ``calibrate`` chooses
-the pediatric point. It is written to ``[model] site_operating_point`` (never into the package), with the
-package's SHA-256, who and when; audited (``site_operating_point``). Workers pick it up at their next film, and
-the SR's Algorithm Parameters name it (``operating_point=site <time>``). ``--remove`` deletes it (audited).
+including those without a readable age; ``pediatric``; ``all``). The threshold is the highest whose sensitivity
+on them is >= ``--min-sensitivity`` (the best specificity at that sensitivity). It is written to
+``[model] site_operating_point`` (never into the package), with the package's SHA-256, who and when; audited
+(``site_operating_point``). Workers pick it up at their next film, and the SR's Algorithm Parameters name it
+(``operating_point=site <time>``). ``--remove`` deletes it (audited).
 """
 
 from __future__ import annotations
@@ -32,24 +32,22 @@ _POINT_FILMS = {"adult": ("", "adult", "age unknown"), "pediatric": ("pediatric"
 
 
 def choose_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float) -> dict:
-    """Highest accuracy with sensitivity >= ``min_sensitivity`` (ties: the highest threshold); the films' own
-    scores are the candidates. Raises ValueError without positives or negatives."""
+    """The highest threshold (so the best specificity) whose sensitivity on the films is >= ``min_sensitivity``;
+    the films' own scores are the candidates. Not "the most accurate" (the rule of the pediatric point): accuracy
+    depends on the site's prevalence, and at 60 % positives it prefers flagging everything. Raises ValueError
+    without positives or negatives."""
     y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
     if y.all() or not y.any():
         raise ValueError("a site operating point needs validated positive and negative films")
-    best: tuple[float, float] | None = None
-    for t in np.unique(p)[::-1]:
-        if float((p[y] >= t).mean()) < min_sensitivity:
-            continue
-        acc = float(((p >= t) == y).mean())
-        if best is None or acc > best[1]:
-            best = (float(t), acc)
-    assert best is not None  # the lowest score flags every film
-    t = best[0]
+    t = float(np.unique(p)[0])  # the lowest score flags every film: sensitivity 1.0
+    for cand in np.unique(p)[::-1]:  # highest first
+        if float((p[y] >= cand).mean()) >= min_sensitivity:
+            t = float(cand)
+            break
     tp, tn = int((p[y] >= t).sum()), int((p[~y] < t).sum())
     return {"threshold": t, "n": int(len(y)), "positives": int(y.sum()), "sensitivity": tp / int(y.sum()),
             "sensitivity_ci95": list(wilson(tp, int(y.sum()))), "specificity": tn / int((~y).sum()),
-            "specificity_ci95": list(wilson(tn, int((~y).sum()))), "accuracy": best[1]}
+            "specificity_ci95": list(wilson(tn, int((~y).sum()))), "accuracy": float(((p >= t) == y).mean())}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -99,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
                                   args.min_sensitivity)
     except ValueError as exc:
         raise SystemExit(f"calibrate --site: {exc}") from None
-    rule = f"highest accuracy with sensitivity >= {args.min_sensitivity:g} on the site's validated films"
+    rule = f"highest threshold with sensitivity >= {args.min_sensitivity:g} on the site's validated films"
     written = site.write_site_point(cfg, chosen["threshold"], args.point, rule,
                                     {**chosen, "truth": sources, "model": model}, by=who, when=when,
                                     package_label=model)
