@@ -29,16 +29,19 @@ def reduce_to(img: np.ndarray, scale: int = SCALE) -> np.ndarray:
     """Area-average reduction of a 2-D image so its longer side is at most ``scale`` (integer factor, exact
     block means; an image already that small is returned as float32).
 
-    The block sums are accumulated from ``f * f`` strided views (~1 ms for 1024 px, a quarter of a reshape-mean)."""
+    The block sums are accumulated from ``f`` row-strided then ``f`` column-strided views (contiguous rows first:
+    ~0.6 ms for 1024 px, a sixth of a reshape-mean)."""
     a = np.asarray(img, np.float32)
     f = max(1, int(np.ceil(max(a.shape) / scale)))
     if f == 1:
         return a
     h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
-    acc = np.zeros((h // f, w // f), np.float32)
-    for i in range(f):
-        for j in range(f):
-            acc += a[i:h:f, j:w:f]
+    rows = a[0:h:f, :w].copy()
+    for i in range(1, f):
+        rows += a[i:h:f, :w]
+    acc = rows[:, 0::f].copy()
+    for j in range(1, f):
+        acc += rows[:, j::f]
     acc *= 1.0 / (f * f)
     return acc
 
