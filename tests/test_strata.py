@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import nih_subset_csv
 
 from triage_node.inference.model import RawOutput
 from triage_node.training import cv_report as CV
-from triage_node.training import evaluate
+from triage_node.training import evaluate, probe
 from triage_node.training.strata import format_strata, read_sources, strata
 
 # repoA, PA: positives 0.9 0.8 0.7 0.6 0.5 over negatives 0.55 0.4 0.3 0.2 0.1: 24 of 25 pairs right (0.5 < 0.55)
@@ -92,7 +93,7 @@ def test_evaluate_reports_and_prints_the_strata(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "run", run)
     out = tmp_path / "eval"
     args = evaluate.get_args_parser().parse_args(
-        ["--model", "untrained", "--image-labels", str(labels), "--out", str(out), "--threads", "1"])
+        ["--model", "untrained", "--image-labels", str(labels), "--out", str(out), "--threads", "1", "--no-probe"])
     assert evaluate.main(args) == 0
     rep = json.loads((out / "report.json").read_text())
     _check(rep)
@@ -115,9 +116,66 @@ def test_cv_report_reports_and_prints_the_strata(tmp_path, capsys):
         (run / "summary.json").write_text(json.dumps({"best_epoch": 1, "history": [{"epoch": 1, "val_p": val_p}]}))
         runs += ["--run", str(run)]
     out = tmp_path / "cv.json"
-    args = CV.get_args_parser().parse_args([*runs, "--image-labels", str(labels), "--out", str(out)])
+    args = CV.get_args_parser().parse_args([*runs, "--image-labels", str(labels), "--out", str(out), "--no-probe"])
     assert CV.main(args) == 0
     rep = json.loads(out.read_text())
     _check(rep["at_chosen_epoch"])  # pooled out-of-fold scores: the same films with the same scores
     printed = capsys.readouterr().out
     assert "no AUC (fewer than 5 films of a class)" in printed and "0.765 [" in printed and "0.600 [" in printed
+    assert "shortcut_probe" not in rep["at_chosen_epoch"] and "shortcut probe" not in printed  # --no-probe
+
+
+def _hand_made_run(scores: dict[str, float]):
+    def run(model, items, chunk=16, ages=None):  # the hand-made scores instead of a model's
+        return [RawOutput(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                          scores[it.key], 64, 64) for it in items]
+    return run
+
+
+def test_the_shortcut_probe_goes_beside_the_auc_on_the_same_films(tmp_path, monkeypatch, capsys):
+    """``evaluate`` and ``cv-report`` on 24 real NIH films: the probe's AUC with its CI is stored and printed on the
+    line after the model's AUC, and it is the probe of exactly those films (the same figure as the probe called
+    directly on them)."""
+    labels = nih_subset_csv(tmp_path, 24)
+    with open(labels, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys, y = [r["image_id"] for r in rows], [int(r["label"]) for r in rows]
+    scores = dict(zip(keys, np.linspace(0.1, 0.9, len(keys))))
+    direct = probe.shortcut_probe(probe.film_records([Path(r["path"]) for r in rows], ["nih_adult"] * len(rows),
+                                                     [r["nih_patient_id"] for r in rows], cache_dir=None),
+                                  y, [r["nih_patient_id"] for r in rows])
+    assert direct["n"] == 24 and 0 <= direct["auc"] <= 1 and all(0 <= v <= 1 for v in direct["ci95"])
+
+    monkeypatch.setattr(evaluate, "run", _hand_made_run(scores))
+    out = tmp_path / "eval"
+    args = evaluate.get_args_parser().parse_args(
+        ["--model", "untrained", "--image-labels", str(labels), "--out", str(out), "--threads", "1",
+         "--cache-dir", str(tmp_path / "cache")])
+    assert evaluate.main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    got = rep["shortcut_probe"]
+    assert (got["n"], got["positives"]) == (24, 12) and got["auc"] == pytest.approx(direct["auc"])
+    assert got["ci95"] == pytest.approx(direct["ci95"])
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("n 24 (12 pos)  AUC"))
+    assert lines[at + 1].startswith(f"  shortcut probe raw films: AUC {direct['auc']:.3f} [{direct['ci95'][0]:.3f}, ")
+
+    runs = []
+    for fold, part in enumerate((keys[0::2], keys[1::2])):
+        run = tmp_path / f"f{fold}"
+        run.mkdir()
+        (run / "split.json").write_text(json.dumps({labels.parent.name: {
+            "train": [k for k in keys if k not in part], "val": part, "test": [], "cv": f"2:{fold}", "epochs": 1}}))
+        (run / "summary.json").write_text(json.dumps({"best_epoch": 1, "history": [
+            {"epoch": 1, "val_p": [float(scores[k]) for k in part]}]}))
+        runs += ["--run", str(run)]
+    cv_out = tmp_path / "cv.json"
+    args = CV.get_args_parser().parse_args([*runs, "--image-labels", str(labels), "--out", str(cv_out),
+                                            "--cache-dir", str(tmp_path / "cache")])
+    assert CV.main(args) == 0
+    got = json.loads(cv_out.read_text())["at_chosen_epoch"]["shortcut_probe"]
+    # the same 24 films in another order: the same features, folds drawn on another order
+    assert (got["n"], got["positives"]) == (24, 12) and 0 <= got["auc"] <= 1 and len(got["ci95"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, ln in enumerate(lines) if "out-of-fold n 24 (12 pos) AUC" in ln)
+    assert lines[at + 1].startswith("  shortcut probe raw films (the out-of-fold films): AUC ")

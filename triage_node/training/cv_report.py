@@ -37,9 +37,11 @@ import numpy as np
 
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
+from triage_node.training.auc import bootstrap_auc, paired_auc_difference
+from triage_node.training.auc import paired_mean_fold_auc_difference as paired_mean_fold_auc_difference
 from triage_node.training.classifier_train import operating_point, parse_cv, threshold_for_sensitivity
-from triage_node.training.evaluate import bootstrap_auc, mw_auc, paired_auc_difference
-from triage_node.training.strata import format_strata, read_sources, strata
+from triage_node.training.probe import format_probe
+from triage_node.training.strata import format_strata, probe_films, read_sources, strata
 
 
 def read_fold(run: Path) -> dict:
@@ -197,28 +199,6 @@ def _yp(folds: list[dict], epochs: list[int], labels: dict[str, int]) -> tuple[n
     return np.array([labels[k] for k in keys]), p
 
 
-def paired_mean_fold_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, fold: np.ndarray,
-                                    n: int = 2000, seed: int = 0) -> dict[str, float | int]:
-    """Mean per-fold AUC of scores ``a`` minus that of ``b`` on the same films, with a 95 % CI from a paired
-    bootstrap stratified by fold and class: each resample draws, within every fold, the same positives and negatives
-    for both. Each fold's AUC compares scores of one model only, so the folds' calibrations cannot distort it (the
-    pooled AUC mixes K models' scores)."""
-    y, a, b, fold = np.asarray(y).astype(bool), np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(fold)
-    cells = [(np.flatnonzero(y & (fold == f)), np.flatnonzero(~y & (fold == f))) for f in sorted(set(fold.tolist()))]
-    if any(len(pos) < 1 or len(neg) < 1 for pos, neg in cells):
-        raise SystemExit("--compare: a fold validates films of one class only: its AUC is undefined")
-
-    def diff(draws: list[tuple[np.ndarray, np.ndarray]]) -> float:
-        return float(np.mean([mw_auc(a[p], a[q]) - mw_auc(b[p], b[q]) for p, q in draws]))
-
-    d = diff(cells)
-    rng = np.random.default_rng(seed)
-    ds = np.array([diff([(rng.choice(p, len(p)), rng.choice(q, len(q))) for p, q in cells]) for _ in range(n)])
-    lo, hi = np.percentile(ds, (2.5, 97.5))
-    return {"n": int(len(y)), "folds": len(cells), "difference": d, "ci95_low": float(lo), "ci95_high": float(hi),
-            "share_of_resamples_new_better": float(np.mean(ds > 0))}
-
-
 def compare(rep: dict, other: dict, labels: dict[str, int], seed: int = 0,
             views: dict[str, str] | None = None) -> dict:
     """This report's out-of-fold AUC minus another's, each at its chosen epoch, on the same films (paired
@@ -262,6 +242,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the best mean per-fold AUC (optimistic: chosen on the scores it reports)")
     p.add_argument("--compare", type=Path, metavar="REPORT",
                    help="another cv-report's report.json on the same pool: paired AUC difference (this - that)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the shortcut probe (model-free statistics of the same films fitted to the label)")
+    p.add_argument("--cache-dir", type=Path, default=Path("var/cache"), help="the probe's film statistics cache")
     return p
 
 
@@ -273,6 +256,12 @@ def main(args: argparse.Namespace) -> int:
     sources = dict(zip(src.keys, read_sources(args.image_labels, src.keys, src.name)))
     folds = sorted((read_fold(r) for r in args.run), key=lambda f: f["fold"])
     rep = report(folds, labels, views, args.target_sensitivity, args.seed, ages, args.epoch_rule, sources)
+    if not args.no_probe:  # on the out-of-fold films, beside their AUC
+        keys = list(rep["out_of_fold"])
+        path_of, group_of = dict(zip(src.keys, src.paths)), dict(zip(src.keys, src.groups))
+        rep["at_chosen_epoch"]["shortcut_probe"] = probe_films(
+            [path_of[k] for k in keys], [labels[k] for k in keys], [sources[k] for k in keys],
+            [group_of[k] for k in keys], args.seed, args.cache_dir, "raw films (the out-of-fold films)")
     if args.compare:
         rep["compared"] = compare(rep, json.loads(args.compare.read_text()), labels, args.seed, views) | {
             "report": str(args.compare)}
@@ -287,6 +276,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{rep['k']}-fold CV, folds {rep['folds_present']}: chosen epoch {rep['chosen_epoch']}; out-of-fold "
           f"n {a['n']} ({a['positives']} pos) AUC {a['auc']:.3f} [{a['auc_ci95'][0]:.3f}, {a['auc_ci95'][1]:.3f}] "
           + " ".join(f"{v} {d['auc']:.3f} (n {d['n']})" for v, d in a["by_view"].items()))
+    if "shortcut_probe" in a:
+        print("  " + format_probe(a["shortcut_probe"]))
     for band, d in a.get("by_age", {}).items():
         auc = ("n/a (one class)" if d["auc"] is None
                else f"{d['auc']:.3f} [{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}]")

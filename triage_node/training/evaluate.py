@@ -6,10 +6,12 @@
 Reports: AUC with a stratified bootstrap 95 % CI; sensitivity / specificity (Wilson 95 % CIs) at the package's
 operating point; AUC within each view when the CSV has a ``view`` column (a model reading view markers shows
 there); AUC by source and within view x source strata (``training.strata``: a model that learned the archive
-scores well overall and not within a source); localisation as ChestX-ray8 measures it (share of boxed films whose
-top box has IoBB = intersection over predicted-box area >= 0.1 with a ground-truth box) plus IoU >= 0.4, and the
-Kaggle RSNA metric; per-image scores (``per_image.csv``) and an ROC curve (``roc.png``). RSNA-format labels
-(``patientId,x,y,width,height,Target``) are read with ``--rsna-labels`` + ``--images``.
+scores well overall and not within a source); beside the AUC, the shortcut probe's on the same films (what
+model-free statistics alone score: ``training.probe``; ``--no-probe`` skips it); localisation as ChestX-ray8
+measures it (share of boxed films whose top box has IoBB = intersection over predicted-box area >= 0.1 with a
+ground-truth box) plus IoU >= 0.4, and the Kaggle RSNA metric; per-image scores (``per_image.csv``) and an ROC
+curve (``roc.png``). RSNA-format labels (``patientId,x,y,width,height,Target``) are read with ``--rsna-labels`` +
+``--images``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,12 @@ import torch
 
 from triage_node.inference.gate import roc_auc
 from triage_node.training import images as I
+from triage_node.training.auc import bootstrap_auc as bootstrap_auc  # re-exported: callers import it from here
+from triage_node.training.auc import classification, paired_auc_difference, wilson
+from triage_node.training.auc import mw_auc as mw_auc
 from triage_node.training.metric import rsna_score
-from triage_node.training.strata import format_strata, read_sources, strata
+from triage_node.training.probe import format_probe
+from triage_node.training.strata import format_strata, probe_films, read_sources, strata
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +48,7 @@ class Item:
     boxes: np.ndarray | None = None  # xywh source pixels; None = not annotated
     age: float | None = None  # years, from the CSV's ``age`` column (None = unknown)
     source: str = ""  # the CSV's source / source_repo column, else the dataset's name (``training.strata``)
-
-
-def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile CI of the AUC, resampling positives and negatives separately (stratified)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    pos, neg = p[y], p[~y]
-    if len(pos) < 2 or len(neg) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    aucs = [mw_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)]
-    lo, hi = np.percentile(aucs, (2.5, 97.5))
-    return float(lo), float(hi)
-
-
-def mw_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """AUC of positive scores ``pos`` over negative scores ``neg``: Mann-Whitney, ties counted half, vectorised."""
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-
-
-def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n: int = 2000,
-                          seed: int = 0) -> dict[str, float | int]:
-    """AUC(new) - AUC(old) on the same films, with a 95 % CI from a paired stratified bootstrap: each resample
-    draws the same positives and negatives for both models, so film-to-film difficulty cancels out (two separate
-    CIs that overlap say little about whether one model is better)."""
-    y, a, b = np.asarray(y).astype(bool), np.asarray(p_new, np.float64), np.asarray(p_old, np.float64)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    diff = mw_auc(a[pos], a[neg]) - mw_auc(b[pos], b[neg])
-    if len(pos) < 2 or len(neg) < 2:
-        return {"n": int(len(y)), "difference": diff, "ci95_low": float("nan"), "ci95_high": float("nan")}
-    rng = np.random.default_rng(seed)
-    ds = []
-    for _ in range(n):
-        ip, ineg = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
-        ds.append(mw_auc(a[ip], a[ineg]) - mw_auc(b[ip], b[ineg]))
-    lo, hi = np.percentile(ds, (2.5, 97.5))
-    return {"n": int(len(y)), "difference": diff, "ci95_low": float(lo), "ci95_high": float(hi),
-            "share_of_resamples_new_better": float(np.mean(np.array(ds) > 0))}
+    group: str = ""  # the patient (the CSV's group column), for the shortcut probe's folds
 
 
 def read_other_scores(report_dir: Path) -> dict[str, float]:
@@ -105,17 +74,6 @@ def compare_with(other: Path | dict[str, float], keys: list[str], y: np.ndarray,
     out = paired_auc_difference(y[idx], p[idx], np.array([other[keys[i]] for i in common]), seed=seed)
     return {"other": source, "films_in_common": len(common), "films_only_here": len(keys) - len(common),
             "auc_difference_this_minus_other": out}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion k/n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    ph = k / n
-    d = 1 + z * z / n
-    c = (ph + z * z / (2 * n)) / d
-    h = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def iobb(pred_xywh: np.ndarray, gt_xywh: np.ndarray) -> np.ndarray:
@@ -145,21 +103,6 @@ def localisation(top_boxes: list[np.ndarray | None], gts: list[np.ndarray | None
             "hits_iobb": hits_iobb, "hits_iou": hits_iou}
 
 
-def classification(y: np.ndarray, p: np.ndarray, t: float | np.ndarray, seed: int = 0) -> dict:
-    """AUC with its CI, and sensitivity / specificity / accuracy at threshold ``t``: one for every film, or one
-    per film (the operating point of each film's age); ``threshold`` is then the list of distinct ones."""
-    y = np.asarray(y).astype(bool)
-    ts = np.broadcast_to(np.asarray(t, np.float64), y.shape)
-    tp, tn = int((p[y] >= ts[y]).sum()), int((p[~y] < ts[~y]).sum())
-    distinct = sorted({float(v) for v in ts})
-    return {"n": int(len(y)), "positives": int(y.sum()), "auc": roc_auc(y, p),
-            "auc_ci95": bootstrap_auc(y, p, seed=seed),
-            "threshold": distinct[0] if len(distinct) == 1 else distinct,
-            "sensitivity": tp / max(int(y.sum()), 1), "sensitivity_ci95": wilson(tp, int(y.sum())),
-            "specificity": tn / max(int((~y).sum()), 1), "specificity_ci95": wilson(tn, int((~y).sum())),
-            "accuracy": (tp + tn) / max(len(y), 1)}
-
-
 def read_items(args: argparse.Namespace) -> list[Item]:
     items: list[Item] = []
     if args.image_labels:
@@ -171,15 +114,15 @@ def read_items(args: argparse.Namespace) -> list[Item]:
             manifest, _, side = args.split.rpartition(":")
             keep = set(json.loads(Path(manifest).read_text())[src.name][side])
         sources = read_sources(args.image_labels, src.keys, src.name)
-        for p, y, k, v, a, s in zip(src.paths, src.labels, src.keys, src.views, ages, sources):
+        for p, y, k, v, a, s, g in zip(src.paths, src.labels, src.keys, src.views, ages, sources, src.groups):
             if keep is None or k in keep:
-                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, a, s))
+                items.append(Item(p, int(y), k, v, boxes.get(k) if args.boxes else None, a, s, g))
     if args.rsna_labels:
         from triage_node.training.data import find_image, read_labels
 
         name = Path(args.rsna_labels).resolve().parent.name or "rsna"
         for k, b in read_labels(args.rsna_labels).items():
-            items.append(Item(find_image(args.images, k), int(len(b) > 0), k, "", b, source=name))
+            items.append(Item(find_image(args.images, k), int(len(b) > 0), k, "", b, source=name, group=k))
     if args.max_images:
         items = items[: args.max_images]
     return items
@@ -266,6 +209,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "Age); pediatric / adult = every film (e.g. pediatric for Kermany, which has no age column)")
     p.add_argument("--compare", type=Path, metavar="REPORT_DIR",
                    help="another evaluate run on the same films: paired bootstrap CI of the AUC difference")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the shortcut probe (model-free statistics of the same films fitted to the label)")
+    p.add_argument("--cache-dir", type=Path, default=Path("var/cache"), help="the probe's film statistics cache")
     return p
 
 
@@ -305,6 +251,9 @@ def main(args: argparse.Namespace) -> int:
         report["by_view"] = {v: classification(y[m], p[m], ts[m], args.seed) for v in views
                              for m in [np.array([it.view == v for it in items])]}
     report |= strata(y, p, [it.source for it in items], [it.view for it in items], args.seed)
+    if not args.no_probe:
+        report["shortcut_probe"] = probe_films([it.path for it in items], y, [it.source for it in items],
+                                               [it.group or it.key for it in items], args.seed, args.cache_dir)
     tops: list[np.ndarray | None] = []
     gated_tops: list[np.ndarray | None] = []
     gts: list[np.ndarray | None] = []
@@ -350,6 +299,8 @@ def main(args: argparse.Namespace) -> int:
     c = report["classification"]
     print(f"n {c['n']} ({c['positives']} pos)  AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]  "
           f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}  acc {c['accuracy']:.3f} @ {c['threshold']}")
+    if "shortcut_probe" in report:
+        print("  " + format_probe(report["shortcut_probe"]))
     for n, op in report.get("operating_points", {}).items():
         print(f"  operating point {n}: {op['films']} films at {op['threshold']:.3f}")
     for v, cv in report.get("by_view", {}).items():

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from triage_node.inference.gate import roc_auc
+from triage_node.training.auc import bootstrap_auc
 
 MIN_PER_CLASS = 5
 SOURCE_COLUMNS = ("source", "source_repo")
@@ -42,8 +43,6 @@ def read_sources(spec: str | Path, keys: Sequence[str], default: str) -> list[st
 def stratum(y: npt.ArrayLike, p: npt.ArrayLike, seed: int = 0) -> dict:
     """n, positives, negatives; AUC with its bootstrap 95 % CI when both classes have ``MIN_PER_CLASS`` films, else
     ``auc``/``auc_ci95`` None and a note."""
-    from triage_node.training.evaluate import bootstrap_auc
-
     y = np.asarray(y).astype(bool)
     pos, neg = int(y.sum()), int((~y).sum())
     out: dict = {"n": pos + neg, "positives": pos, "negatives": neg}
@@ -85,3 +84,15 @@ def format_strata(result: dict, indent: str = "  ") -> list[str]:
     lines += [f"{indent}{_row(f'{view} / {src}', d, width)}" for view, row in by_view.items()
               for src, d in row.items()]
     return lines
+
+
+def probe_films(paths: Sequence[Path], y: npt.ArrayLike, sources: Sequence[str], groups: Sequence[str],
+                seed: int = 0, cache_dir: Path | None = Path("var/cache"), name: str = "raw films") -> dict:
+    """The shortcut probe (``training.probe``) on the films a model was scored on: the out-of-fold AUC (with its
+    CI) of a logistic regression from model-free statistics of each film (image, header, source, patient-ID
+    stratum) to the label, grouped by patient. Reported beside the model's AUC: a model's AUC not clearly above the
+    probe's says nothing of skill."""
+    from triage_node.training import probe
+
+    records = probe.film_records(list(paths), list(sources), list(groups), cache_dir=cache_dir)
+    return probe.shortcut_probe(records, y, list(groups), seed=seed, name=name)
