@@ -234,3 +234,19 @@ def test_stats_helpers():
     assert auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
     lo, hi = wilson(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+
+
+def test_status_says_mode_and_drift(tmp_path):
+    from triage_node.spool import Spool
+    from triage_node.status import summarise
+
+    rng = np.random.default_rng(4)
+    cfg = _cfg(tmp_path, window_films=50, min_films=30)
+    cfg = replace(cfg, outputs=replace(cfg.outputs, mode="shadow"))
+    (tmp_path / "profile.json").write_text(json.dumps(profile.build_reference_profile(
+        _stats(rng, 500), scores=[0.9] * 150 + [0.1] * 350, threshold=0.5)))
+    _record(Audit.from_config(cfg), _stats(rng, 50, shift=0.2))
+    text = summarise(cfg, Spool.from_config(cfg))
+    assert text.startswith("MODE: SHADOW (config)") and "NOTHING is sent" in text
+    assert "INPUT DRIFT: DRIFT (mean)" in text and "mean: PSI" in text
+    assert "OUTPUT DRIFT: OK: flagged 15/50 = 0.300" in text and "vs 0.300 on validation" in text

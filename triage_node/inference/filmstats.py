@@ -64,7 +64,7 @@ def image_statistics(img: np.ndarray, scale: int = SCALE) -> dict[str, float]:
     a = np.asarray(img)
     if a.ndim != 2 or min(a.shape) < 3:
         raise ValueError(f"expected a 2-D image of at least 3 x 3 pixels, got shape {a.shape}")
-    sub = np.asarray(a[::4, ::4] if min(a.shape) >= 64 else a, np.float32)
+    sub = np.ascontiguousarray(a[::4, ::4] if min(a.shape) >= 64 else a, np.float32)  # one copy: faster reads
     levels = np.clip(sub * (_LEVELS - 1) + 0.5, 0, _LEVELS - 1).astype(np.int32).ravel()
     cdf = np.cumsum(np.bincount(levels, minlength=_LEVELS)) / levels.size
     q = np.searchsorted(cdf, (0.05, 0.25, 0.50, 0.75, 0.95)) / (_LEVELS - 1)
