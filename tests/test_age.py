@@ -25,6 +25,10 @@ from triage_node.encoding.sc import _WARN_INDEX, build_overlay
 from triage_node.encoding.sr import build_sr
 from triage_node.inference.types import Prediction
 
+# the synthetic source carries header defects on purpose (test_enc_common.synthetic_xray); pydicom warns of them
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning",
+                                        "ignore:The value length:UserWarning")
+
 
 def _ds(**attrs: str) -> Dataset:
     ds = Dataset()
@@ -283,3 +287,17 @@ def test_the_node_routes_a_film_by_its_dates_and_says_so(tmp_path, pediatric_dem
     texts = _sr_texts(sr)
     assert f"Algorithm Parameters: age_rule={p.age_rule}" in texts
     assert f"Algorithm Parameters: age_warning={AGE_UNKNOWN_WARNING}" in texts
+
+
+def test_evaluate_reads_the_age_from_the_dates_as_the_node_does(tmp_path):
+    from triage_node.training import evaluate
+
+    ds = pydicom.dcmread(SAMPLES[0])
+    if "PatientAge" in ds:
+        del ds.PatientAge
+    ds.PatientBirthDate, ds.StudyDate = "20200315", "20230315"
+    ds.save_as(tmp_path / "child.dcm")
+    ds.PatientBirthDate = "19010101"
+    ds.save_as(tmp_path / "placeholder.dcm")
+    items = [evaluate.Item(tmp_path / "child.dcm", 1, "a"), evaluate.Item(tmp_path / "placeholder.dcm", 1, "b")]
+    assert evaluate.film_ages(items, "auto") == [3.0, None]

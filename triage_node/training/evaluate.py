@@ -129,8 +129,9 @@ def read_items(args: argparse.Namespace) -> list[Item]:
 
 
 def film_ages(items: list[Item], population: str) -> list[float | None]:
-    """The age each film is scored at: ``auto`` = its own (the CSV's age column, else a DICOM file's Patient's Age,
-    as the node reads it; None when unknown, which the node treats as an adult), ``pediatric`` = every film a child
+    """The age each film is scored at: ``auto`` = its own (the CSV's age column, else a DICOM file's Patient's Age or
+    its birth date and study date, as the node reads them: ``triage_node.age``; None when unknown, which the node
+    treats as an adult), ``pediatric`` = every film a child
     (the package's pediatric point, e.g. Kermany's films, which have no age column), ``adult`` = every film an
     adult."""
     if population == "pediatric":
