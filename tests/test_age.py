@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, SAMPLES
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from test_enc_common import dciodvfy, display_of, dsrdump, prediction, synthetic_xray, write
+from test_enc_common import dciodvfy, dcmpschk, display_of, dsrdump, prediction, synthetic_xray, write
 
 from triage_node import config, dicom_io, pipeline
 from triage_node.age import AGE_UNKNOWN_WARNING, AgeReading, parse_da, read_age, years_between
@@ -241,12 +241,17 @@ def test_the_overlay_burns_in_the_age_warning(tmp_path):
     assert not np.array_equal(_crop(warning_ink), _text_mask("AGE KNOWN", small))
 
 
-def test_the_gsps_says_it_too():
+def test_the_gsps_says_it_too(tmp_path):
     source, unknown, known = _unknown_and_known()
-    for pred, expected in ((unknown, True), (known, False)):
-        texts = [str(t.UnformattedTextValue) for a in build_gsps(source, pred).GraphicAnnotationSequence
+    for name, pred in (("unknown", unknown), ("known", known)):
+        path = write(build_gsps(source, pred), tmp_path / f"gsps-{name}.dcm")
+        back = pydicom.dcmread(path)
+        texts = [str(t.UnformattedTextValue) for a in back.GraphicAnnotationSequence
                  for t in a.get("TextObjectSequence", [])]
-        assert (AGE_UNKNOWN_WARNING in texts) == expected, texts
+        assert (AGE_UNKNOWN_WARNING in texts) == (name == "unknown"), texts
+        dcmpschk(path)
+        errors, _ = dciodvfy(path)
+        assert errors == [], errors
 
 
 @pytest.fixture
