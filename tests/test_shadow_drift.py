@@ -23,6 +23,7 @@ import pytest
 from conftest import ARTIFACTS, SAMPLES, c_store
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from selenium.webdriver.support.ui import WebDriverWait
 from test_flags import MLLPListener
 from test_sr_first import RecordingPeer
 from test_web import chrome  # noqa: F401  (fixture: headless Chromium)
@@ -41,7 +42,7 @@ def metrics(node) -> dict[tuple[str, tuple], float]:
             for fam in text_string_to_metric_families(body) for s in fam.samples}
 
 
-def test_shadow_mode_sends_nothing_and_audits_every_film(tmp_path, redis_url, make_node):
+def test_shadow_mode_sends_nothing_and_audits_every_film(tmp_path, redis_url, make_node, chrome):  # noqa: F811
     peer, lis = RecordingPeer(), MLLPListener()
     try:
         dests = peer.destination() + [{"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": lis.port,
@@ -59,6 +60,14 @@ def test_shadow_mode_sends_nothing_and_audits_every_film(tmp_path, redis_url, ma
         assert not any(e["event"] in ("sent", "sr_sent") for e in entries)
         m = metrics(node)
         assert m[("triage_mode", (("mode", "shadow"),))] == 1 and m[("triage_mode", (("mode", "live"),))] == 0
+        assert m[("triage_results_shadow_total", ())] == 3 and m[("triage_results_sent_total", ())] == 0
+        chrome.get(f"http://127.0.0.1:{node.cfg['web']['port']}/")
+        WebDriverWait(chrome, 60).until(lambda d: d.find_element("id", "shadow-banner").is_displayed())
+        assert "NOTHING is sent" in chrome.find_element("id", "shadow-banner").text
+        rows = '#studies tr[data-status="shadow"]'
+        WebDriverWait(chrome, 60).until(lambda d: len(d.find_elements("css selector", rows)) == 3)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        chrome.save_screenshot(str(ARTIFACTS / "dashboard_shadow.png"))
         status = subprocess.run([sys.executable, "-m", "triage_node.cli", "status", "--config",
                                  str(node.config_path)], capture_output=True, text=True, timeout=60)
         assert status.stdout.startswith("MODE: SHADOW"), status.stdout
@@ -156,8 +165,6 @@ def test_input_drift_on_and_off_on_a_running_node(tmp_path, redis_url, make_node
                    "age_band"):
         assert band[header] == 0, (header, band)  # only the shifted statistics leave their band
     chrome.get(base)
-    from selenium.webdriver.support.ui import WebDriverWait
-
     WebDriverWait(chrome, 60).until(
         lambda d: d.find_element("id", "input-state").get_attribute("data-state") == "drift")
     plot = chrome.find_element("css selector", '.plot[data-stat="sharpness"]')

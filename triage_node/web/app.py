@@ -95,7 +95,7 @@ class WebApp:
                          "replayable": any(f.name != "source.dcm" for f in Path(info["path"]).glob("*.dcm"))})
         studies = list(known.values())[:100]
         for r in studies:
-            has_result = r["status"].startswith("sent") or r["status"] == "dead-lettered"
+            has_result = r["status"].startswith("sent") or r["status"] in ("dead-lettered", "shadow")
             # no preview without an overlay (outputs.sc off, or sc_for = "flagged" and a negative film)
             r["thumbnail"] = (f"thumb/{r['sop_instance_uid']}.png" if has_result and self.cfg.outputs.archive_dir
                               and valid_uid(r["sop_instance_uid"])

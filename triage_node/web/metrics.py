@@ -40,6 +40,10 @@ class NodeCollector:
         c = CounterMetricFamily("triage_results_sent", "Results delivered to every destination (audit 'sent')")
         c.add_metric([], events.get("sent", 0))
         yield c
+        c = CounterMetricFamily("triage_results_shadow", "Results built and archived but not sent: shadow mode "
+                                "(audit 'shadow')")
+        c.add_metric([], events.get("shadow", 0))
+        yield c
         c = CounterMetricFamily("triage_instances_analysed", "Instances analysed by the model (audit 'analysed')")
         c.add_metric([], events.get("analysed", 0))
         yield c

@@ -157,7 +157,7 @@ class AuditState:
         for stage, (sev, key, factor) in STAGES.items():
             if ev == sev and isinstance(e.get(key), (int, float)) and not e.get("duplicate"):
                 self.hist[stage].observe(float(e[key]) * factor)
-        if ev in ("received", "sent", "skipped", "refused", "dead_lettered", "failed"):
+        if ev in ("received", "sent", "shadow", "skipped", "refused", "dead_lettered", "failed"):
             self.window.append((ts, ev, e.get("latency_s") if ev == "sent" else None))
         if ev == "analysed":
             self.last_analysed = ts
@@ -172,7 +172,7 @@ class AuditState:
         sop = e.get("sop_instance_uid")
         status = {"received": "received", "skipped": "skipped", "refused": "refused", "analysed": "analysed",
                   "sr_sent": "SR sent", "sent": "sent", "dead_lettered": "dead-lettered", "failed": "failed",
-                  "replayed": "sent (replayed)"}.get(ev)
+                  "replayed": "sent (replayed)", "shadow": "shadow"}.get(ev)  # shadow: archived, not sent
         if not sop or not status or (ev == "received" and e.get("duplicate") and sop in self.studies):
             return
         row = self.studies.pop(sop, None) or {"sop_instance_uid": sop, "study_instance_uid": "", "accession": "",

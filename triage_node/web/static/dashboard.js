@@ -24,12 +24,14 @@ function render(d) {
     el("td", {}, w.name), el("td", {}, w.role), el("td", {}, w.model || "–"), el("td", {}, w.tasks_done ?? ""))));
   document.getElementById("workers-error").textContent = d.workers.error || (d.workers.workers.length ? "" : "no worker answers");
   const h = d.last_hour, c = h.counts;
-  fill("lasthour", [["received", c.received || 0], ["results sent", c.sent || 0], ["skipped", c.skipped || 0],
+  const hourRows = [["received", c.received || 0], ["results sent", c.sent || 0]]
+    .concat(c.shadow ? [["shadow: archived, not sent", c.shadow]] : [])
+    .concat([["skipped", c.skipped || 0],
     ["refused", c.refused || 0], ["failed", c.failed || 0], ["dead-lettered", c.dead_lettered || 0],
     ["latency p50", fmtS(h.latency_s.p50)], ["latency p95", fmtS(h.latency_s.p95)], ["latency max", fmtS(h.latency_s.max)],
     ["spool pending", d.spool.pending],
-    ["spool disk", `${(d.spool.disk_usage * 100).toFixed(0)} % used, ${(d.spool.free_bytes / 2 ** 30).toFixed(1)} GiB free`]]
-    .map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))
+    ["spool disk", `${(d.spool.disk_usage * 100).toFixed(0)} % used, ${(d.spool.free_bytes / 2 ** 30).toFixed(1)} GiB free`]]);
+  fill("lasthour", hourRows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))
     .concat(d.spool.refusing ? [el("tr", {"data-refusing": ""}, el("td", {}, "intake"), el("td", {class: "bad"}, `refusing: ${d.spool.refusing}`))] : []));
   const f = Object.entries(d.failures_by_stage || {});
   fill("failures", f.length ? f.map(([stage, n]) => el("tr", {"data-stage": stage}, el("td", {}, stage),
@@ -47,7 +49,7 @@ function render(d) {
     const img = s.thumbnail ? el("img", {class: "thumb", src: s.thumbnail, alt: "overlay preview"}) : "";
     return el("tr", {"data-sop": s.sop_instance_uid, "data-flagged": s.flagged ? "1" : "0", "data-status": s.status,
                      class: s.flagged ? "flagged" : ""},
-      el("td", {}, img), el("td", {class: "st"}, s.flagged ? "FLAGGED" : s.status),
+      el("td", {}, img), el("td", {class: "st"}, s.flagged ? "FLAGGED" : s.status === "shadow" && s.positive ? "SHADOW: would flag" : s.status),
       el("td", {}, s.accession), el("td", {class: "uid"}, s.study_instance_uid, el("br"), s.sop_instance_uid),
       el("td", {}, s.probability ?? ""), el("td", {}, s.latency_s != null ? fmtS(s.latency_s) : ""),
       el("td", {}, s.reason), el("td", {}, fmtTime(s.updated_ts)));
