@@ -19,6 +19,7 @@ import pytest
 from triage_node import config as config_mod
 from triage_node import dicom_io
 from triage_node.audit import Audit
+from triage_node.audit import read as read_audit
 from triage_node.inference import filmstats
 from triage_node.inference.types import ModelInfo, Prediction
 from triage_node.monitoring import drift, mode, profile, site
@@ -173,27 +174,56 @@ def test_monitor_alerts_once_per_state_change(tmp_path):
         cfg = _cfg(tmp_path, window_films=50, min_films=30, alert_to=("ops",))
         cfg = replace(cfg, destinations=(config_mod.Destination(name="ops", kind="webhook",
                                                                 url=f"http://127.0.0.1:{srv.server_port}/"),))
-        (tmp_path / "profile.json").write_text(json.dumps(profile.build_reference_profile(_stats(rng, 500))))
+        (tmp_path / "profile.json").write_text(json.dumps(profile.build_reference_profile(
+            _stats(rng, 500), scores=[0.9] * 150 + [0.1] * 350, threshold=0.5)))
         audit = Audit.from_config(cfg)
         mon = Monitor(cfg, audit)
         _record(audit, _stats(rng, 50))
         assert mon.check() == {"input": "ok", "output": "ok"} and not _Hook.bodies
-        _record(audit, _stats(rng, 50, shift=0.2), start=50)
+        _record(audit, _stats(rng, 50, shift=0.2), start=50, positive_share=0.8)  # brighter, flagged more
         drift._cached.clear()
-        assert mon.check()["input"] == "drift"
+        assert mon.check() == {"input": "drift", "output": "drift"}
         drift._cached.clear()
         assert mon.check()["input"] == "drift"  # still drifting: no second alert
-        assert [b["state"] for b in _Hook.bodies] == ["drift"] and _Hook.bodies[0]["kind"] == "input"
-        assert "mean" in _Hook.bodies[0]["detail"]
+        assert sorted((b["kind"], b["state"]) for b in _Hook.bodies) == [("input", "drift"), ("output", "drift")]
+        assert "mean" in next(b for b in _Hook.bodies if b["kind"] == "input")["detail"]
+        assert "flagged rate 0.800 over 50 films against 0.300" in next(
+            b for b in _Hook.bodies if b["kind"] == "output")["detail"]
         _record(audit, _stats(rng, 50), start=100)
         drift._cached.clear()
-        assert mon.check()["input"] == "ok" and [b["state"] for b in _Hook.bodies] == ["drift", "ok"]
-        assert load_state(cfg)["input"] == "ok"
-        changes = [e for e in Audit.from_config(cfg) and __import__("triage_node.audit").audit.read(cfg.audit_log)
+        assert mon.check() == {"input": "ok", "output": "ok"} and len(_Hook.bodies) == 4
+        assert load_state(cfg) == {"input": "ok", "output": "ok"}
+        changes = [(e["kind"], e["state_from"], e["state"], e["alerted"]) for e in read_audit(cfg.audit_log)
                    if e["event"] == "drift_state"]
-        assert [(c["state_from"], c["state"], c["alerted"]) for c in changes] == [("ok", "drift", ["ops"]),
-                                                                                  ("drift", "ok", ["ops"])]
+        assert changes == [("input", "ok", "drift", ["ops"]), ("output", "ok", "drift", ["ops"]),
+                           ("input", "drift", "ok", ["ops"]), ("output", "drift", "ok", ["ops"])]
     finally:
+        srv.shutdown()
+
+
+def test_alerts_by_hl7_and_fhir():
+    from test_flags import MLLPListener
+
+    from triage_node.monitoring.monitor import alert_body, send_alert
+
+    lis = MLLPListener()
+    srv = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _Hook.bodies = []
+    try:
+        report = {"input": {"films": 500, "drifted": ["sharpness"]}, "reference": "x"}
+        body = alert_body("input", "ok", "drift", report)
+        send_alert(config_mod.Destination(name="ris", kind="hl7", port=lis.port), body)
+        assert "ORU^R01" in lis.messages[0] and "OBX|1|ST|DRIFT^Drift state^L||drift" in lis.messages[0]
+        assert "sharpness" in lis.messages[0] and "PID" not in lis.messages[0]  # about the node, no patient
+        send_alert(config_mod.Destination(name="fhir", kind="fhir", url=f"http://127.0.0.1:{srv.server_port}/"),
+                   body)
+        issue = _Hook.bodies[0]["entry"][0]["resource"]
+        assert issue["resourceType"] == "DetectedIssue" and issue["severity"] == "high"
+        with pytest.raises(ValueError):
+            send_alert(config_mod.Destination(name="pacs", kind="dicom"), body)
+    finally:
+        lis.close()
         srv.shutdown()
 
 
@@ -222,7 +252,7 @@ def test_mode_switch_through_the_broker(tmp_path, redis_url):
     assert mode.set_mode(cfg, "shadow", audit, who="tester") == "shadow"
     assert mode.current(cfg) == ("shadow", "runtime")
     assert mode.set_mode(cfg, "default", audit, who="tester") == "live"
-    lines = [e for e in __import__("triage_node.audit").audit.read(cfg.audit_log) if e["event"] == "mode_changed"]
+    lines = [e for e in read_audit(cfg.audit_log) if e["event"] == "mode_changed"]
     assert [(e["mode_from"], e["mode_to"], e["by"]) for e in lines] == [("live", "shadow", "tester"),
                                                                         ("shadow", "live", "tester")]
     with pytest.raises(ValueError):
