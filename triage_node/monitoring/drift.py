@@ -22,7 +22,9 @@ flagged rate too: output drift says "look", not "the model is wrong".
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 import time
 from typing import Any
@@ -48,13 +50,40 @@ from .stats import wilson
 STATES = ("ok", "watch", "drift", "insufficient", "no reference")
 
 
+_NEEDLE = b'"event": "analysed"'
+
+
+def analysed_lines(audit_log: str, since: float) -> list[dict[str, Any]]:
+    """The trail's ``analysed`` lines written since ``since`` (rotated files included), oldest first. Only the
+    lines holding the event's bytes are parsed: the window is read every evaluation, most lines are other hops."""
+    out: list[dict[str, Any]] = []
+    segs = audit_mod.open_segments(audit_log)
+    try:
+        for seg in segs:
+            if not seg.active and os.fstat(seg.file.fileno()).st_mtime < since:
+                continue  # a rotated file last written before the window holds none of it
+            for line in seg.file.read().splitlines():
+                if _NEEDLE not in line:
+                    continue
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue  # a torn line
+                if isinstance(e, dict) and e.get("event") == "analysed" and e.get("ts", 0) >= since:
+                    out.append(e)
+    finally:
+        for seg in segs:
+            seg.file.close()
+    return out
+
+
 def window(cfg: Config, now: float | None = None) -> list[dict[str, Any]]:
     """The window's ``analysed`` audit lines, oldest first, one per SOP Instance UID (the latest)."""
     now = time.time() if now is None else now
     since = now - cfg.monitoring.window_hours * 3600
     latest: dict[str, dict[str, Any]] = {}
-    for e in audit_mod.read(cfg.audit_log, since=since):
-        if e.get("event") == "analysed" and e.get("ts", 0) >= since and "probability" in e:
+    for e in analysed_lines(cfg.audit_log, since):
+        if "probability" in e:
             latest.pop(e.get("sop_instance_uid", ""), None)  # re-insert: dict order = last analysis
             latest[e.get("sop_instance_uid", "")] = e
     return list(latest.values())[-cfg.monitoring.window_films:]
