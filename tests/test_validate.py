@@ -240,3 +240,21 @@ def test_calibrate_site_writes_beside_the_package_audits_and_names_the_sr(tmp_pa
     assert f"operating_point=site {point['calibrated_at']}" in texts and "threshold=0.3" in texts
     assert cli.main(["calibrate", "--site", "--remove", "--config", str(cfg_path), "--by", "dr-lead"]) == 0
     assert pipeline.analyze(src, cfg).threshold == 0.5  # the untrained package's own point again
+
+
+def test_only_one_models_films_are_measured(tmp_path, capsys):
+    trail = make_trail(tmp_path)
+    audit = Audit(trail)
+    for i in range(4):  # a newer model re-analysed half the films: its scores must not mix with the older ones
+        audit.record("analysed", sop_instance_uid=sop(i), probability=0.5, positive=True, model="m 2.0")
+    csv = tmp_path / "truth.csv"
+    csv.write_text("sop_instance_uid,label\n" + "".join(f"{sop(i)},{y}\n" for i, y in enumerate(LABELS)))
+    cfg = str(config(tmp_path, trail))
+    assert cli.main(["validate", "--config", cfg, "--truth", str(csv), "--out", str(tmp_path / "new")]) == 1
+    new = json.loads((tmp_path / "new" / "report.json").read_text())
+    assert new["model"] == "m 2.0" and new["overall"]["n"] == 4 and "2 models" in new["warning"]
+    assert "was not analysed by this node (or by another model)" in capsys.readouterr().err
+    assert cli.main(["validate", "--config", cfg, "--truth", str(csv), "--model-label", "m 1.0",
+                     "--out", str(tmp_path / "old")]) == 0
+    old = json.loads((tmp_path / "old" / "report.json").read_text())
+    assert old["overall"]["n"] == 8 and old["overall"]["auc"] == pytest.approx(14 / 16)

@@ -25,6 +25,7 @@ from . import drift
 log = logging.getLogger(__name__)
 KINDS = ("input", "output")
 CHANGEABLE = ("ok", "watch", "drift")
+ALERT_KINDS = ("webhook", "fhir", "hl7")
 
 
 def state_path(cfg: Config) -> Path:
@@ -84,6 +85,11 @@ class Monitor:
         self.cfg, self.audit = cfg, audit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        kinds = {d.name: d.kind for d in cfg.destinations}
+        for name in cfg.monitoring.alert_to:
+            if kinds.get(name) not in ALERT_KINDS:
+                log.error("monitoring.alert_to names %r, which is not a destination of kind %s: its alerts will fail",
+                          name, ", ".join(ALERT_KINDS))
 
     def start(self) -> Monitor:
         self._thread = threading.Thread(target=self._run, name="drift-monitor", daemon=True)

@@ -3,8 +3,8 @@
 What the node recorded is its audit trail (every rotated file): per film the ``analysed`` line (score, whether it
 was flagged at its operating point, the threshold and the point's name, the model, the input statistics: view,
 age band, manufacturer) and the ``received`` line (Study Instance UID, Accession Number). A film analysed twice
-counts once, by its latest analysis. Only the films of one model (default: the one that analysed the most recent
-film) are measured: scores of two models do not mix.
+counts once per model, by that model's latest analysis. Only the films of one model (default: the one that
+analysed the most recent film) are measured: scores of two models do not mix.
 """
 
 from __future__ import annotations
@@ -41,22 +41,23 @@ class Film:
 def recorded_films(audit_path: str, model: str | None = None) -> tuple[list[Film], str, dict[str, int]]:
     """(films of ``model``, the model label, how many films each model analysed) from the audit trail."""
     received: dict[str, dict[str, Any]] = {}
-    analysed: dict[str, dict[str, Any]] = {}
+    analysed: dict[tuple[str, str], dict[str, Any]] = {}  # (SOP, model) -> the latest analysis by that model
     for e in audit_mod.read(audit_path):
         ev, sop = e.get("event"), e.get("sop_instance_uid", "")
         if ev == "received" and sop:
             received[sop] = e
         elif ev == "analysed" and sop and "probability" in e:
-            analysed.pop(sop, None)
-            analysed[sop] = e
+            key = (sop, str(e.get("model", "")))
+            analysed.pop(key, None)
+            analysed[key] = e
     models: dict[str, int] = defaultdict(int)
-    for e in analysed.values():
-        models[str(e.get("model", ""))] += 1
+    for _, m in analysed:
+        models[m] += 1
     if model is None:
-        model = str(list(analysed.values())[-1].get("model", "")) if analysed else ""
+        model = list(analysed)[-1][1] if analysed else ""
     films = []
-    for sop, e in analysed.items():
-        if str(e.get("model", "")) != model:
+    for (sop, m), e in analysed.items():
+        if m != model:
             continue
         r = received.get(sop, {})
         films.append(Film(sop, str(r.get("study_instance_uid", "")), str(r.get("accession", "")),
