@@ -280,3 +280,16 @@ def test_status_says_mode_and_drift(tmp_path):
     assert text.startswith("MODE: SHADOW (config)") and "NOTHING is sent" in text
     assert "INPUT DRIFT: DRIFT (mean)" in text and "mean: PSI" in text
     assert "OUTPUT DRIFT: OK: flagged 15/50 = 0.300" in text and "vs 0.300 on validation" in text
+
+
+def test_monitor_web_and_validate_paths_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, triage_node.cli, triage_node.monitoring.monitor, triage_node.web.monitoring, "
+            "triage_node.status, triage_node.validate.cli, triage_node.monitoring.site_cli;"
+            "from triage_node import config; from triage_node.monitoring import drift;"
+            f"from dataclasses import replace; c = config.Config(); c = replace(c, audit_log={str(tmp_path / 'a')!r});"
+            "drift.evaluate(c); print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
