@@ -2,10 +2,10 @@
 
 Every ``monitoring.interval_s`` the monitor evaluates the window (``drift.current``). The input and output drift
 states (``ok``, ``watch``, ``drift``) are kept in ``<spool>/../monitor/state.json``; when one changes (a window
-still ``insufficient``, or without a reference, changes nothing), the change is audited (``drift_state``) and
-told to the flag channels named in ``monitoring.alert_to`` (kinds ``webhook``: JSON; ``fhir``: a transaction
-Bundle with one DetectedIssue; ``hl7``: an ORU^R01 without a patient), once per change, never per film. Alerts
-are about the node, not a patient: they go in shadow mode too.
+still ``insufficient``, or without a reference, changes nothing), the change is audited (``drift_state``); one
+into or out of ``drift`` is also told to the flag channels named in ``monitoring.alert_to`` (kinds ``webhook``:
+JSON; ``fhir``: a transaction Bundle with one DetectedIssue; ``hl7``: an ORU^R01 without a patient), once per
+change, never per film. Alerts are about the node, not a patient: they go in shadow mode too.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class Monitor:
         log.warning("%s drift state %s -> %s: %s", kind, before, after, body["detail"])
         told, failed = [], []
         by_name = {d.name: d for d in self.cfg.destinations}
-        for name in self.cfg.monitoring.alert_to:
+        # ok <-> watch is audited only: a statistic near its watch band must not page anyone at every evaluation
+        for name in self.cfg.monitoring.alert_to if "drift" in (before, after) else ():
             dest = by_name.get(name)
             try:
                 if dest is None:
