@@ -58,6 +58,11 @@ def test_shadow_mode_sends_nothing_and_audits_every_film(tmp_path, redis_url, ma
             assert e["stats"]["rows"] == 1024 and e["stats"]["sharpness"] > 0  # the film's statistics
             assert list((tmp_path / "results" / uid).glob("sr-*.dcm")), "results archived"
         assert not any(e["event"] in ("sent", "sr_sent") for e in entries)
+        trail = (tmp_path / "audit.jsonl").read_text()
+        for d in films:  # the statistics carry no patient demographics
+            for key in ("PatientName", "PatientID", "PatientBirthDate"):
+                value = str(d.get(key, "") or "")
+                assert len(value) < 4 or value not in trail, key
         m = metrics(node)
         assert m[("triage_mode", (("mode", "shadow"),))] == 1 and m[("triage_mode", (("mode", "live"),))] == 0
         assert m[("triage_results_shadow_total", ())] == 3 and m[("triage_results_sent_total", ())] == 0
