@@ -156,6 +156,8 @@ def test_the_shortcut_probe_goes_beside_the_auc_on_the_same_films(tmp_path, monk
     got = rep["shortcut_probe"]
     assert (got["n"], got["positives"]) == (24, 12) and got["auc"] == pytest.approx(direct["auc"])
     assert got["ci95"] == pytest.approx(direct["ci95"])
+    inputs = rep["shortcut_probe_inputs"]  # what the network sees, resized and harmonised as the package does
+    assert inputs["n"] == 24 and inputs["name"] == "network inputs (none)" and 0 <= inputs["auc"] <= 1
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("n 24 (12 pos)  AUC"))
     assert lines[at + 1].startswith(f"  shortcut probe raw films: AUC {direct['auc']:.3f} [{direct['ci95'][0]:.3f}, ")

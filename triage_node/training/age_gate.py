@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-KEEP = ("training_data", "training", "metrics", "demo", "intended_use", "manufacturer", "device_uid")
+KEEP = ("training_data", "training", "metrics", "demo", "intended_use", "manufacturer", "device_uid",
+        "shortcut_probe")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("age-gate combines CAM-localiser packages (architecture.detector = 'cam') only")
     if adult.gate_size != child.gate_size:
         raise SystemExit(f"the two gates take different input sizes ({adult.gate_size} vs {child.gate_size} px)")
+    if (adult.harmonise, adult.blur_sigma) != (child.harmonise, child.blur_sigma):
+        raise SystemExit(f"the two gates were trained on differently harmonised inputs ({adult.harmonise} vs "
+                         f"{child.harmonise}): one package has one preprocessing")
     if args.max_age <= 0:
         raise SystemExit("--max-age must be > 0")
     src = Path(args.pediatric_from)
@@ -68,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
                         box_threshold=adult.box_threshold, input_size=adult.input_size, gate_size=adult.gate_size,
                         detector_arch=adult.detector_arch, gate_arch=adult.gate_arch, device="cpu", tta=adult.tta,
                         cam_threshold=adult.cam_threshold, max_boxes=adult.max_boxes, atlas=adult.atlas,
-                        pediatric=point)
+                        pediatric=point, harmonise=adult.harmonise, blur_sigma=adult.blur_sigma)
     extra = {k: adult.meta[k] for k in KEEP if k in adult.meta}
     extra["age_gate"] = {"adult_from": f"{adult.info.name} {adult.info.version}",
                          "pediatric_from": f"{child.info.name} {child.info.version}",

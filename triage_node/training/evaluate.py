@@ -33,7 +33,7 @@ from triage_node.training.auc import bootstrap_auc as bootstrap_auc  # re-export
 from triage_node.training.auc import classification, paired_auc_difference, wilson
 from triage_node.training.auc import mw_auc as mw_auc
 from triage_node.training.metric import rsna_score
-from triage_node.training.probe import format_probe
+from triage_node.training.probe import format_probe, input_probe, network_inputs
 from triage_node.training.strata import format_strata, probe_films, read_sources, strata
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,11 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_probe:
         report["shortcut_probe"] = probe_films([it.path for it in items], y, [it.source for it in items],
                                                [it.group or it.key for it in items], args.seed, args.cache_dir)
+        # what the network sees: the films resized and harmonised as the package's worker does
+        report["shortcut_probe_inputs"] = input_probe(
+            network_inputs([it.path for it in items], model.gate_size, getattr(model, "harmonise", "none")), y,
+            [it.group or it.key for it in items], seed=args.seed,
+            name=f"network inputs ({getattr(model, 'harmonise', 'none')})")
     tops: list[np.ndarray | None] = []
     gated_tops: list[np.ndarray | None] = []
     gts: list[np.ndarray | None] = []
@@ -300,8 +305,9 @@ def main(args: argparse.Namespace) -> int:
     c = report["classification"]
     print(f"n {c['n']} ({c['positives']} pos)  AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]  "
           f"sens {c['sensitivity']:.3f}  spec {c['specificity']:.3f}  acc {c['accuracy']:.3f} @ {c['threshold']}")
-    if "shortcut_probe" in report:
-        print("  " + format_probe(report["shortcut_probe"]))
+    for k in ("shortcut_probe", "shortcut_probe_inputs"):
+        if k in report:
+            print("  " + format_probe(report[k]))
     for n, op in report.get("operating_points", {}).items():
         print(f"  operating point {n}: {op['films']} films at {op['threshold']:.3f}")
     for v, cv in report.get("by_view", {}).items():

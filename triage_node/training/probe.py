@@ -89,6 +89,20 @@ def film_records(paths: Sequence[Path], sources: Sequence[str] | None = None, gr
     return out
 
 
+def network_inputs(paths: Sequence[Path], size: int, method: str) -> np.ndarray:
+    """The network's inputs for these films (N x size x size float32): decoded and resized as training caches them
+    (``images.decode``), then harmonised as the worker harmonises them (``preprocess.harmonise``)."""
+    import torch
+
+    from triage_node.inference.preprocess import harmonise
+    from triage_node.training.images import decode
+
+    if not len(paths):
+        return np.zeros((0, size, size), np.float32)
+    x = torch.from_numpy(np.stack([decode(Path(p), size) for p in paths]))[:, None].float() / 255
+    return harmonise(x, method)[:, 0].numpy()
+
+
 def input_records(images: np.ndarray) -> list[dict]:
     """Image statistics of the network's inputs (N x S x S, uint8 or float in [0, 1])."""
     a = np.asarray(images)
