@@ -115,6 +115,13 @@ REPORTS = {
     "Patchy airspace opacity at the right base, likely infection.": 1,
     "Without infiltrate.": 0,
     "No acute cardiopulmonary process.": 0,
+    "Cannot rule out pneumonia.": 1,
+    "Pneumonia unlikely.": 0,
+    "No effusion, possible pneumonia.": 1,
+    "No definite pneumonia, possibly atelectasis.": 0,
+    "Left basal atelectasis versus pneumonia.": 1,
+    "No evidence of focal consolidation, pleural effusion, or pneumothorax to suggest pneumonia.": 0,
+    "Findings: bilateral infiltrates.": 1,
 }
 
 
@@ -125,6 +132,8 @@ def test_oru_keyword_labeller(text, label):
 
 def test_uncertain_wording_is_marked():
     assert T.label_report("Pneumonia is not excluded.") == (1, True)
+    assert T.label_report("Cannot rule out pneumonia.") == (1, True)
+    assert T.label_report("No effusion, possible pneumonia.") == (1, True)
     assert T.label_report("Right lower lobe pneumonia.") == (1, False)
 
 

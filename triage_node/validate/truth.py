@@ -75,10 +75,15 @@ def read_csv(path: str | Path, truth: Truth | None = None) -> Truth:
 # -- HL7 ORU^R01 ---------------------------------------------------------------------------------------------------
 TERMS = re.compile(r"\b(broncho)?pneumonias?\b|\bconsolidat(ion|ions|ive|ed)\b|\binfiltrat(e|es|ion)\b|"
                    r"\bair[- ]?space (disease|opacit(y|ies)|opacification)\b", re.I)
-#: Said of a finding that may be there: counted positive (uncertain): a triage tool is judged on sensitivity.
-UNCERTAIN = re.compile(r"\b(can ?not|could not|cannot|not) be (excluded|ruled out)\b|\bnot (excluded|ruled out)\b|"
-                       r"\b(possible|possibly|probable|likely|suspected|suspicious for|concerning for|"
-                       r"may represent|suggestive of|questionable|equivocal)\b", re.I)
+#: The finding may be there and must not be missed: counted positive (uncertain), whatever else the clause says.
+NOT_EXCLUDED = re.compile(r"\b(can ?not|can't|could not|cannot|not) be (excluded|ruled out)\b|"
+                          r"\bnot (excluded|ruled out)\b|\b(can ?not|can't|cannot|could not) (exclude|rule out)\b",
+                          re.I)
+#: Said of a finding judged improbable: negated.
+UNLIKELY = re.compile(r"\b(unlikely|less likely|not likely|improbable)\b", re.I)
+#: Hedges: a finding that may be there, counted positive (uncertain) -- a triage tool is judged on sensitivity.
+HEDGE = re.compile(r"\b(possible|possibly|probable|probably|likely|suspected|suspicious for|concerning for|"
+                   r"may represent|suggestive of|questionable|equivocal|versus|vs|differential)\b", re.I)
 PRE_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absence of|absent|resolution of|resolved|"
                           r"clear of|nor)\b", re.I)
 POST_NEGATION = re.compile(r"^\W*(has|have)?\s*(is|are|was|were|been)?\s*(not (seen|identified|present|evident|"
@@ -95,24 +100,46 @@ def label_report(text: str) -> tuple[int, bool]:
     A mention is a finding term (pneumonia, bronchopneumonia, consolidation / consolidative, infiltrate /
     infiltration, airspace disease / opacity). The text is cut into clauses at sentence ends and at ``but``,
     ``however``, ``although``, ``except``; a clause stating the indication (``Indication:``, ``rule out``,
-    ``evaluate for`` ...) is skipped. A mention is *uncertain* (counted positive) when its clause says it cannot
-    be excluded / is not ruled out / possible / suspected / likely ...; else *negated* when a negation cue (no,
-    not, without, negative for, free of, absence of, resolved ...) comes before it in its clause, or it is
-    followed by "is not seen / absent / resolved / excluded"; else *affirmed*. Label 1 when any mention is
-    affirmed or uncertain, 0 otherwise (no mention at all included).
+    ``evaluate for`` ...) is skipped. Each mention, in this order:
+
+    1. its clause says it cannot be excluded / is not ruled out / "cannot rule out": *uncertain*, counted positive
+       ("pneumonia is not excluded" is not a negation);
+    2. its clause calls it unlikely / less likely / improbable: *negated*;
+    3. a negation cue (no, not, without, negative for, free of, absence of, resolved ...) comes before it in its
+       clause, with no hedge between the cue and the mention, or it is followed by "is not seen / absent /
+       resolved / excluded": *negated* ("No focal consolidation, effusion or pneumothorax");
+    4. a hedge (possible, likely, suspected, suggestive of, versus, differential ...) in its clause: *uncertain*,
+       counted positive ("No effusion, possible pneumonia");
+    5. else *affirmed*.
+
+    Label 1 when any mention is affirmed or uncertain, 0 otherwise (no mention at all included).
     """
     label, uncertain = 0, False
     for clause in _clauses(text):
         if INDICATION.match(clause):
             continue
         for m in TERMS.finditer(clause):
-            if UNCERTAIN.search(clause):
+            before, after = clause[: m.start()], clause[m.end():]
+            if NOT_EXCLUDED.search(clause):
                 label, uncertain = 1, True
                 continue
-            if PRE_NEGATION.search(clause[: m.start()]) or POST_NEGATION.match(clause[m.end():]):
+            if UNLIKELY.search(clause):
+                continue
+            neg = _last_end(PRE_NEGATION, before)
+            hedge = _last_end(HEDGE, before)
+            if (neg >= 0 and hedge < neg) or POST_NEGATION.match(after):
+                continue
+            if hedge >= 0 or HEDGE.search(after):
+                label, uncertain = 1, True
                 continue
             label = 1
     return label, uncertain and label == 1
+
+
+def _last_end(rx: re.Pattern, text: str) -> int:
+    """End of the last match of ``rx`` in ``text``, -1 without one."""
+    ends = [m.end() for m in rx.finditer(text)]
+    return ends[-1] if ends else -1
 
 
 def _clauses(text: str) -> list[str]:
