@@ -51,7 +51,8 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float) -> di
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Choose a site operating point on this site's validated films",
+    p = argparse.ArgumentParser(prog="triage-node calibrate --site",
+                                description="Choose a site operating point on this site's validated films",
                                 add_help=add_help)
     p.add_argument("--site", action="store_true", required=True)
     p.add_argument("--config", help="the node's TOML configuration")

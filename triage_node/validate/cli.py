@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Validate the node's recorded results against the site's ground truth",
+    p = argparse.ArgumentParser(prog="triage-node validate",
+                                description="Validate the node's recorded results against the site's ground truth",
                                 add_help=add_help)
     p.add_argument("--config", help="the node's TOML configuration (its audit trail is what is joined)")
     p.add_argument("--audit", help="audit trail to read instead of the configured one")
