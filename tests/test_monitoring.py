@@ -67,11 +67,13 @@ def test_image_statistics_follow_the_pixels(film):
 def test_image_statistics_are_cheap(film):
     _, img = film
     filmstats.image_statistics(img)
-    t = time.perf_counter()
-    for _ in range(10):
-        filmstats.image_statistics(img)
-    per_film_ms = (time.perf_counter() - t) / 10 * 1000
-    assert per_film_ms < 8, per_film_ms  # ~1.5 ms on an idle core; generous for a loaded CI host
+    best = float("inf")
+    for _ in range(5):  # CPU time of this process, best of 5: a loaded host slows the wall clock, not this
+        t = time.process_time()
+        for _ in range(10):
+            filmstats.image_statistics(img)
+        best = min(best, (time.process_time() - t) / 10 * 1000)
+    assert best < 8, best  # ~1.4 ms per 1024 px film; generous for a slow CI host
 
 
 def test_header_statistics(film):
@@ -293,3 +295,20 @@ def test_monitor_web_and_validate_paths_do_not_import_torch(tmp_path):
             "drift.evaluate(c); print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_a_profile_of_another_package_is_refused(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "model.json").write_text(json.dumps({"name": "cxr", "version": "2.0"}))
+    rng = np.random.default_rng(5)
+    (pkg / "reference_profile.json").write_text(json.dumps(profile.build_reference_profile(
+        _stats(rng, 50), package="cxr 1.0")))
+    prof, why = profile.load_reference_profile(pkg)
+    assert prof is None and "is for cxr 1.0, not cxr 2.0" in why
+    (pkg / "reference_profile.json").write_text(json.dumps(profile.build_reference_profile(
+        _stats(rng, 50), package="cxr 2.0")))
+    prof, why = profile.load_reference_profile(pkg)
+    assert prof is not None and why.endswith("reference_profile.json")
+    (pkg / "reference_profile.json").unlink()
+    assert profile.load_reference_profile(pkg) == (None, "no reference profile in the model package")

@@ -92,7 +92,8 @@ def reference_shares(entry: dict[str, Any]) -> list[float]:
 
 
 def build_reference_profile(stats: list[dict], scores: Sequence[float] | None = None,
-                            threshold: float | Sequence[float] | None = None, source: str = "") -> dict:
+                            threshold: float | Sequence[float] | None = None, source: str = "",
+                            package: str = "") -> dict:
     """The reference profile of a model package from its training / validation films' statistics.
 
     Parameters
@@ -102,6 +103,8 @@ def build_reference_profile(stats: list[dict], scores: Sequence[float] | None = 
     scores : optional, the package's score of each of these films (validation films: the output reference).
     threshold : the operating threshold (one, or one per film) that turns scores into flags.
     source : free text naming the films (e.g. ``"nih_adult train + val, split.json"``).
+    package : ``"<model.json name> <version>"``; when given, the node uses the profile only with that package (a
+        profile left beside a newer model is refused, not silently compared against).
 
     Returns
     -------
@@ -110,7 +113,7 @@ def build_reference_profile(stats: list[dict], scores: Sequence[float] | None = 
     if not stats:
         raise ValueError("a reference profile needs at least one film's statistics")
     profile: dict[str, Any] = {
-        "format": 1, "films": len(stats), "source": source,
+        "format": 1, "films": len(stats), "source": source, "package": package,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "numeric": {k: numeric_bins(_num(s.get(k)) for s in stats) for k in NUMERIC},
         "categorical": {},
@@ -144,25 +147,36 @@ def _num(v: Any) -> float:
 
 def load_reference_profile(model_dir: str | Path | None, path: str | Path = "") -> tuple[dict | None, str]:
     """(profile, where it came from) or (None, why there is none). ``path`` (``monitoring.reference_profile``)
-    first, then ``reference_profile.json`` in the package, then ``model.json``'s ``reference_profile``."""
+    first, then ``reference_profile.json`` in the package, then ``model.json``'s ``reference_profile``. A profile
+    naming another package (``package``) than ``model.json``'s name and version is refused."""
+    meta: dict = {}
+    if model_dir and (Path(model_dir) / "model.json").is_file():
+        try:
+            meta = json.loads((Path(model_dir) / "model.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+    label = f"{meta.get('name', '')} {meta.get('version', '')}".strip()
+    found: list[tuple[Any, str]] = []
     candidates = [Path(path)] if path else []
     if model_dir:
         candidates.append(Path(model_dir) / PROFILE_FILE)
     for c in candidates:
         if c.is_file():
             try:
-                prof = json.loads(c.read_text())
+                found.append((json.loads(c.read_text()), str(c)))
             except (OSError, ValueError) as exc:
                 return None, f"unreadable reference profile {c}: {exc}"
-            return (prof, str(c)) if _valid(prof) else (None, f"not a reference profile: {c}")
-    if model_dir and (Path(model_dir) / "model.json").is_file():
-        try:
-            prof = json.loads((Path(model_dir) / "model.json").read_text()).get("reference_profile")
-        except (OSError, ValueError):
-            prof = None
-        if _valid(prof):
-            return prof, f"{Path(model_dir) / 'model.json'}:reference_profile"
-    return None, "no reference profile in the model package"
+            break
+    if not found and meta.get("reference_profile") is not None:
+        found.append((meta["reference_profile"], f"{Path(str(model_dir)) / 'model.json'}:reference_profile"))
+    if not found:
+        return None, "no reference profile in the model package"
+    prof, where = found[0]
+    if not _valid(prof):
+        return None, f"not a reference profile: {where}"
+    if prof.get("package") and label and prof["package"] != label:
+        return None, f"reference profile {where} is for {prof['package']}, not {label}"
+    return prof, where
 
 
 def _valid(prof: Any) -> bool:
