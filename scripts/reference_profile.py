@@ -63,7 +63,8 @@ def main() -> int:
             scores.append(pred.probability)
             thresholds.append(pred.threshold)
     source = f"{args.image_labels} {args.split or 'all'}; scores: {args.score_split or 'none'}"
-    prof = build_reference_profile(stats, source=source)
+    meta = json.loads((Path(args.model) / "model.json").read_text())
+    prof = build_reference_profile(stats, source=source, package=f"{meta['name']} {meta['version']}")
     if scores:  # only the scored films' scores count for the output reference
         out = build_reference_profile([{}] * len(scores), scores=scores, threshold=thresholds)["outputs"]
         prof["outputs"] = {**out, "source": args.score_split}
