@@ -19,7 +19,10 @@ from triage_node.services import PrivateRedis, free_port, wait_port
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "sample_dicom").glob("*.dcm"))
 ARTIFACTS = ROOT / "test-artifacts"
-#: The project's shared data folder (``../shared/data`` beside the checkout, or TRIAGE_SHARED_DATA).
+#: Real films that ship with the repository (tests/data/real/README.md: what, from where, terms, how to regenerate).
+REAL_DATA = ROOT / "tests" / "data" / "real"
+#: The project's shared data pool (``../shared/data`` beside the checkout, or TRIAGE_SHARED_DATA): only for tests
+#: marked ``shared_data`` (they need the whole pool); absent, they skip, unless TRIAGE_REQUIRE_SHARED_DATA=1 (CI).
 SHARED_DATA = Path(os.environ.get("TRIAGE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 #: The spool's intake guard off (``[spool]``): a test that is not about the guard must not depend on how full the
 #: machine's disk happens to be. CI runs on a disk shared with other machines; on 2026-12-07 it was over the 75 %
@@ -36,19 +39,32 @@ def pytest_terminal_summary(terminalreporter) -> None:
                                 f"{st.used / max(st.used + st.free, 1):.0%} used")
 
 
+def real_data(*parts: str) -> Path:
+    """A path in the repository's real-film fixture (tests/data/real/)."""
+    p = REAL_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.fail(f"test fixture missing: {p} (regenerate with tests/data/real/make_fixture.py)")
+    return p
+
+
 def shared_data(*parts: str) -> Path:
-    """A path in the shared data folder; a clear failure (not a skip) when the folder is not beside the checkout."""
+    """A path in the shared data pool, for tests marked ``shared_data`` only: skipped with the reason when the pool is
+    not beside the checkout, a failure instead when TRIAGE_REQUIRE_SHARED_DATA=1 (CI has the pool)."""
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():
-        pytest.fail(f"shared data missing: {p} (clone the project beside ../shared or set TRIAGE_SHARED_DATA)")
+        why = f"shared data pool missing: {p} (clone the project beside ../shared or set TRIAGE_SHARED_DATA)"
+        if os.environ.get("TRIAGE_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(why + "; TRIAGE_REQUIRE_SHARED_DATA=1 makes its absence a failure")
+        pytest.skip(why)
     return p
 
 
 def nih_subset_csv(tmp_path: Path, n: int = 24) -> Path:
-    """A labels CSV over the first n/2 positive and n/2 negative shared NIH adult films (paths absolute)."""
-    src = shared_data("nih_adult", "labels.csv")
+    """A labels CSV over the first n/2 positive and n/2 negative real NIH adult films of the fixture (paths
+    absolute)."""
+    src = real_data("nih", "labels.csv")
     with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r["source"] == "nih_adult"]
     pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]
     out = tmp_path / "labels.csv"
     with open(out, "w", newline="") as f:

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import ROOT, SAMPLES, SHARED_DATA
+from conftest import REAL_DATA, ROOT, SAMPLES
 from pydicom.dataset import Dataset
 
 from triage_node import config, dicom_io, pipeline
@@ -26,7 +26,7 @@ from triage_node.inference.types import ModelInfo, Prediction
 from triage_node.training import calibrate, evaluate
 
 DEMO = ROOT / "models" / "demo"
-KERMANY = SHARED_DATA / "kermany_224"
+KERMANY = REAL_DATA / "kermany"
 
 
 @pytest.mark.parametrize("value,years", [
@@ -128,8 +128,6 @@ def test_classification_at_a_threshold_per_film():
 
 
 def _kermany_csv(tmp: Path, n: int = 8) -> Path:
-    if not (KERMANY / "labels.csv").exists():
-        pytest.skip("the shared Kermany films are not on this machine")
     with open(KERMANY / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     pick = [r for r in rows if r["label"] == "1"][: n // 2] + [r for r in rows if r["label"] == "0"][: n // 2]

@@ -17,16 +17,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from triage_node.inference.types import Detection, ModelInfo, Prediction
 
 REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = [REPO / "sample_dicom", REPO.parent / "shared" / "data" / "cxr_samples" / "rsna_dicom"]
 
 
 def rsna_paths() -> list[Path]:
-    """RSNA samples: the repo's sample_dicom/ if present, else the shared data folder (first 5)."""
-    for folder in _CANDIDATES:
-        files = sorted(folder.glob("*.dcm"))
-        if files:
-            return files[:5]
-    return []
+    """The real RSNA samples that ship in the repository's sample_dicom/ (first 5)."""
+    return sorted((REPO / "sample_dicom").glob("*.dcm"))[:5]
 
 
 RSNA = rsna_paths()

@@ -42,7 +42,7 @@ def test_model_device_uid_per_trained_model():
     assert uid != model_device_uid("test-model", "0.0.2") != model_device_uid("other", "0.0.1")
 
 
-@pytest.mark.skipif(not RSNA, reason="no RSNA samples in sample_dicom/ or ../shared/data/cxr_samples/rsna_dicom")
+@pytest.mark.skipif(not RSNA, reason="no RSNA samples in sample_dicom/")
 @pytest.mark.parametrize("path", RSNA, ids=lambda p: p.stem[:8])
 def test_clean_source_rsna_reports_age_and_spacing(path):
     ds = pydicom.dcmread(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import real_data
 from torch import nn
 
 from triage_node.inference.model import untrained_model
@@ -114,7 +114,7 @@ def test_evaluate_on_real_rsna_samples_writes_report(tmp_path):
 
 
 def test_evaluate_image_level(tmp_path):
-    kp = shared_data("cxr_samples", "kermany_pediatric", "labels.csv")
+    kp = real_data("kermany", "val", "labels.csv")
     args = evaluate.get_args_parser().parse_args(["--model", "untrained", "--image-labels", str(kp),
                                                   "--out", str(tmp_path)])
     assert evaluate.main(args) == 0

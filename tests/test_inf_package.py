@@ -111,14 +111,14 @@ def test_cam_package_round_trip(tmp_path):
 def test_shipped_demo_model_has_skill_on_held_out_real_films():
     """The shipped model on the NIH adult films of its own held-out test split (never trained on): it must rank
     pneumonia above no finding and put its top box on the expert's box, as its model card says."""
-    from conftest import shared_data
+    from conftest import real_data
 
     from triage_node.training import evaluate as E
     from triage_node.training.data import load_image
     from triage_node.training.images import read_boxes, read_source
 
     split = json.loads((DEMO / "split.json").read_text())
-    src = read_source(str(shared_data("nih_adult", "labels.csv")))
+    src = read_source(str(real_data("nih", "labels.csv")))
     test_keys = set(split["nih_adult"]["test"])
     idx = [i for i, k in enumerate(src.keys) if k in test_keys]
     assert len(idx) == len(test_keys) >= 80
@@ -129,7 +129,7 @@ def test_shipped_demo_model_has_skill_on_held_out_real_films():
     from triage_node.inference.gate import roc_auc
 
     assert roc_auc(y, p) >= 0.85
-    boxes = read_boxes(shared_data("nih_adult", "boxes.csv"))
+    boxes = read_boxes(real_data("nih", "boxes.csv"))
     tops, gts = [], []
     for i, r in zip(idx, raws):
         if src.keys[i] in boxes:
@@ -146,7 +146,7 @@ def test_shipped_demo_model_routes_children_to_its_pediatric_gate():
     """0.4.0: films of patients under 6 go through the pediatric gate (0.3.1's, Kermany-trained). On held-out
     Kermany films (the package's own test groups) it must rank pneumonia well, and far better than the adult gate,
     which never saw a child (model card: AUC 0.98 vs 0.52 on all 773). The package stays within 25 MB."""
-    from conftest import shared_data
+    from conftest import real_data
 
     from triage_node.inference.gate import roc_auc
     from triage_node.training.data import load_image
@@ -156,7 +156,7 @@ def test_shipped_demo_model_routes_children_to_its_pediatric_gate():
     m = load_model(DEMO, device="cpu")
     assert m.pediatric is not None and m.pediatric.gate is not None and m.pediatric.max_age_years == 6.0
     test_keys = set(json.loads((DEMO / "split.json").read_text())["kermany_224"]["test"])
-    src = read_source(str(shared_data("kermany_224", "labels.csv")))
+    src = read_source(str(real_data("kermany", "labels.csv")))
     idx = [i for i, k in enumerate(src.keys) if k in test_keys]
     pos = [i for i in idx if src.labels[i] == 1][:40]
     neg = [i for i in idx if src.labels[i] == 0][:40]

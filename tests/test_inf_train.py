@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import real_data
 
 from triage_node.inference.detector import build_detector
 from triage_node.inference.model import load_model
@@ -36,7 +36,7 @@ def test_tiny_detector_learns_and_beats_untrained():
 def test_train_cli_writes_package_and_resumes(tmp_path):
     out, ckpt = tmp_path / "pkg", tmp_path / "ckpt"
     argv = ["--synthetic", "24", "--input-size", "256", "--epochs", "1", "--batch-size", "4", "--gate-data",
-            str(shared_data("kermany_224")), "--gate-limit", "96", "--gate-epochs", "1", "--gate-with-detection-data",
+            str(real_data("kermany")), "--gate-limit", "96", "--gate-epochs", "1", "--gate-with-detection-data",
             "--out", str(out), "--checkpoint-dir", str(ckpt), "--no-progress", "--version", "0.0.1-test"]
     assert T.main(T.get_args_parser().parse_args(argv)) == 0
     m = load_model(out, device="cpu")

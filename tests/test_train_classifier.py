@@ -1,4 +1,4 @@
-"""Training and evaluating the classifier + CAM localiser on REAL films (NIH adult DICOMs from ../shared)."""
+"""Training and evaluating the classifier + CAM localiser on REAL films (NIH adult DICOMs of tests/data/real/nih)."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import nih_subset_csv, shared_data
+from conftest import nih_subset_csv, real_data
 
 from triage_node.inference.classifier import boxes_from_cam, build_classifier
 from triage_node.inference.gate import roc_auc
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_group_split_never_leaks_a_patient_and_holds_out_boxed():
-    src = I.read_source(str(shared_data("nih_adult", "labels.csv")))
-    boxed = set(I.read_boxes(shared_data("nih_adult", "boxes.csv")))
+    src = I.read_source(str(real_data("nih", "pool", "labels.csv")))
+    boxed = set(I.read_boxes(real_data("nih", "pool", "boxes.csv")))
     force = {g for g, k in zip(src.groups, src.keys) if k in boxed}
     assert len(set(src.groups)) < len(src), "the NIH pool has patients with several films: the test needs them"
     for seed in (0, 1, 2):
@@ -184,7 +184,7 @@ def test_train_cli_writes_a_package_that_loads_evaluates_and_resumes(tmp_path):
     assert model.detector is None and model.threshold == pytest.approx(cfg["thresholds"]["gate"])
     ev = tmp_path / "ev"
     r = subprocess.run([sys.executable, "-m", "triage_node.cli", "evaluate", "--model", str(out), "--image-labels",
-                        str(labels), "--boxes", str(shared_data("nih_adult", "boxes.csv")), "--split",
+                        str(labels), "--boxes", str(real_data("nih", "boxes.csv")), "--split",
                         f"{ck / 'split.json'}:test", "--out", str(ev), "--threads", "1"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

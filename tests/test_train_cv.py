@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import nih_subset_csv, shared_data
+from conftest import nih_subset_csv, real_data
 
 from triage_node.training import classifier_train as CT
 from triage_node.training import cv_report as CV
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_folds_partition_the_pool_by_patient_and_leave_test_alone():
-    src = I.read_source(str(shared_data("nih_adult", "labels.csv")))
-    boxed = set(I.read_boxes(shared_data("nih_adult", "boxes.csv")))
+    src = I.read_source(str(real_data("nih", "pool", "labels.csv")))
+    boxed = set(I.read_boxes(real_data("nih", "pool", "boxes.csv")))
     force = {g for g, k in zip(src.groups, src.keys) if k in boxed}
     tr, va, te = I.group_split(src.groups, (0.15, 0.15), 0, force)
     pool = set(tr) | set(va)
@@ -187,7 +187,7 @@ def test_view_label_balance_gives_each_cell_the_same_weight():
     with pytest.raises(ValueError, match="unknown balance"):
         CT.balance_weights(src, "label")
     # on the real NIH pool the view is confounded with the label; balanced, the view no longer predicts it
-    nih = I.read_source(str(shared_data("nih_adult", "labels.csv")))
+    nih = I.read_source(str(real_data("nih", "pool", "labels.csv")))
     wn = CT.balance_weights(nih, "view-label")
     views, y = np.array(nih.views), nih.labels.astype(bool)
     raw = [y[views == v].mean() for v in ("AP", "PA")]
