@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import c_store, require, shared_data
+from conftest import c_store, real_data, require
 
 from triage_node import config, pipeline
 from triage_node.errors import BadDataset, SendFailed
@@ -36,11 +36,12 @@ REPORT_TASK = "triage.report"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    film = shared_data("nih_adult", "images", "00000061_012.dcm")
-    return make_corpus(tmp_path_factory.mktemp("oddities"), film, ["google_dx_implicit", "missing_type2"])
+    film = real_data("nih", "original", "00000061_012.dcm")
+    return make_corpus(tmp_path_factory.mktemp("oddities"), film,
+                       ["google_dx_implicit", "google_nih_exact", "missing_type2"])
 
 
-@pytest.mark.parametrize("case", ["google_dx_implicit", "missing_type2"])
+@pytest.mark.parametrize("case", ["google_dx_implicit", "google_nih_exact", "missing_type2"])
 def test_google_converted_nih_film_builds_valid_sr_sc_gsps(corpus, case, tmp_path):
     """The reported bug: ``pipeline.build`` raised AttributeError ('PatientBirthDate') in highdicom."""
     require("dciodvfy")

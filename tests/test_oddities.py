@@ -8,28 +8,36 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import ARTIFACTS, c_store, require, shared_data
+from conftest import ARTIFACTS, c_store, real_data, require
 
-from triage_node import dicom_io
+from triage_node import config, dicom_io, pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "oddities"))
 from make_corpus import CASES, make_corpus
 
 # tests/ is not a package: pytest puts it on sys.path
-from test_enc_common import dciodvfy
+from test_enc_common import dciodvfy, prediction
 
 TERMINAL = ("sent", "skipped", "dead_lettered")
 SAME = [name for name in CASES if name not in ("lateral_view", "bits_allocated_32")]
+#: Type 2 and 3 attributes of an SC, CR or DX source (Patient, General Study, Patient Study, General Series, General
+#: Equipment, General Image, DX Positioning): real archives lack any of them, and our outputs must stay valid.
+OPTIONAL = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
+            "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+            "SeriesNumber", "SeriesDate", "SeriesTime", "SeriesDescription", "BodyPartExamined", "Laterality",
+            "ViewPosition", "Manufacturer", "InstitutionName", "StationName", "InstanceNumber", "ContentDate",
+            "ContentTime", "AcquisitionDate", "AcquisitionTime", "ImageComments", "PixelSpacing")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    film = shared_data("nih_adult", "images", "00000061_012.dcm")
+    film = real_data("nih", "original", "00000061_012.dcm")
     return make_corpus(tmp_path_factory.mktemp("oddities"), film)
 
 
@@ -60,6 +68,28 @@ def test_each_oddity_decodes_like_the_plain_film(corpus, case):
         assert float(img[:border].max()) == 0.0 and float(img[:, -border:].max()) == 0.0, "padding shows black"
     corr, mad = _same_display(img, plain, border)
     assert corr > 0.98 and mad < 0.02, f"{case}: correlation {corr:.3f}, mean abs difference {mad:.3f}"
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["as-is", "optional-absent"])
+@pytest.mark.parametrize("case", SAME)
+def test_each_oddity_gives_dciodvfy_clean_sr_sc_gsps(corpus, case, stripped, tmp_path):
+    """SR, SC overlay and GSPS of every oddity pass dciodvfy with 0 errors, also when the source lacks every optional
+    attribute (``google_nih_exact`` is the real Google NIH header: no BodyPartExamined, so the SC and GSPS must carry
+    an empty Laterality, Type 2C in General Series)."""
+    require("dciodvfy")
+    src = Path(corpus[case]["file"])
+    if stripped:
+        ds = pydicom.dcmread(src)
+        for kw in OPTIONAL:
+            ds.pop(kw, None)
+        src = tmp_path / f"{case}.dcm"
+        ds.save_as(src, enforce_file_format=True)
+    cfg = config.Config()
+    cfg = replace(cfg, outputs=replace(cfg.outputs, sc=True, gsps=True, archive_dir=""))
+    files = pipeline.build(src, prediction(), cfg, tmp_path / "out")
+    assert sorted(f.name.split("-")[0] for f in files) == ["gsps", "sc", "sr"]
+    errors = {f.name.split("-")[0]: dciodvfy(f)[0] for f in files}
+    assert errors == {"gsps": [], "sc": [], "sr": []}, f"{case}: {errors}"
 
 
 @pytest.mark.integration

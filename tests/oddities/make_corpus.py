@@ -1,6 +1,6 @@
 """Generate the real-world-oddities corpus from one real NIH film (no hand-edited binaries are committed).
 
-    python tests/oddities/make_corpus.py OUT_DIR [--source ../shared/data/nih_adult/images/00000061_012.dcm]
+    python tests/oddities/make_corpus.py OUT_DIR [--source tests/data/real/nih/original/00000061_012.dcm]
 
 Writes ``OUT_DIR/<case>.dcm`` and ``OUT_DIR/manifest.json``: per case the file, the SOP Instance UID, what the node
 must do with it (``sent``, ``skipped`` or ``dead_lettered``, with a reason fragment for the last two) and how its
@@ -8,7 +8,8 @@ display must relate to the plain film's (``same``: same orientation within toler
 
 Each case is a variation seen in real archives, built from the film's real pixels:
 
-- header gaps: Type 2 attributes absent; Google's NIH conversion (Implicit VR LE, Modality DX, SC, most Type 2 absent)
+- header gaps: Type 2 attributes absent; Google's NIH conversion (Implicit VR LE, Modality DX, SC, most Type 2 absent),
+  once with BodyPartExamined kept and once exactly as the real file (no BodyPartExamined, Laterality, ViewPosition)
 - character sets: ISO_IR 192 (UTF-8), GB18030, ISO 2022 IR 87 (escape sequences); names must reach the SR intact
 - private tags and private sequences (nested items)
 - LUTs: Modality LUT Sequence + VOI LUT Sequence (12 bit); MONOCHROME1 with Presentation LUT Shape INVERSE;
@@ -40,8 +41,7 @@ from pydicom.uid import (
 #: Type 2 attributes of the Patient and General Study modules (and ViewPosition, Type 2 in DX Positioning).
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "StudyID", "AccessionNumber", "ViewPosition")
-DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nih_adult" / "images" / \
-    "00000061_012.dcm"
+DEFAULT_SOURCE = Path(__file__).resolve().parents[1] / "data" / "real" / "nih" / "original" / "00000061_012.dcm"
 #: Patient names that only survive if the character set is carried over correctly (PS3.5 annex examples).
 NAMES = {
     "ISO_IR 192": "Müller^Zoë=王^小明",
@@ -104,6 +104,27 @@ def google_dx_implicit(ds: Dataset, arr: np.ndarray) -> dict:
             del ds[elem.tag]
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.Modality = "DX"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    _native(ds, arr, bits_stored=8, syntax=ImplicitVRLittleEndian)
+    for kw in ("LossyImageCompression", "LossyImageCompressionMethod"):
+        del ds[kw]
+    return {"expect": "sent", "display": "same"}
+
+
+def google_nih_exact(ds: Dataset, arr: np.ndarray) -> dict:
+    """The header of a real NIH film in Google's DICOM conversion, element for element: SOP Class (SC), SOP Instance,
+    Modality DX, Study Description, Patient's Name, ID, Sex and Age, Study and Series Instance UIDs and the Image
+    Pixel module (8 bit MONOCHROME2), Implicit VR LE. No BodyPartExamined, Laterality, ViewPosition or dates."""
+    keep = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientAge",
+            "PatientSex", "PatientName"}
+    name = str(ds.get("PatientName", "") or "") or str(ds.PatientID)
+    for elem in list(ds):
+        if elem.keyword not in keep:
+            del ds[elem.tag]
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "DX"
+    ds.StudyDescription = "NIH ChestX-ray14"
+    ds.PatientName = name
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     _native(ds, arr, bits_stored=8, syntax=ImplicitVRLittleEndian)
     for kw in ("LossyImageCompression", "LossyImageCompressionMethod"):
@@ -235,9 +256,9 @@ def bits_allocated_32(ds: Dataset, arr: np.ndarray) -> dict:
 
 
 CASES: dict[str, Callable[[Dataset, np.ndarray], dict]] = {f.__name__: f for f in (
-    missing_type2, google_dx_implicit, charset_utf8, charset_gb18030, charset_iso2022_jp, private_tags,
-    modality_voi_lut_sequences, mono1_presentation_inverse, mono2_presentation_inverse, pixel_padding, matrix_tiny,
-    matrix_large, signed_12bit, signed_16bit, lateral_view, bits_allocated_32)}
+    missing_type2, google_dx_implicit, google_nih_exact, charset_utf8, charset_gb18030, charset_iso2022_jp,
+    private_tags, modality_voi_lut_sequences, mono1_presentation_inverse, mono2_presentation_inverse, pixel_padding,
+    matrix_tiny, matrix_large, signed_12bit, signed_16bit, lateral_view, bits_allocated_32)}
 
 
 def make_case(name: str, base: Dataset, arr: np.ndarray) -> tuple[Dataset, dict]:

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage_node.age import AGE_UNKNOWN_WARNING
-from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.sanitize import carry_anatomy, clean_source
 from triage_node.encoding.sc import BANNER
 from triage_node.encoding.sr import box_polyline
 from triage_node.encoding.uids import (
@@ -204,12 +204,5 @@ def build_gsps(source: Dataset, prediction: Prediction, *, series_number: int = 
         series_description=series_description("GSPS", model.demo),
     )
     _carry_luts(gsps, source)
-    # General Series: Laterality is Type 2C (paired body parts). Chest is unpaired, so with Body Part Examined
-    # known it is left out; a known laterality is copied; otherwise it is sent empty (= unknown), never guessed.
-    if source.get("BodyPartExamined"):
-        gsps.BodyPartExamined = source.BodyPartExamined
-    if source.get("Laterality"):
-        gsps.Laterality = source.Laterality
-    elif not source.get("BodyPartExamined"):
-        gsps.Laterality = None
+    carry_anatomy(gsps, source)  # General Series: Laterality is Type 2C
     return gsps

@@ -228,3 +228,18 @@ def clean_source(ds: Dataset) -> tuple[Dataset, list[str]]:
 #: id -> weak reference of the datasets clean_source returned (Dataset defines __eq__, so it cannot key a WeakSet;
 #: the identity check on lookup makes a reused id harmless).
 _CLEANED: dict[int, weakref.ref] = {}
+
+
+def carry_anatomy(out: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality of the source into an image-series output (SC, GSPS: General Series).
+
+    Laterality is Type 2C there: required when the body part is paired. A known Body Part Examined (CHEST: unpaired)
+    is copied and Laterality left out; a known Laterality is copied; with neither known (Google's NIH conversion has
+    no Body Part Examined) Laterality is sent empty (= unknown), never guessed.
+    """
+    if source.get("BodyPartExamined"):
+        out.BodyPartExamined = source.BodyPartExamined
+    if source.get("Laterality"):
+        out.Laterality = source.Laterality
+    elif not source.get("BodyPartExamined"):
+        out.Laterality = None

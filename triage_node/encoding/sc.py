@@ -34,7 +34,7 @@ from pydicom.uid import (
 )
 
 from triage_node.age import AGE_UNKNOWN_WARNING
-from triage_node.encoding.sanitize import clean_source
+from triage_node.encoding.sanitize import carry_anatomy, clean_source
 from triage_node.encoding.uids import (
     algorithm_equipment,
     derive_uid,
@@ -268,8 +268,7 @@ def build_overlay(
     reduced = "" if expected == source_size else \
         f", reduced from {source_size[0]} x {source_size[1]} to {expected[0]} x {expected[1]} pixels"
     sc.DerivationDescription = f"AI result overlay ({model.label}) drawn on a windowed rendering{reduced}"[:1024]
-    if "BodyPartExamined" in source:
-        sc.BodyPartExamined = source.BodyPartExamined
+    carry_anatomy(sc, source)  # General Series: Laterality is Type 2C
     # Once lossy, always lossy (PS3.3 C.7.6.1.1.5): the source's history first, then our own JPEG step appended.
     ratios, methods = [], []
     if str(source.get("LossyImageCompression", "")) == "01":
