@@ -23,6 +23,10 @@ import pydicom
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+
+from hints import compose_hints, render  # noqa: E402
+
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 PROJECT = os.environ.get("TRIAGE_COMPOSE_PROJECT", "triage")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -92,6 +96,8 @@ def main() -> int:
         os.environ["PACS_HTTP_PORT"] = out.rsplit(":", 1)[-1] or os.environ["PACS_HTTP_PORT"]
         out = podman("port", f"{PROJECT}_web_1", "8484/tcp").stdout.strip()
         os.environ["DASHBOARD_PORT"] = out.rsplit(":", 1)[-1] or os.environ["DASHBOARD_PORT"]
+        out = podman("port", f"{PROJECT}_pacs_1", "4242/tcp").stdout.strip()
+        os.environ["PACS_DICOM_PORT"] = out.rsplit(":", 1)[-1] or os.environ["PACS_DICOM_PORT"]
     else:
         print("compose-demo: podman-compose up -d (Orthanc, Redis, receiver, 2 inference workers, report worker, "
               "dashboard)", flush=True)
@@ -138,15 +144,8 @@ def main() -> int:
         e = analysed.get(sop)
         flag = "" if e is None else f"  p={e.get('probability')}  {'FLAGGED' if e.get('positive') else 'negative'}"
         print(f"  {name}: study {study}: {len(results(study))} results{flag}")
-    print(f"""
-Where to look:
-  Orthanc Explorer (the PACS)   {pacs}/app/explorer.html   (DICOMweb: {pacs}/dicom-web/)
-  Dashboard, /metrics, /readyz   {dash}/   login admin / $TRIAGE_WEB_PASSWORD ({os.environ['TRIAGE_WEB_PASSWORD']})
-  Containers and logs            CONTAINERS_CONF=deploy/containers/containers.conf podman-compose -p {PROJECT} \\
-                                   -f deploy/compose.yaml ps | logs receiver | logs infer
-  Send more                      storescu -aet ORTHANC 127.0.0.1 {os.environ['PACS_DICOM_PORT']} FILE.dcm (to the PACS)
-  Stop                           make compose-down   (volumes kept; `make compose-down VOLUMES=1` drops them)
-""", flush=True)
+    print("\n" + render(compose_hints(pacs, dash, os.environ["TRIAGE_WEB_PASSWORD"], PROJECT,
+                                     int(os.environ["PACS_DICOM_PORT"]), Path(args.samples).resolve())), flush=True)
     return 0
 
 

@@ -24,6 +24,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "deploy"))
+
+from hints import demo_hints, render  # noqa: E402
 
 from triage_node.audit import read as read_audit  # noqa: E402
 from triage_node.localpacs import LocalOrthanc  # noqa: E402
@@ -156,10 +159,8 @@ ae_title = "ORTHANC"
                   f"max {max(lat):.1f} s (CPU)")
         model = next((e.get("model") for e in read_audit(work / "audit.jsonl")
                       if e["event"] == "analysed" and e.get("model")), None)  # the label the workers report
-        print(f"\nWhere to look:\n  Orthanc Explorer: {pacs.url}/app/explorer.html (each study now has an SR and an "
-              f"overlay series)\n  DICOMweb: {pacs.dicomweb_url}\n  PNG previews: {work / 'results'}/<SOPInstanceUID>"
-              f"/preview.png\n  audit log: {work / 'audit.jsonl'}   status: .venv/bin/triage-node status --config "
-              f"{node_cfg}")
+        print("\n" + render(demo_hints(pacs.url, pacs.dicomweb_url, node_port, "TRIAGE", work, node_cfg,
+                                       Path(args.samples).resolve())), end="")
         print(f"\nmodel: {model or '(none reported)'}\nAll results come from a DEMO model: NOT FOR CLINICAL USE.")
         if refused:
             print(f"demo: the node refused {len(refused)} CXR(s) (0xA700, nothing kept): "

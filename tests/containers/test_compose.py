@@ -1,7 +1,8 @@
 """`make compose-demo` end to end: deploy/compose.yaml brought up by podman-compose under a project name of its own
 (Orthanc, Redis, receiver, two inference workers, report worker, dashboard), sample_dicom/ routed through it by
 Orthanc's auto-routing, SR + overlay back in every study; every container's healthcheck passes; the dashboard's
-/metrics counts what was sent; `down -v` leaves nothing behind."""
+/metrics counts what was sent; every hint the demo prints (deploy/hints.py) works as printed, `make compose-down`
+last; `down -v` leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import uuid
 import pytest
 import requests
 from conftest import ROOT, SAMPLES
+from test_hints import check_hint
 
 from triage_node import config as config_mod
 from triage_node.services import free_port
@@ -24,7 +26,14 @@ from .conftest import image, podman, podman_env, record_timing
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+sys.path.insert(0, str(ROOT / "deploy"))
+from hints import compose_hints, parse  # noqa: E402
+
 SERVICES = ("redis_1", "pacs_1", "receiver_1", "infer_1", "infer_2", "report_1", "web_1")
+
+
+def running_containers(project: str) -> list[str]:
+    return podman("ps", "--filter", f"name={project}_", "--format", "{{.Names}}", check=False).stdout.split()
 
 
 def test_compose_demo_routes_the_samples_through_the_containers(podman_ok, tmp_path):
@@ -56,6 +65,13 @@ def test_compose_demo_routes_the_samples_through_the_containers(podman_ok, tmp_p
                              timeout=30).json()
         assert ready["checks"]["receiver_listening"]["ok"], ready  # C-ECHO from the web container to the receiver
         assert requests.get(f"http://127.0.0.1:{env['DASHBOARD_PORT']}/", timeout=10).status_code == 401
+        hints = parse(out.stdout)
+        labels = [h.label for h in compose_hints("u", "u", "p", project, 0, ROOT)]
+        assert [h.label for h in hints] == labels, out.stdout[-3000:]
+        for h in hints:  # as printed, in the repository's root; "Stop" (make compose-down) comes last
+            answer = check_hint(h, env, auth=("admin", password))  # storescu exits 1 when a store fails
+            if h.label == "Stop":
+                assert not running_containers(project), answer
     finally:
         for svc in SERVICES:
             (tmp_path / f"{svc}.log").write_text(podman("logs", f"{project}_{svc}", check=False).stdout)

@@ -1,0 +1,85 @@
+"""What `make demo` tells a user to run works as printed: deploy/demo.py serving (real Orthanc, `triage-node up`,
+Celery workers), its "Where to look" block read back from its output (deploy/hints.py) and every URL opened, every
+path looked at and every command run in the repository's root, on the project's own sample films."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from conftest import ROOT, SAMPLES, require
+
+from triage_node.audit import read as read_audit
+
+sys.path.insert(0, str(ROOT / "deploy"))
+from hints import Hint, demo_hints, parse
+
+pytestmark = pytest.mark.integration
+MODEL = os.environ.get("TRIAGE_TEST_MODEL", "")
+
+
+def check_hint(h: Hint, env: dict[str, str] | None = None, auth: tuple[str, str] | None = None) -> str:
+    """Open, look at or run one hint exactly as printed; returns what it answered."""
+    if h.kind == "url":
+        r = requests.get(h.text, timeout=30)
+        if r.status_code == 401 and auth:
+            r = requests.get(h.text, auth=auth, timeout=30)
+        assert r.status_code == 200, f"{h.label}: GET {h.text} -> {r.status_code}"
+        return r.text
+    if h.kind == "path":
+        assert Path(h.text).exists(), f"{h.label}: {h.text} does not exist"
+        return ""
+    out = subprocess.run(["bash", "-c", h.text], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{h.label}: `{h.text}` exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def _received(audit: Path, sops: set[str]) -> int:
+    return sum(1 for e in read_audit(audit) if e["event"] == "received" and e.get("sop_instance_uid") in sops)
+
+
+def test_every_hint_make_demo_prints_works_as_printed(tmp_path):
+    require("Orthanc", "redis-server", "storescu")
+    env = dict(os.environ, TRIAGE_SPOOL_MAX_DISK_USAGE="1.0", TRIAGE_SPOOL_RESERVE_MB="0")
+    if MODEL:
+        env["TRIAGE_MODEL_PATH"] = MODEL
+    log = tmp_path / "demo.out"
+    with open(log, "w") as f:
+        demo = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "demo.py"), "--workdir", str(tmp_path / "w"),
+                                 "--timeout", "400"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while "Serving; press Ctrl-C" not in log.read_text():
+            assert demo.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        printed = log.read_text()
+        hints = parse(printed)
+        expected = demo_hints("u", "u", 0, "A", tmp_path, tmp_path, tmp_path)
+        assert [h.label for h in hints] == [h.label for h in expected], printed[-3000:]
+        sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in SAMPLES}
+        audit = tmp_path / "w" / "audit.jsonl"
+        for h in hints:
+            before = _received(audit, sops)
+            answer = check_hint(h, env)
+            if h.label == "status":
+                assert f"sent {len(SAMPLES)}" in answer, answer
+            if h.label == "PNG previews":
+                assert len(list(Path(h.text).glob("*/preview.png"))) == len(SAMPLES)
+            if h.label == "send more":  # the node received every sample again (as a PACS resending them)
+                assert _received(audit, sops) == before + len(SAMPLES), answer
+    finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+            try:
+                demo.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.wait(10)
