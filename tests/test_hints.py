@@ -5,6 +5,7 @@ path looked at and every command run in the repository's root, on the project's 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,3 +84,24 @@ def test_every_hint_make_demo_prints_works_as_printed(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(demo.pid, signal.SIGKILL)
                 demo.wait(10)
+
+
+def test_every_command_the_readme_names_exists():
+    """README names `make` targets and `triage-node` subcommands for a user to run: each one exists (`make -n`; the
+    subcommand in the CLI's parser). The make targets themselves run in their own tests (demo: test_cli.py and the test
+    above; compose: tests/containers/test_compose.py; test and lint: CI)."""
+    import argparse
+
+    from triage_node.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    targets = sorted(set(re.findall(r"(?:^|`)make ([a-z][a-z-]*)", readme, re.M)))
+    assert {"demo", "test", "compose-demo", "compose-down"} <= set(targets)
+    for target in targets:
+        r = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"make {target}: {r.stderr[-500:]}"
+    assert (ROOT / ".ci" / "run").is_file() and "bash .ci/run" in readme
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    subcommands = set(actions[0].choices)
+    named = set(re.findall(r"`triage-node ([a-z][a-z-]*)", readme))
+    assert named and named <= subcommands, named - subcommands
