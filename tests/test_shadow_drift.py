@@ -184,7 +184,15 @@ def test_input_drift_on_and_off_on_a_running_node(tmp_path, redis_url, make_node
     chrome.refresh()
     WebDriverWait(chrome, 60).until(
         lambda d: d.find_element("id", "input-state").get_attribute("data-state") == "ok")
-    changes = node.wait_audit(lambda es: sum(e["event"] == "drift_state" and e["kind"] == "input" for e in es) >= 2)
-    seq = [(e["state_from"], e["state"]) for e in changes if e["event"] == "drift_state" and e["kind"] == "input"]
-    assert seq[:2] == [("ok", "drift"), ("drift", "ok")], seq
-    assert "sharpness" in next(e for e in changes if e["event"] == "drift_state")["detail"]
+    def input_changes(es: list[dict]) -> list[tuple[str, str]]:
+        return [(e["state_from"], e["state"]) for e in es if e["event"] == "drift_state" and e["kind"] == "input"]
+
+    # the monitor evaluates every second: a window half normal, half shifted may pass through "watch" on the way
+    entries = node.wait_audit(lambda es: input_changes(es)[-1:] == [("drift", "ok")]
+                              or (input_changes(es)[-1:] == [("watch", "ok")]
+                                  and "drift" in [s for _, s in input_changes(es)]))
+    seq = input_changes(entries)
+    states = ["ok"] + [to for _, to in seq]
+    assert all(a == b for (a, _), b in zip(seq, states)) and all(a != b for a, b in seq), seq  # a chain of changes
+    assert "drift" in states and states[-1] == "ok", seq
+    assert "sharpness" in next(e for e in entries if e["event"] == "drift_state" and e["state"] == "drift")["detail"]
