@@ -41,7 +41,7 @@ def test_fixture_holds_every_film_the_shipped_model_held_out():
         ds = pydicom.dcmread(REAL_DATA / "nih" / r["path"])
         assert (ds.Rows, ds.Columns) == (256, 256) and ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
     size = sum(f.stat().st_size for f in REAL_DATA.rglob("*") if f.is_file())
-    assert size < 5_000_000, f"the fixture is {size / 1e6:.1f} MB: keep it small"
+    assert size < 8_000_000, f"the fixture is {size / 1e6:.1f} MB: keep it small"
 
 
 @pytest.mark.shared_data
