@@ -79,6 +79,12 @@ def test_shipped_demo_package():
     m = load_model(DEMO, device="cpu")
     assert m.info.version.endswith("-demo") and "NOT FOR CLINICAL USE" in m.info.label
     assert 0.0 < m.threshold < 1.0
+    # 0.5.0: harmonised inputs (one preprocessing for both gates), and the shortcut probe on the network's inputs of
+    # the confounded pool at or under the 0.60, stored beside the training record
+    assert m.harmonise == "equalise-blur" and m.gate_arch == "efficientnet_lite0"
+    probe = cfg["shortcut_probe"]
+    assert probe["harmonise"] == "equalise-blur" and probe["inputs"]["nih_adult"]["auc"] <= 0.60
+    assert probe["raw"]["nih_adult"]["auc"] > 0.9  # what the harmonisation took away
 
 
 def test_cam_package_round_trip(tmp_path):
