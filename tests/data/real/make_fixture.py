@@ -7,9 +7,9 @@ The only code in the repository that reads ``../shared``: the tests read what th
 - ``nih/``: NIH ChestX-ray14 films in the RSNA-style DICOM of ``nih_adult`` and ``nih_clean``, re-encoded at 256 px
   (JPEG Baseline, PixelSpacing and boxes rescaled, new Series/SOP Instance UIDs derived from the old ones):
   every film of the shipped model's held-out NIH test splits (``<model>/split.json``: ``nih_adult`` and, when it has
-  one, ``nih_clean``; so its skill test runs here),
-  the first 12 positive and 12 negative rows of ``nih_adult`` (small training runs), 4 films per class and view of
-  ``nih_clean``; ``nih/original/00000061_012.dcm`` byte for byte (1024 px; the oddities corpus is built from it);
+  one, ``nih_clean``; so its skill test runs here), the first 12 positive and 12 negative rows of ``nih_adult``
+  (small training runs), 4 films per class and view of ``nih_clean`` (a film in both sets is kept once, as
+  ``nih_adult``); ``nih/original/00000061_012.dcm`` byte for byte (1024 px; the oddities corpus is built from it);
   and ``nih/pool/``: the whole ``nih_adult`` labels and boxes tables, without images (split, fold and weight tests);
 - ``kermany/``: Kermany pediatric films as in ``kermany_224`` (224 px JPEG, bytes unchanged): the first 40 positive
   and 40 negative films of the shipped model's Kermany test split, in the same ``labels.csv`` layout; and
