@@ -301,22 +301,18 @@ def test_int8_weights_round_trip_within_half_a_step_and_keep_the_scores(tmp_path
     sizes = {w: sum(f.stat().st_size for f in (tmp_path / w).glob("*.safetensors")) for w in ("fp16", "int8")}
     assert sizes["int8"] < 0.55 * sizes["fp16"]
     assert load_model(tmp_path / "int8", device="cpu").pediatric.gate is not None
-    # a trained network: the shipped gate (already on the int8 grid) moved off the grid by a third of a step per
-    # weight, stored as fp16 and as int8, scores the real samples alike
+    # a trained network: the shipped package is fp16 because int8 does not keep an EfficientNet-Lite gate's scores
+    # (its depthwise layers compound the rounding: up to ~0.1 on these films); fp16 keeps them to 1e-3
+    assert json.loads((DEMO / "model.json").read_text())["weights"] == "fp16"
     shipped = load_model(DEMO, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for prm in shipped.gate.parameters():
-            if prm.dim() >= 2:
-                step = prm.abs().amax(dim=tuple(range(1, prm.dim())), keepdim=True) / 127
-                prm.add_(torch.randn_like(prm) * step / 3)
     save_package(shipped, tmp_path / "demo-fp16")
     save_package(shipped, tmp_path / "demo-int8", weights="int8")
-    shipped = load_model(tmp_path / "demo-fp16", device="cpu")
     films = [dicom_io.pixels(pydicom.dcmread(f)) for f in SAMPLES[:6]]
-    pa = [r.probability for r in shipped.analyze(films)]
+    p0 = [r.probability for r in shipped.analyze(films)]
+    pa = [r.probability for r in load_model(tmp_path / "demo-fp16", device="cpu").analyze(films)]
     pb = [r.probability for r in load_model(tmp_path / "demo-int8", device="cpu").analyze(films)]
-    assert pb == pytest.approx(pa, abs=0.01) and pb != pa
+    assert pa == pytest.approx(p0, abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(pb, p0)) > 0.01  # why 0.5.0 is not stored as int8
 
 
 def test_a_pediatric_gate_without_its_checksum_is_refused(tmp_path):
