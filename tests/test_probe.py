@@ -91,3 +91,39 @@ def test_equalise_removes_any_monotone_grey_level_change() -> None:
     assert abs(float(a.mean()) - 0.5) < 0.01
     with pytest.raises(ValueError, match="unknown harmonisation"):
         harmonise(x, "clahe")
+
+
+def _write_pool(tmp_path, n: int = 40):
+    """PNG films whose label is in their brightness only (negatives brighter, same random 'anatomy'), as a CSV."""
+    from PIL import Image
+
+    x = _films(5, n=n, size=64)
+    rows = ["path,label,patient_id"]
+    for i, im in enumerate(x):
+        y = i % 2
+        im = im if y else im ** 0.5  # a gamma change: brighter, a monotone map of the grey levels
+        Image.fromarray((im * 255 + 0.5).astype(np.uint8)).save(tmp_path / f"f{i}.png")
+        rows.append(f"f{i}.png,{y},p{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "labels.csv"
+
+
+@pytest.mark.parametrize("method,warns", [("none", True), ("equalise", False)])
+def test_a_training_run_warns_loudly_when_its_inputs_carry_the_label(tmp_path, method, warns):
+    """A real `triage-node train` run: the probe on the network's inputs is printed and stored, and the run warns
+    (SHORTCUT, in the log) when it exceeds 0.65; equalised inputs of the same films do not carry the label."""
+    import json
+    import subprocess
+    import sys
+
+    csv = _write_pool(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "triage_node.cli", "train", "--image-labels", str(csv), "--arch",
+                        "resnet18", "--size", "64", "--epochs", "1", "--batch-size", "8", "--val-frac", "0.25",
+                        "--test-frac", "0.0", "--harmonise", method, "--threads", "1", "--no-progress",
+                        "--checkpoint-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    probe = json.loads((tmp_path / "run" / "summary.json").read_text())["shortcut_probe"]
+    auc = probe["inputs"][csv.parent.name]["auc"]
+    assert probe["harmonise"] == method and "network inputs: AUC" in r.stdout
+    assert ("SHORTCUT" in r.stderr) is warns and (auc > P.WARN_AUC) is warns, (auc, r.stderr[-1000:])

