@@ -83,21 +83,25 @@ def mix(flagged: list[Path], negative: list[Path], share: float, slots: int = 20
     return out
 
 
-def model_config(model: str):
-    """The node's defaults with this model package (what the bench's in-process loops analyse with)."""
+def model_config(model: str, site_point: str | None = None):
+    """The node's defaults with this model package (what the bench's in-process loops analyse with); with
+    ``site_point``, that site operating point file (``--set model.site_operating_point=...``) as the node has it."""
     import dataclasses
 
     from triage_node import config
 
     cfg = config.Config()
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    extra = {} if site_point is None else {"site_operating_point": site_point}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model, **extra))
 
 
-def flagged_sources(model: str) -> tuple[list[Path], list[Path]]:
-    """The samples split by the model's verdict at its operating point (as the node will judge them)."""
+def flagged_sources(model: str, settings: list[str] | None = None) -> tuple[list[Path], list[Path]]:
+    """The samples split by the model's verdict at its operating point (as the node will judge them, a site
+    operating point given in ``settings`` included)."""
     from triage_node import pipeline
 
-    cfg = model_config(model)
+    site = next((s.split("=", 1)[1] for s in settings or () if s.startswith("model.site_operating_point=")), None)
+    cfg = model_config(model, site)
     m = pipeline.get_model(cfg)
     verdicts = {f: pipeline.analyze(f, cfg, model=m).positive for f in sources()}
     return [f for f, v in verdicts.items() if v], [f for f, v in verdicts.items() if not v]
@@ -551,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.cycle = None
         if args.flagged_share is not None:  # the burst, the paced series, the backfill and the bare loop: one mix
-            args.cycle = mix(*flagged_sources(model), args.flagged_share)
+            args.cycle = mix(*flagged_sources(model, args.set), args.flagged_share)
         bare_files = make_instances(args.bare, work / "bare", "bare", cycle=args.cycle)
         phase(f"bare loop over {args.bare}")
         bare = bare_loop(model, bare_files)

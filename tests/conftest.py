@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -129,6 +130,21 @@ def write_toml(path: Path, sections: dict) -> Path:
                 lines += [f"{kk} = {val(vv)}" for kk, vv in item.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def site_point(tmp: Path, threshold: float) -> dict:
+    """A site operating point at ``threshold`` for the shipped package (the file ``calibrate --site`` writes), as
+    node_config overrides: for tests of the node's flagged / not-flagged paths that need both kinds of film among
+    the samples, whatever the shipped model scores them (0.5.0-demo flags all five samples at its own point)."""
+    from triage_node.monitoring.site import DEMO_MODEL, package_sha256
+
+    path = tmp / "site" / "operating_point.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": 1, "threshold": threshold, "applies_to": "adult", "package": "",
+                                "package_dir": str(DEMO_MODEL), "package_sha256": package_sha256(DEMO_MODEL),
+                                "calibrated_at": "2026-12-07T00:00:00Z", "by": "test", "rule": "test",
+                                "calibration": {}}))
+    return {"site_operating_point": str(path)}
 
 
 def node_config(tmp: Path, port: int, broker: str, destinations: list[dict], **overrides) -> dict:

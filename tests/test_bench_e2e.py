@@ -10,7 +10,7 @@ from pathlib import Path
 
 # tests/ is not a package: pytest puts it on sys.path
 import pytest
-from conftest import require
+from conftest import require, site_point
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("settings", [[], ["--set", "outputs.sc_for=flagged", "--flagged-share", "0.5"]],
                          ids=["defaults", "sc-for-flagged"])
 def test_e2e_bench_reports_every_figure(tmp_path, settings):
+    if settings:  # both kinds of film among the samples: a site point between 0.5.0-demo's scores of them
+        point = site_point(tmp_path, 0.80)["site_operating_point"]
+        settings = [*settings, "--set", f"model.site_operating_point={point}"]
     # sc-for-flagged: the results per instance depend on the film, so the burst and the backfill end by the node's
     # "sent" records instead of the PACS's instance count
     require("Orthanc", "redis-server")

@@ -115,8 +115,10 @@ def test_cam_package_round_trip(tmp_path):
 
 
 def test_shipped_demo_model_has_skill_on_held_out_real_films():
-    """The shipped model on the NIH adult films of its own held-out test split (never trained on): it must rank
-    pneumonia above no finding and put its top box on the expert's box, as its model card says."""
+    """The shipped model on the films of its own held-out test splits (never trained on, 256 px copies): on the
+    clean NIH films (another source) it must rank opacities above chance (card: 0.644 at 1024 px; 0.648 here; chance
+    would pass 0.60 about once in 20), on the confounded same-source films as the card says (0.827; 0.831 here),
+    and put its top box on the expert's box."""
     from conftest import real_data
 
     from triage_node.training import evaluate as E
@@ -134,7 +136,12 @@ def test_shipped_demo_model_has_skill_on_held_out_real_films():
     p = np.array([r.probability for r in raws])
     from triage_node.inference.gate import roc_auc
 
-    assert roc_auc(y, p) >= 0.85
+    assert roc_auc(y, p) >= 0.78
+    clean = set(split["nih_clean"]["test"])
+    ci = [i for i, k in enumerate(src.keys) if k in clean]
+    assert len(ci) == len(clean) >= 100
+    pc = np.array([r.probability for r in m.analyze([load_image(src.paths[i]) for i in ci])])
+    assert roc_auc(src.labels[ci], pc) >= 0.60
     boxes = read_boxes(real_data("nih", "boxes.csv"))
     tops, gts = [], []
     for i, r in zip(idx, raws):

@@ -9,7 +9,7 @@ import time
 
 import pydicom
 import pytest
-from conftest import SAMPLES, c_store
+from conftest import SAMPLES, c_store, site_point
 
 pytestmark = pytest.mark.integration
 
@@ -135,8 +135,9 @@ def test_sc_for_flagged_sends_the_overlay_for_flagged_films_only(tmp_path, redis
     nothing left behind (no display cache, no half-built phase); the dashboard's preview exists for the flagged one."""
     peer = RecordingPeer()
     try:
-        node = make_node(redis_url, peer.destination(), outputs={"sc_for": "flagged"})
-        # under the shipped 0.4.0-demo: 00704310 scores 0.90 (flagged), 00aecb01 0.09 (not)
+        # a site point at 0.80 between the shipped 0.5.0-demo's scores: 00704310 0.98 (flagged), 00aecb01 0.69 (not)
+        node = make_node(redis_url, peer.destination(), outputs={"sc_for": "flagged"},
+                         model=site_point(tmp_path, 0.80))
         films = [pydicom.dcmread(p) for p in SAMPLES if p.name.startswith(("00704310", "00aecb01"))]
         assert c_store(node.port, films) == [0, 0]
         entries = node.wait_audit(lambda es: sum(e["event"] == "sent" for e in es) == 2)
