@@ -1,7 +1,8 @@
 """Small statistics without torch (the validate and monitoring paths never load the model's libraries).
 
-The same definitions as ``training.evaluate`` (Mann-Whitney AUC with ties counted half, a bootstrap stratified by
-label, Wilson score intervals), kept here so that ``triage-node validate`` and the web process stay torch-free.
+Mann-Whitney AUC with ties counted half, a bootstrap stratified by label, Wilson score intervals: the one
+definition of each, here so that ``triage-node validate`` and the web process stay torch-free; ``training.auc``
+(evaluate, cv-report, the shortcut probe) imports them from here.
 """
 
 from __future__ import annotations

@@ -4,28 +4,12 @@ the mean per fold), Wilson intervals, sensitivity / specificity at a threshold. 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from triage_node.inference.gate import roc_auc
 
-
-def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile CI of the AUC, resampling positives and negatives separately (stratified)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    pos, neg = p[y], p[~y]
-    if len(pos) < 2 or len(neg) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    aucs = [mw_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n)]
-    lo, hi = np.percentile(aucs, (2.5, 97.5))
-    return float(lo), float(hi)
-
-
-def mw_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """AUC of positive scores ``pos`` over negative scores ``neg``: Mann-Whitney, ties counted half, vectorised."""
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+# the torch-free definitions, shared with `validate` and the drift monitor (which never load torch)
+from triage_node.monitoring.stats import bootstrap_auc, mw_auc, wilson
 
 
 def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n: int = 2000,
@@ -46,17 +30,6 @@ def paired_auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n
     lo, hi = np.percentile(ds, (2.5, 97.5))
     return {"n": int(len(y)), "difference": diff, "ci95_low": float(lo), "ci95_high": float(hi),
             "share_of_resamples_new_better": float(np.mean(np.array(ds) > 0))}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion k/n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    ph = k / n
-    d = 1 + z * z / n
-    c = (ph + z * z / (2 * n)) / d
-    h = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def classification(y: np.ndarray, p: np.ndarray, t: float | np.ndarray, seed: int = 0) -> dict:
